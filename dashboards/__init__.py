@@ -1,0 +1,1 @@
+"""The Pareto report of a sweep: reads Optuna storage, never trains."""

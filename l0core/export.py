@@ -1,0 +1,244 @@
+"""From a gated model to a plain one: fold the deterministic gates into the weights, then physically
+remove every unit that can no longer affect the output, with torch-pruning's dependency graph.
+
+One rule decides what goes, for every architecture: after folding, a coupled group of channels (as
+torch-pruning's DepGraph groups them: a conv's filters, its BatchNorm, the consumers' input slices, the
+other branches of a residual addition or a concatenation) is removed when either
+- every *terminal* producer of those channels (the last layer before they are consumed) outputs exactly
+  zero on them, or
+- every consumer ignores them (its input columns are zero, as neuron gates leave them),
+and no channel of the group is a model input or output. A residual channel therefore goes only when every branch
+feeding the addition is closed; fractional gates are folded, never dropped.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch_pruning as tp
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .placement import GATE_ATTR, _gate_input, _gate_output, gates
+from .kinds import ParameterGate, UnitGate
+
+_LINEAR_LIKE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+@dataclass
+class _Site:
+    """A gated module after folding: where its units can be removed, and how to find its dead units."""
+
+    name: str
+    owner: nn.Module  # conv (channel gate) or linear (neuron gate)
+    target: nn.Module  # the module the gate was folded into (the BatchNorm after a conv, or the owner)
+    kind: str  # "channel" | "neuron"
+
+
+def _is_gate_hook(hook: Any) -> bool:
+    return isinstance(hook, functools.partial) and hook.func in (_gate_output, _gate_input)
+
+
+def _scale_units_(module: nn.Module, z: torch.Tensor, dim: int) -> None:
+    """Multiply ``module``'s parameters along unit dimension ``dim`` by ``z`` (exact folding of a gate)."""
+    with torch.no_grad():
+        shape = [1] * module.weight.dim()
+        shape[dim] = -1
+        module.weight.mul_(z.view(shape))
+        if dim == 0 and getattr(module, "bias", None) is not None:
+            module.bias.mul_(z)
+
+
+def fold(model: nn.Module) -> tuple[nn.Module, list[_Site]]:
+    """A gate-free deep copy of ``model`` in eval mode with each deterministic gate multiplied into its weights.
+
+    Outputs are unchanged: a channel gate applied after a BatchNorm scales its affine weight and bias, one
+    applied after a conv scales its filters and bias, a neuron gate scales the dense layer's input columns,
+    and a parameter gate writes ``weight * z`` (zeros included) into the weight.
+    """
+    plain = copy.deepcopy(model).eval()
+    sites: list[_Site] = []
+    # Remove gate hooks first, remembering which module each gate's output hook sits on.
+    hooked_at: dict[int, nn.Module] = {}
+    for module in plain.modules():
+        for hooks in (module._forward_hooks, module._forward_pre_hooks):
+            for key, hook in list(hooks.items()):
+                if _is_gate_hook(hook):
+                    hooked_at[id(hook.args[0])] = module
+                    del hooks[key]
+    for name, module in list(plain.named_modules()):
+        gate = module._modules.get(GATE_ATTR)
+        if isinstance(gate, UnitGate):
+            z = gate.deterministic().detach()
+            target = module if gate.kind == "neuron" else hooked_at.get(id(gate), module)
+            _scale_units_(target, z, dim=1 if gate.kind == "neuron" else 0)
+            del module._modules[GATE_ATTR]
+            sites.append(_Site(name, module, target, gate.kind))
+        if parametrize.is_parametrized(module):
+            _unparametrize(module)
+    leftover = [n for n, _ in gates(plain)]
+    if leftover:
+        raise ValueError(f"cannot fold gates placed by hand ({', '.join(leftover)}): place them with "
+                         "l0core.attach so the layer each one scales is known")
+    return plain, sites
+
+
+def _unparametrize(module: nn.Module) -> None:
+    """Replace each parametrized tensor by a plain parameter holding its current value.
+
+    Not ``parametrize.remove_parametrizations``: a deep copy shares the injected ``Parametrized*`` class
+    with the original, and removing deletes the property from that shared class, breaking the original.
+    """
+    with torch.no_grad():
+        values = {name: getattr(module, name).detach().clone() for name in module.parametrizations}
+    module.__class__ = module.__class__.__bases__[0]  # parametrize injected a subclass of the original
+    del module._modules["parametrizations"]
+    for name, value in values.items():
+        module.register_parameter(name, nn.Parameter(value))
+
+
+def _has_params(module: Any) -> bool:
+    return isinstance(module, nn.Module) and next(module.parameters(recurse=False), None) is not None
+
+
+def _outputs_zero(module: nn.Module, idxs: list[int]) -> bool:
+    """Does ``module`` output exactly zero on channels ``idxs`` whatever its input?"""
+    idx = torch.as_tensor(idxs, dtype=torch.long)
+    if isinstance(module, _NORM):
+        return bool(module.affine and (module.weight[idx] == 0).all() and (module.bias[idx] == 0).all())
+    if isinstance(module, _LINEAR_LIKE):
+        bias_zero = module.bias is None or bool((module.bias[idx] == 0).all())
+        return bias_zero and bool((module.weight[idx] == 0).all())
+    return False
+
+
+def _ignores_inputs(module: nn.Module, idxs: list[int]) -> bool:
+    """Does ``module`` give zero weight to its input channels ``idxs``?"""
+    if isinstance(module, _LINEAR_LIKE) and getattr(module, "groups", 1) == 1:
+        return bool((module.weight[:, torch.as_tensor(idxs, dtype=torch.long)] == 0).all())
+    return False
+
+
+class _Graph:
+    """torch-pruning's dependency graph of a plain model, plus which producers are terminal."""
+
+    def __init__(self, model: nn.Module, example_inputs: Any) -> None:
+        self.dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+        self._reach: dict[int, tuple[set[int], bool]] = {}
+
+    def reach(self, module: nn.Module) -> tuple[set[int], bool]:
+        """(ids of the parameterised modules the output of ``module`` flows into, whether it reaches the output)."""
+        key = id(module)
+        if key not in self._reach:
+            found: set[int] = set()
+            reaches_output = False
+            stack, seen = [self.dg.module2node[module]], set()
+            while stack:
+                node = stack.pop()
+                if not node.outputs:
+                    reaches_output = True
+                for nxt in node.outputs:
+                    if id(nxt) in seen:
+                        continue
+                    seen.add(id(nxt))
+                    if _has_params(nxt.module):
+                        found.add(id(nxt.module))
+                    else:
+                        stack.append(nxt)
+            self._reach[key] = (found, reaches_output)
+        return self._reach[key]
+
+    def group(self, site: _Site, idxs: list[int]):
+        fn = tp.prune_linear_in_channels if site.kind == "neuron" else self.dg.get_pruner_of_module(site.owner).prune_out_channels
+        return self.dg.get_pruning_group(site.owner, fn, idxs=idxs)
+
+    def removable(self, group) -> bool:
+        producers, consumers = [], []
+        for item in group.items:
+            module = item.dep.target.module
+            if not _has_params(module):
+                continue
+            is_out = item.dep.handler.__name__ == "prune_out_channels"
+            (producers if is_out else consumers).append((module, list(item.idxs)))
+        if not producers or any(self.reach(m)[1] for m, _ in producers):
+            return False  # the model's inputs or outputs: never removed, the interface stays
+        in_group = {id(m) for m, _ in producers}
+        terminal = [(m, i) for m, i in producers if not self.reach(m)[0] <= in_group]
+        if terminal and all(_outputs_zero(m, i) for m, i in terminal):
+            return True
+        return bool(consumers) and all(_ignores_inputs(m, i) for m, i in consumers)
+
+
+def _closed_units(site: _Site) -> list[int]:
+    """Units whose own folded gate is zero; whether each can go is the group's decision."""
+    if site.kind == "neuron":
+        return torch.nonzero((site.owner.weight == 0).all(dim=0)).flatten().tolist()
+    units = range(site.owner.weight.shape[0])
+    return [i for i in units if _outputs_zero(site.target, [i])]
+
+
+def _prune_dead(plain: nn.Module, sites: list[_Site], example_inputs: Any) -> None:
+    graph = _Graph(plain, example_inputs)
+    changed = True
+    while changed:
+        changed = False
+        for site in sites:
+            units = site.owner.weight.shape[1 if site.kind == "neuron" else 0]
+            closed = _closed_units(site)
+            if not closed:
+                continue
+            # Usually every closed unit can go: one group check; otherwise decide unit by unit.
+            dead = closed if graph.removable(graph.group(site, closed)) else [
+                i for i in closed if graph.removable(graph.group(site, [i]))]
+            if len(dead) >= units:
+                dead = dead[1:]  # keep one (dead) unit: torch-pruning cannot leave a layer empty
+            if dead:
+                graph.group(site, dead).prune()
+                changed = True
+
+
+def _run(model: nn.Module, example_inputs: Any) -> Any:
+    with torch.no_grad():
+        if isinstance(example_inputs, (tuple, list)):
+            return model(*example_inputs)
+        return model(example_inputs)
+
+
+def compact(model: nn.Module, example_inputs: Any, check: bool = True) -> nn.Module:
+    """A plain, physically smaller copy of a gated ``model``: no gates, dead units removed.
+
+    Channels and neurons whose deterministic gate is 0 go with everything coupled to them (BatchNorm,
+    consumers' input slices, concatenated and added branches); fractional gates are folded into the
+    weights; parameter gates leave zeros in weights of the original shape. ``check`` verifies that the
+    result computes what the gated model computes in eval mode on ``example_inputs``.
+
+    >>> net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    >>> from l0core import attach
+    >>> _ = attach(net, "neuron")
+    >>> with torch.no_grad(): net[2].l0_gate.log_alpha[:10] = -10.0  # close 10 of 16 hidden units
+    >>> small = compact(net, torch.randn(4, 8))
+    >>> small[0].out_features, small[2].in_features
+    (6, 6)
+    """
+    plain, sites = fold(model)
+    reference = _run(plain, example_inputs) if check else None
+    if sites:
+        _prune_dead(plain, sites, example_inputs)
+    if check:
+        _assert_same(reference, _run(plain, example_inputs))
+    return plain
+
+
+def _assert_same(expected: Any, actual: Any) -> None:
+    if isinstance(expected, torch.Tensor):
+        scale = float(expected.abs().max().clamp_min(1.0))
+        diff = float((expected - actual).abs().max()) if expected.shape == actual.shape else float("inf")
+        if diff > 1e-5 * scale:
+            raise RuntimeError(f"compact() changed the model's outputs (max abs diff {diff:.3g}): please report this model")
+    elif isinstance(expected, (tuple, list)):
+        for e, a in zip(expected, actual):
+            _assert_same(e, a)

@@ -1,0 +1,200 @@
+"""Add gates to an existing model without editing its source.
+
+Structured gates live on the module whose units they govern (``conv.l0_gate``, ``linear.l0_gate``), so
+they travel with its state dict; a forward hook applies them where the unit leaves the layer (after the
+BatchNorm that follows a conv) or, for neuron gates, where features enter a dense layer.
+Parameter gates use ``torch.nn.utils.parametrize`` and keep the existing weights untouched.
+"""
+from __future__ import annotations
+
+import fnmatch
+import functools
+from dataclasses import dataclass
+from typing import Iterable, Literal, Sequence, Union
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .kinds import ChannelGate, NeuronGate, ParameterGate, UnitGate
+from .hard_concrete import HardConcrete
+
+GATE_ATTR = "l0_gate"
+Selector = Union[str, type, Sequence[Union[str, type]], None]
+Kind = Literal["channel", "neuron", "parameter"]
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+@dataclass(frozen=True)
+class Gated:
+    """What :func:`attach` gated: the gate's name, what it governs and where it applies."""
+
+    gate: str  # qualified name of the gate module, e.g. "layer1.0.conv1.l0_gate"
+    kind: str  # "channel" | "neuron" | "parameter"
+    module: str  # the module whose units (or parameter) the gate governs
+    applied_at: str  # where z multiplies: a module output, a module input, or a parameter
+    units: int
+    params_per_unit: float  # model parameters one unit governs (before downstream slices are measured)
+
+
+def _matches(name: str, module: nn.Module, selector: Selector) -> bool:
+    if selector is None:
+        return False
+    items = [selector] if isinstance(selector, (str, type)) else list(selector)
+    for item in items:
+        if isinstance(item, type) and isinstance(module, item):
+            return True
+        if isinstance(item, str) and fnmatch.fnmatchcase(name, item):
+            return True
+    return False
+
+
+def _selected(name: str, module: nn.Module, default: tuple[type, ...], include: Selector, exclude: Selector) -> bool:
+    chosen = _matches(name, module, include) if include is not None else isinstance(module, default)
+    return chosen and not _matches(name, module, exclude)
+
+
+def _gate_output(gate: UnitGate, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    return gate(output)
+
+
+def _gate_input(gate: UnitGate, module: nn.Module, args: tuple) -> tuple:
+    return (gate(args[0]), *args[1:])
+
+
+def _following_norm(parent: nn.Module, child_name: str, conv: nn.Module) -> tuple[str, nn.Module] | None:
+    """The BatchNorm registered right after ``conv`` in the same parent, if it normalises its channels.
+
+    Gating after that norm (not between conv and norm) makes a closed gate zero the channel for the
+    consumer: a BatchNorm would otherwise turn the zeroed channel back into its shift beta.
+    """
+    names = list(parent._modules)
+    i = names.index(child_name)
+    if i + 1 < len(names):
+        nxt = parent._modules[names[i + 1]]
+        if isinstance(nxt, _NORM) and nxt.num_features == conv.out_channels:
+            return names[i + 1], nxt
+    return None
+
+
+def _local_unit_cost(module: nn.Module, dim: int, norm: nn.Module | None = None) -> float:
+    """Parameters of ``module`` (and its norm) one unit along ``dim`` of its weight owns."""
+    weight = module.weight
+    cost = weight.numel() / weight.shape[dim]
+    if dim == 0 and getattr(module, "bias", None) is not None:
+        cost += 1
+    if norm is not None and norm.affine:
+        cost += 2
+    return float(cost)
+
+
+def attach(
+    model: nn.Module,
+    kind: Kind = "channel",
+    include: Selector = None,
+    exclude: Selector = None,
+    droprate_init: float = 0.5,
+    per_sample: bool = False,
+    example_inputs: torch.Tensor | tuple | None = None,
+) -> list[Gated]:
+    """Gate an existing model in place and say what was gated.
+
+    - ``kind="channel"``: output channels of every ``Conv*d`` (applied after its BatchNorm when one follows).
+    - ``kind="neuron"``: input features of every ``Linear`` (the paper's L0Dense).
+    - ``kind="parameter"``: every element of the weights of ``Conv*d`` and ``Linear`` layers.
+
+    ``include`` / ``exclude`` take qualified-name patterns (``"layer4.*"``) or module types. With
+    ``example_inputs``, the cost of each unit is measured on the model's dependency graph (downstream
+    input slices included); otherwise it counts the layer's own parameters.
+
+    >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 10))
+    >>> [g.gate for g in attach(net, "channel")]
+    ['0.l0_gate']
+    """
+    if kind not in ("channel", "neuron", "parameter"):
+        raise ValueError(f"kind must be 'channel', 'neuron' or 'parameter', got {kind!r}")
+    if kind == "parameter":
+        result = _attach_parameters(model, include, exclude, droprate_init)
+    else:
+        result = _attach_units(model, kind, include, exclude, droprate_init, per_sample)
+    if not result:
+        raise ValueError(f"attach(kind={kind!r}) found nothing to gate: check include={include!r} / exclude={exclude!r}")
+    if example_inputs is not None and kind != "parameter":
+        from .accounting import measure_unit_costs
+
+        measure_unit_costs(model, example_inputs)
+    return result
+
+
+def _attach_units(model, kind, include, exclude, droprate_init, per_sample) -> list[Gated]:
+    default = _CONV if kind == "channel" else (nn.Linear,)
+    found: list[Gated] = []
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            name = f"{parent_name}.{child_name}" if parent_name else child_name
+            if not _selected(name, child, default, include, exclude):
+                continue
+            if hasattr(child, GATE_ATTR):
+                raise ValueError(f"module {name!r} is already gated")
+            if kind == "channel":
+                if not isinstance(child, _CONV):
+                    raise ValueError(f"channel gates go on Conv1d/2d/3d; {name!r} is {type(child).__name__}")
+                norm = _following_norm(parent, child_name, child)
+                gate = ChannelGate(child.out_channels, droprate_init, per_sample, _local_unit_cost(child, 0, norm and norm[1]))
+                target_name, target = (f"{parent_name}.{norm[0]}" if parent_name else norm[0], norm[1]) if norm else (name, child)
+                target.register_forward_hook(functools.partial(_gate_output, gate))
+                applied = f"output of {target_name}"
+            else:
+                if not isinstance(child, nn.Linear):
+                    raise ValueError(f"neuron gates go on Linear layers; {name!r} is {type(child).__name__}")
+                gate = NeuronGate(child.in_features, droprate_init, per_sample, _local_unit_cost(child, 1))
+                child.register_forward_pre_hook(functools.partial(_gate_input, gate))
+                applied = f"input of {name}"
+            child.add_module(GATE_ATTR, gate.to(child.weight.device))
+            found.append(Gated(f"{name}.{GATE_ATTR}", kind, name, applied, gate.n, float(gate.unit_cost[0])))
+    return found
+
+
+def _attach_parameters(model, include, exclude, droprate_init) -> list[Gated]:
+    found: list[Gated] = []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, HardConcrete) or not _selected(name, module, _CONV + (nn.Linear,), include, exclude):
+            continue
+        for gated in gate_parameters(module, ["weight"], droprate_init):
+            found.append(Gated(f"{name}.{gated.gate}" if name else gated.gate, "parameter", name, f"{name}.weight", gated.units, 1.0))
+    return found
+
+
+def gate_parameters(module: nn.Module, names: Iterable[str] | None = None, droprate_init: float = 0.5) -> list[Gated]:
+    """Put one hard-concrete gate on every element of the named parameters of ``module`` (all, if ``names`` is None).
+
+    The weights are kept exactly as they are, so a trained network can be fine-tuned: with gates fully
+    open (``droprate_init`` small) its outputs start close to the original's.
+
+    >>> lin = nn.Linear(4, 2)
+    >>> [g.gate for g in gate_parameters(lin, ["weight"])]
+    ['parametrizations.weight.0']
+    >>> lin.weight.shape  # still a weight of the same shape, now gated
+    torch.Size([2, 4])
+    """
+    if names is None:
+        names = [n for n, _ in module.named_parameters(recurse=False)]
+    names = list(names)
+    found = []
+    for pname in names:
+        param = getattr(module, pname, None)
+        if not isinstance(param, torch.Tensor):
+            raise ValueError(f"{type(module).__name__} has no parameter {pname!r}")
+        if parametrize.is_parametrized(module, pname):
+            raise ValueError(f"parameter {pname!r} of {type(module).__name__} is already parametrized")
+        gate = ParameterGate(param.shape, droprate_init).to(param.device)
+        parametrize.register_parametrization(module, pname, gate)
+        found.append(Gated(f"parametrizations.{pname}.0", "parameter", "", pname, gate.n, 1.0))
+    return found
+
+
+def gates(model: nn.Module) -> list[tuple[str, HardConcrete]]:
+    """Every gate in ``model`` with its qualified name."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, HardConcrete)]

@@ -1,0 +1,146 @@
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import l0core
+from l0core import attach, gate_parameters, gates, param_groups, penalty
+
+from .helpers import TinyInception, randomize_batchnorm
+
+
+def _open_all(model):
+    with torch.no_grad():
+        for _, g in gates(model):
+            g.log_alpha.fill_(10.0)
+
+
+def test_attach_resnet_channels_after_batchnorm():
+    model = torchvision.models.resnet18(num_classes=10)
+    n_convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    gated = attach(model, "channel")
+    assert len(gated) == n_convs
+    by_module = {g.module: g for g in gated}
+    assert by_module["layer1.0.conv1"].applied_at == "output of layer1.0.bn1"
+    assert by_module["layer2.0.downsample.0"].applied_at == "output of layer2.0.downsample.1"
+    assert by_module["conv1"].units == 64
+    # gate lives on the conv it governs, so it travels with the state dict
+    assert "layer1.0.conv1.l0_gate.log_alpha" in model.state_dict()
+
+
+def test_attach_exclusions_by_pattern_and_type():
+    model = torchvision.models.resnet18(num_classes=10)
+    gated = attach(model, "channel", exclude=["layer4.*", "conv1"])
+    names = {g.module for g in gated}
+    assert not any(n.startswith("layer4.") for n in names) and "conv1" not in names
+    assert "layer3.1.conv2" in names
+    mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    assert [g.module for g in attach(mlp, "neuron", exclude=["2"])] == ["0"]
+    with pytest.raises(ValueError, match="found nothing to gate"):
+        attach(nn.Sequential(nn.Linear(2, 2)), "neuron", exclude=nn.Linear)
+
+
+def test_finetune_starts_from_exactly_the_original_outputs():
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    randomize_batchnorm(model)
+    x = torch.randn(2, 3, 64, 64)
+    before = model(x)
+    attach(model, "channel", droprate_init=0.05)
+    _open_all(model)  # fully open gates are exactly 1 in eval
+    assert torch.equal(model.eval()(x), before)
+
+
+def test_attach_on_concatenated_branches():
+    model = TinyInception().eval()
+    gated = attach(model, "channel")
+    assert {g.module for g in gated} == {"stem.0", "b1.0", "b2.0", "mix.0"}
+    x = torch.randn(2, 3, 8, 8)
+    model.train()(x).sum().backward()
+    assert all(g.log_alpha.grad is not None for _, g in gates(model))
+
+
+def test_gate_parameters_keeps_weights_and_opens_exactly():
+    lin = nn.Linear(5, 3)
+    original = lin.weight.detach().clone()
+    x = torch.randn(4, 5)
+    expected = lin(x)
+    gate_parameters(lin, ["weight"], droprate_init=0.05)
+    assert torch.equal(lin.parametrizations.weight.original, original)
+    _open_all(lin)
+    assert torch.equal(lin.eval()(x), expected)
+    lin.train()
+    lin(x).sum().backward()
+    assert lin.parametrizations.weight.original.grad is not None
+    assert lin.parametrizations.weight[0].log_alpha.grad is not None
+
+
+def test_attach_parameter_kind_gates_every_weight():
+    mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    gated = attach(mlp, "parameter")
+    assert [(g.module, g.units) for g in gated] == [("0", 32), ("2", 16)]
+
+
+def test_model_scale_penalty_is_expected_fraction_kept():
+    mlp = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 4))
+    attach(mlp, "neuron")
+    total = l0core.count_parameters(mlp)
+    assert total == 10 * 20 + 20 + 20 * 4 + 4
+    with torch.no_grad():
+        for _, g in gates(mlp):
+            g.log_alpha.fill_(50.0)  # P(z != 0) == 1
+    # every governed weight kept: inputs of layer 0 govern 20 weights each, of layer 2: 4 each
+    assert penalty(mlp, lam=2.0).item() == pytest.approx(2.0 * (10 * 20 + 20 * 4) / total)
+    with torch.no_grad():
+        for _, g in gates(mlp):
+            g.log_alpha.fill_(-50.0)
+    assert penalty(mlp, lam=2.0).item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_model_scale_means_the_same_for_a_bigger_model():
+    small = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 4))
+    big = nn.Sequential(nn.Linear(100, 400), nn.ReLU(), nn.Linear(400, 4))
+    for m in (small, big):
+        attach(m, "neuron", droprate_init=0.5)
+        with torch.no_grad():
+            for _, g in gates(m):
+                g.log_alpha.fill_(0.0)
+    # same gate state -> same penalty, whatever the size (up to the ungated biases)
+    assert penalty(small, 1.0).item() == pytest.approx(penalty(big, 1.0).item(), rel=0.1)
+
+
+def test_paper_scale_matches_the_formula():
+    mlp = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    attach(mlp, "neuron")
+    lam, wd, n = 0.1, 5e-4, 1000
+    expected = 0.0
+    for layer in (mlp[0], mlp[2]):
+        p = layer.l0_gate.prob_nonzero()
+        w = layer.weight  # (out, in): unit i governs column i
+        expected = expected + (p * (lam * w.shape[0] + 0.5 * wd * w.pow(2).sum(0))).sum()
+    got = penalty(mlp, lam, scale="paper", n_train=n, weight_decay=wd)
+    assert got.item() == pytest.approx(expected.item() / n, rel=1e-6)
+    with pytest.raises(ValueError, match="n_train"):
+        penalty(mlp, lam, scale="paper")
+
+
+def test_param_groups_keep_decay_off_log_alpha():
+    model = TinyInception()
+    attach(model, "channel")
+    groups = param_groups(model, weight_decay=1e-4)
+    ids_decayed = {id(p) for p in groups[0]["params"]}
+    assert groups[1]["weight_decay"] == 0.0
+    assert all(id(g.log_alpha) not in ids_decayed for _, g in gates(model))
+    assert len(groups[0]["params"]) + len(groups[1]["params"]) == len(list(model.parameters()))
+
+
+def test_deepcopy_keeps_gates_wired():
+    mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    attach(mlp, "neuron")
+    clone = copy.deepcopy(mlp).eval()
+    with torch.no_grad():
+        clone[0].l0_gate.log_alpha.fill_(-10.0)  # close every input of the copy only
+    x = torch.randn(3, 4)
+    assert torch.allclose(clone(x), clone[2](torch.relu(clone[0].bias).expand(3, 8)))
+    assert not torch.allclose(mlp.eval()(x), clone(x))

@@ -1,0 +1,108 @@
+import math
+
+import pytest
+import torch
+
+from l0core import ChannelGate, HardConcrete, NeuronGate
+from l0core.hard_concrete import BETA, GAMMA, ZETA
+
+
+def test_closed_form_matches_monte_carlo():
+    gate = HardConcrete(5)
+    with torch.no_grad():
+        gate.log_alpha.copy_(torch.tensor([-4.0, -1.0, 0.0, 1.5, 4.0]))
+    z = gate.sample((200_000,))
+    empirical = (z > 0).float().mean(0)
+    assert torch.allclose(empirical, gate.prob_nonzero().detach(), atol=5e-3)
+
+
+def test_closed_form_formula():
+    gate = HardConcrete(1)
+    with torch.no_grad():
+        gate.log_alpha.fill_(0.7)
+    expected = 1 / (1 + math.exp(-(0.7 - BETA * math.log(-GAMMA / ZETA))))
+    assert gate.prob_nonzero().item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("log_alpha, expected", [
+    (-3.0, 0.0), (-2.4, 0.0), (0.0, 0.5 * (ZETA - GAMMA) + GAMMA), (1.0, None), (2.4, 1.0), (3.0, 1.0)])
+def test_deterministic_gate(log_alpha, expected):
+    gate = HardConcrete(1)
+    with torch.no_grad():
+        gate.log_alpha.fill_(log_alpha)
+    z = gate.deterministic().item()
+    if expected is None:
+        expected = min(1.0, max(0.0, (1 / (1 + math.exp(-log_alpha))) * (ZETA - GAMMA) + GAMMA))
+        assert 0.0 < z < 1.0
+    assert z == pytest.approx(expected, abs=1e-6)
+
+
+def test_deterministic_threshold_is_2_398():
+    gate = HardConcrete(2)
+    with torch.no_grad():
+        gate.log_alpha.copy_(torch.tensor([-2.39, -2.40]))
+    z = gate.deterministic()
+    assert z[0] > 0 and z[1] == 0
+
+
+@pytest.mark.parametrize("d", [0.05, 0.2, 0.5, 0.8])
+def test_initial_log_alpha_from_droprate(d):
+    gate = HardConcrete(20_000, droprate_init=d)
+    mean = gate.log_alpha.mean().item()
+    assert mean == pytest.approx(math.log(1 - d) - math.log(d), abs=1e-3)
+    assert gate.log_alpha.std().item() == pytest.approx(0.01, rel=0.05)
+
+
+def test_no_floor_on_prob_nonzero():
+    # The paper code clamps log_alpha to >= ln 0.01, pinning P(z != 0) >= 0.047; we must not.
+    gate = HardConcrete(1)
+    opt = torch.optim.SGD(gate.parameters(), lr=10.0)
+    for _ in range(50):
+        opt.zero_grad()
+        gate.prob_nonzero().sum().backward()
+        opt.step()
+    assert gate.prob_nonzero().item() < 0.01
+    assert gate.log_alpha.item() < math.log(0.01)
+
+
+def test_gradients_reach_log_alpha_and_weights():
+    lin = torch.nn.Linear(6, 3)
+    gate = NeuronGate(6).train()
+    out = lin(gate(torch.randn(4, 6))).pow(2).sum()
+    out.backward()
+    assert gate.log_alpha.grad is not None and gate.log_alpha.grad.abs().sum() > 0
+    assert lin.weight.grad.abs().sum() > 0
+
+
+def test_eval_is_deterministic_training_is_not():
+    gate = ChannelGate(8)
+    x = torch.randn(4, 8, 3, 3)
+    gate.eval()
+    assert torch.equal(gate(x), gate(x))
+    gate.train()
+    assert not torch.equal(gate(x), gate(x))
+
+
+def test_per_sample_gates_differ_across_the_batch():
+    gate = ChannelGate(16, per_sample=True).train()
+    y = gate(torch.ones(32, 16, 2, 2))
+    per_example = y[:, :, 0, 0]
+    assert not torch.allclose(per_example[0], per_example[1])
+    # within one example, a channel's gate is shared across spatial positions
+    assert torch.equal(y[:, :, 0, 0], y[:, :, 1, 1])
+    batch_gate = ChannelGate(16, per_sample=False).train()
+    y = batch_gate(torch.ones(32, 16, 2, 2))[:, :, 0, 0]
+    assert torch.equal(y[0], y[1])
+
+
+def test_noise_follows_parameter_dtype_and_device():
+    gate = HardConcrete(3).to(torch.float64)
+    z = gate.sample((2,))
+    assert z.dtype == torch.float64 and z.device == gate.log_alpha.device
+
+
+def test_bad_arguments_are_rejected():
+    with pytest.raises(ValueError, match="droprate_init"):
+        HardConcrete(3, droprate_init=1.0)
+    with pytest.raises(ValueError, match="dim 1 must have 4 units"):
+        ChannelGate(4)(torch.randn(2, 5, 3, 3))
