@@ -78,7 +78,7 @@ def penalty(
     >>> from l0core import attach
     >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     >>> _ = attach(net, "neuron", droprate_init=0.5)
-    >>> 0.0 < float(penalty(net, lam=1.0)) < 1.0
+    >>> 0.0 < penalty(net, lam=1.0).item() < 1.0
     True
     """
     if lam < 0:
