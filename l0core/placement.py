@@ -152,7 +152,7 @@ def _attach_units(model, kind, include, exclude, droprate_init, per_sample) -> l
                 gate = NeuronGate(child.in_features, droprate_init, per_sample, _local_unit_cost(child, 1))
                 child.register_forward_pre_hook(functools.partial(_gate_input, gate))
                 applied = f"input of {name}"
-            child.add_module(GATE_ATTR, gate.to(child.weight.device))
+            child.add_module(GATE_ATTR, gate.to(child.weight.device).train(child.training))
             found.append(Gated(f"{name}.{GATE_ATTR}", kind, name, applied, gate.n, float(gate.unit_cost[0])))
     return found
 
@@ -189,7 +189,7 @@ def gate_parameters(module: nn.Module, names: Iterable[str] | None = None, dropr
             raise ValueError(f"{type(module).__name__} has no parameter {pname!r}")
         if parametrize.is_parametrized(module, pname):
             raise ValueError(f"parameter {pname!r} of {type(module).__name__} is already parametrized")
-        gate = ParameterGate(param.shape, droprate_init).to(param.device)
+        gate = ParameterGate(param.shape, droprate_init).to(param.device).train(module.training)
         parametrize.register_parametrization(module, pname, gate)
         found.append(Gated(f"parametrizations.{pname}.0", "parameter", "", pname, gate.n, 1.0))
     return found

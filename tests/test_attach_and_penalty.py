@@ -144,3 +144,11 @@ def test_deepcopy_keeps_gates_wired():
     x = torch.randn(3, 4)
     assert torch.allclose(clone(x), clone[2](torch.relu(clone[0].bias).expand(3, 8)))
     assert not torch.allclose(mlp.eval()(x), clone(x))
+
+
+def test_gates_take_the_mode_of_the_model_they_join():
+    mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    attach(mlp, "neuron")
+    x = torch.randn(3, 4)
+    assert torch.equal(mlp(x), mlp(x))  # eval: deterministic gates, not samples
+    assert all(not g.training for _, g in gates(mlp))

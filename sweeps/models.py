@@ -1,0 +1,148 @@
+"""The model zoo: each model built plain, then gated with ``l0core.attach`` where the paper and seeds put gates.
+
+- ``mlp``: LeNet-300-100, neuron gates on every dense layer's inputs (the paper's L0Dense).
+- ``lenet5``: LeNet-5-Caffe 20-50-800-500, channel gates on the convs, neuron gates on the dense inputs.
+- ``googlenet``: the CIFAR-10 GoogleNet of the GoogleNet study, channel gates on every branch conv.
+- ``torchvision:NAME``: any torchvision classification model, channel gates on every conv.
+- ``package.module:factory``: a user's own model, called with the spec's kwargs, gated with ``attach``.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+import l0core
+
+
+class LeNet300100(nn.Sequential):
+    def __init__(self, in_features: int = 784, num_classes: int = 10, hidden: tuple[int, ...] = (300, 100)) -> None:
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = in_features
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            width = h
+        layers.append(nn.Linear(width, num_classes))
+        super().__init__(*layers)
+
+
+class LeNet5(nn.Sequential):
+    """LeNet-5-Caffe: conv 20 (5x5) - pool - conv 50 (5x5) - pool - dense 800->500 - dense 500->classes."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28) -> None:
+        flat = ((image_size - 4) // 2 - 4) // 2
+        if flat < 1:
+            raise ValueError(f"lenet5 needs images of at least 16x16 pixels, got {image_size}x{image_size}")
+        super().__init__(
+            nn.Conv2d(in_channels, 20, 5), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(20, 50, 5), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(50 * flat * flat, 500), nn.ReLU(), nn.Linear(500, num_classes))
+
+
+class InceptionBlock(nn.Module):
+    """The inception block of the GoogleNet study (UvA DL tutorial 4): 1x1, 3x3, 5x5 and pool branches."""
+
+    def __init__(self, c_in: int, c_red: dict[str, int], c_out: dict[str, int]) -> None:
+        super().__init__()
+
+        def conv(i: int, o: int, k: int) -> list[nn.Module]:
+            return [nn.Conv2d(i, o, k, padding=k // 2), nn.BatchNorm2d(o), nn.ReLU()]
+
+        self.conv_1x1 = nn.Sequential(*conv(c_in, c_out["1x1"], 1))
+        self.conv_3x3 = nn.Sequential(*conv(c_in, c_red["3x3"], 1), *conv(c_red["3x3"], c_out["3x3"], 3))
+        self.conv_5x5 = nn.Sequential(*conv(c_in, c_red["5x5"], 1), *conv(c_red["5x5"], c_out["5x5"], 5))
+        self.max_pool = nn.Sequential(nn.MaxPool2d(3, stride=1, padding=1), *conv(c_in, c_out["max"], 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.conv_1x1(x), self.conv_3x3(x), self.conv_5x5(x), self.max_pool(x)], dim=1)
+
+
+class GoogleNet(nn.Module):
+    """The CIFAR-10 GoogleNet of the GoogleNet study (about 0.26 M parameters)."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3) -> None:
+        super().__init__()
+        red_a, red_b = {"3x3": 32, "5x5": 16}, {"3x3": 48, "5x5": 16}
+        self.input_net = nn.Sequential(nn.Conv2d(in_channels, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU())
+        self.inception_blocks = nn.Sequential(
+            InceptionBlock(64, red_a, {"1x1": 16, "3x3": 32, "5x5": 8, "max": 8}),
+            InceptionBlock(64, red_a, {"1x1": 24, "3x3": 48, "5x5": 12, "max": 12}),
+            nn.MaxPool2d(3, stride=2, padding=1),
+            InceptionBlock(96, red_a, {"1x1": 24, "3x3": 48, "5x5": 12, "max": 12}),
+            InceptionBlock(96, red_a, {"1x1": 16, "3x3": 48, "5x5": 16, "max": 16}),
+            InceptionBlock(96, red_a, {"1x1": 16, "3x3": 48, "5x5": 16, "max": 16}),
+            InceptionBlock(96, red_a, {"1x1": 32, "3x3": 48, "5x5": 24, "max": 24}),
+            nn.MaxPool2d(3, stride=2, padding=1),
+            InceptionBlock(128, red_b, {"1x1": 32, "3x3": 64, "5x5": 16, "max": 16}),
+            InceptionBlock(128, red_b, {"1x1": 32, "3x3": 64, "5x5": 16, "max": 16}),
+        )
+        self.output_net = nn.Sequential(nn.AdaptiveAvgPool2d((1, 1)), nn.Flatten(), nn.Linear(128, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output_net(self.inception_blocks(self.input_net(x)))
+
+
+def _gate_mlp(model: nn.Module, droprate_init: float, per_sample: bool) -> None:
+    l0core.attach(model, "neuron", droprate_init=droprate_init, per_sample=per_sample)
+
+
+def _gate_convnet(model: nn.Module, droprate_init: float, per_sample: bool) -> None:
+    l0core.attach(model, "channel", droprate_init=droprate_init, per_sample=per_sample)
+
+
+def _gate_lenet5(model: nn.Module, droprate_init: float, per_sample: bool) -> None:
+    """The paper's L0LeNet5: conv output channels and dense-layer inputs."""
+    _gate_convnet(model, droprate_init, per_sample)
+    _gate_mlp(model, droprate_init, per_sample)
+
+
+def _import(path: str) -> Callable[..., nn.Module]:
+    module_name, _, attr = path.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"model {path!r}: a user model is given as 'package.module:factory'")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"model {path!r} cannot be imported: {exc}") from None
+
+
+BUILTIN = ("mlp", "lenet5", "googlenet")
+
+
+def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, gates: bool = True,
+                droprate_init: float = 0.5, per_sample: bool = False, **kwargs: Any) -> nn.Module:
+    """Build zoo model ``name`` for inputs of ``input_shape`` (C, H, W) and gate it (unless ``gates=False``).
+
+    >>> net = build_model("mlp", (1, 8, 8), 10)
+    >>> [g for g, _ in l0core.gates(net)]
+    ['1.l0_gate', '3.l0_gate', '5.l0_gate']
+    """
+    c, h, w = input_shape if len(input_shape) == 3 else (1, *input_shape)
+    if name == "mlp":
+        model: nn.Module = LeNet300100(c * h * w, num_classes, **kwargs)
+        gate = _gate_mlp
+    elif name == "lenet5":
+        model = LeNet5(c, num_classes, h, **kwargs)
+        gate = _gate_lenet5
+    elif name == "googlenet":
+        model = GoogleNet(num_classes, c, **kwargs)
+        gate = _gate_convnet
+    elif name.startswith("torchvision:"):
+        import torchvision
+
+        arch = name.split(":", 1)[1]
+        if arch not in torchvision.models.list_models(module=torchvision.models):
+            raise ValueError(f"model {name!r}: torchvision has no classification model {arch!r}")
+        model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
+        gate = _gate_convnet
+    elif ":" in name:
+        model = _import(name)(**kwargs)
+        gate = _gate_convnet if any(isinstance(m, nn.Conv2d) for m in model.modules()) else _gate_mlp
+    else:
+        raise ValueError(f"model {name!r} is unknown: use one of {', '.join(BUILTIN)}, "
+                         "'torchvision:NAME' or 'package.module:factory'")
+    if gates:
+        gate(model, droprate_init, per_sample)
+    return model

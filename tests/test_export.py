@@ -1,0 +1,133 @@
+import io
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import l0core
+from l0core import attach, compact, count_flops, gates, sparsity
+from sweeps.models import build_model
+
+from .helpers import TinyInception, randomize_batchnorm, set_gate_states
+
+CASES = {
+    "mlp": (lambda: build_model("mlp", (1, 28, 28), 10), (4, 1, 28, 28)),
+    "lenet5": (lambda: build_model("lenet5", (1, 28, 28), 10), (4, 1, 28, 28)),
+    "googlenet": (lambda: build_model("googlenet", (3, 32, 32), 10), (4, 3, 32, 32)),
+    "resnet18": (lambda: build_model("torchvision:resnet18", (3, 64, 64), 10), (2, 3, 64, 64)),
+    "mobilenet_v2": (lambda: build_model("torchvision:mobilenet_v2", (3, 64, 64), 10), (2, 3, 64, 64)),
+}
+
+
+def _params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_exported_model_computes_the_same_and_is_smaller(name):
+    make, shape = CASES[name]
+    model = make()
+    randomize_batchnorm(model)
+    set_gate_states(model, p_off=0.4, p_frac=0.2)
+    model.eval()
+    x = torch.randn(*shape)
+    small = compact(model, x, check=False)
+    assert not list(gates(small)), "the exported model has no gates"
+    expected, got = model(x), small(x)
+    scale = expected.abs().max().clamp_min(1.0)
+    assert (expected - got).abs().max() <= 1e-5 * scale
+    report = sparsity(model, x)
+    # counts come from the exported model itself and agree with the gated model's report
+    assert _params(small) < l0core.count_parameters(model)
+    assert report.effective_flops == count_flops(small, x) < report.dense_flops
+    zeroed = report.removed_params - (l0core.count_parameters(model) - _params(small))
+    assert zeroed >= 0  # zeros written into kept shapes (neuron gates after a flatten), never negative
+
+
+def test_fractional_gates_are_folded_not_dropped():
+    mlp = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    attach(mlp, "neuron")
+    with torch.no_grad():
+        mlp[2].l0_gate.log_alpha.fill_(0.3)  # every hidden unit fractional: 0 < z < 1
+    z = mlp[2].l0_gate.deterministic()
+    assert ((z > 0) & (z < 1)).all()
+    x = torch.randn(5, 4)
+    small = compact(mlp.eval(), x)
+    assert small[2].in_features == 6
+    assert torch.allclose(small(x), mlp(x), atol=1e-6)
+    assert not torch.allclose(small[2].weight, mlp[2].weight)  # z was folded into the weights
+
+
+def test_residual_channels_go_only_when_every_coupled_gate_is_off():
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    attach(model, "channel")
+    x = torch.randn(1, 3, 64, 64)
+    # layer1's residual stream: stem conv1, layer1.0.conv2, layer1.1.conv2 all add into the same channels
+    coupled = [model.conv1, model.layer1[0].conv2, model.layer1[1].conv2]
+    with torch.no_grad():
+        for _, g in gates(model):
+            g.log_alpha.fill_(5.0)
+        for conv in coupled[:2]:
+            conv.l0_gate.log_alpha[:10] = -5.0  # channels 0-9 closed in two of three coupled gates
+        coupled[2].l0_gate.log_alpha[:4] = -5.0  # ... and 0-3 closed in the third too
+    small = compact(model, x)
+    assert small.conv1.out_channels == 60  # only the 4 channels closed everywhere go
+    assert small.layer1[0].conv1.in_channels == 60 and small.layer1[0].conv2.out_channels == 60
+    assert torch.allclose(small(x), model(x), atol=1e-5)
+
+
+def test_concatenated_branches_export():
+    model = TinyInception().eval()
+    attach(model, "channel")
+    randomize_batchnorm(model)
+    with torch.no_grad():
+        for _, g in gates(model):
+            g.log_alpha.fill_(5.0)
+        model.b2[0].l0_gate.log_alpha[[1, 3]] = -5.0
+    x = torch.randn(2, 3, 8, 8)
+    small = compact(model, x)
+    assert small.b2[0].out_channels == 2 and small.mix[0].in_channels == 8
+    assert torch.allclose(small(x), model(x), atol=1e-5)
+
+
+def test_parameter_gates_export_zeros_in_dense_shape():
+    lin = nn.Linear(6, 4)
+    l0core.gate_parameters(lin, ["weight"])
+    with torch.no_grad():
+        lin.parametrizations.weight[0].log_alpha[:9] = -5.0
+        lin.parametrizations.weight[0].log_alpha[9:] = 5.0
+    small = compact(lin.eval(), torch.randn(2, 6))
+    assert small.weight.shape == (4, 6)
+    assert int((small.weight == 0).sum()) == 9
+    assert type(small) is nn.Linear  # plain module again
+    assert l0core.gates(lin)  # the original keeps its gates
+
+
+def test_exported_model_saves_loads_and_exports():
+    model = build_model("lenet5", (1, 28, 28), 10)
+    set_gate_states(model)
+    x = torch.randn(2, 1, 28, 28)
+    small = compact(model.eval(), x)
+    expected = small(x)
+    buffer = io.BytesIO()
+    torch.save(small, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert torch.equal(loaded(x), expected)
+    buffer = io.BytesIO()
+    torch.save(small.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = build_model("lenet5", (1, 28, 28), 10, gates=False)
+    with pytest.raises(RuntimeError):  # the architecture changed: the state dict only fits the exported one
+        fresh.load_state_dict(torch.load(buffer))
+    buffer.seek(0)
+    small.load_state_dict(torch.load(buffer))
+    exported = torch.export.export(small, (x,))
+    assert torch.allclose(exported.module()(x), expected, atol=1e-6)
+
+
+def test_hand_placed_gates_cannot_be_folded():
+    net = nn.Sequential(nn.Linear(4, 4), l0core.NeuronGate(4), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="place them with l0core.attach"):
+        compact(net, torch.randn(1, 4))
