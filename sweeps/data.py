@@ -1,0 +1,120 @@
+"""Datasets with a fixed, seeded train/validation/test split (validation carved from the training data).
+
+``digits`` (scikit-learn's bundled 8x8 digits) works offline and trains in seconds; ``synthetic`` is for
+tests; ``mnist``, ``fashion-mnist`` and ``cifar10`` come through torchvision (downloaded when online, or
+read from ``data_dir``); ``package.module:factory`` is a user's own ``factory() -> (train, test)`` datasets.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset, Subset, TensorDataset
+
+
+@dataclass
+class Splits:
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    input_shape: tuple[int, ...]
+    num_classes: int
+
+
+def _split_indices(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    cut = int(round(n * fraction))
+    return perm[cut:], perm[:cut]
+
+
+def _digits(seed: int, val_fraction: float) -> Splits:
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x = torch.tensor(x, dtype=torch.float32).view(-1, 1, 8, 8) / 16.0
+    x = (x - 0.3) / 0.4  # roughly zero mean, unit variance
+    y = torch.tensor(y)
+    rest, test = _split_indices(len(x), 0.2, seed=10_007)  # the test split never moves with the seed
+    train_idx, val_idx = _split_indices(len(rest), val_fraction, seed)
+    rest_t = torch.tensor(rest)
+    tr, va = rest_t[train_idx], rest_t[val_idx]
+    te = torch.tensor(test)
+    return Splits(TensorDataset(x[tr], y[tr]), TensorDataset(x[va], y[va]), TensorDataset(x[te], y[te]), (1, 8, 8), 10)
+
+
+def _synthetic(seed: int, val_fraction: float, shape: tuple[int, ...] = (3, 32, 32), n: int = 512,
+               num_classes: int = 10) -> Splits:
+    g = torch.Generator().manual_seed(1234)
+    centers = torch.randn(num_classes, *shape, generator=g)
+    y = torch.randint(0, num_classes, (n,), generator=g)
+    x = centers[y] + 2.0 * torch.randn(n, *shape, generator=g)
+    rest, test = _split_indices(n, 0.2, seed=10_007)
+    train_idx, val_idx = _split_indices(len(rest), val_fraction, seed)
+    rest_t = torch.tensor(rest)
+    tr, va, te = rest_t[train_idx], rest_t[val_idx], torch.tensor(test)
+    return Splits(TensorDataset(x[tr], y[tr]), TensorDataset(x[va], y[va]), TensorDataset(x[te], y[te]), shape, num_classes)
+
+
+_TORCHVISION = {
+    # name: (class, mean, std, input shape, augment for training)
+    "mnist": ("MNIST", (0.1307,), (0.3081,), (1, 28, 28), False),
+    "fashion-mnist": ("FashionMNIST", (0.2860,), (0.3530,), (1, 28, 28), False),
+    "cifar10": ("CIFAR10", (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), (3, 32, 32), True),
+}
+
+
+def _torchvision(name: str, data_dir: str | None, seed: int, val_fraction: float, download: bool) -> Splits:
+    from torchvision import datasets, transforms
+
+    cls_name, mean, std, shape, augment = _TORCHVISION[name]
+    cls = getattr(datasets, cls_name)
+    root = Path(data_dir or Path.home() / ".cache" / "l0sweep" / "data").expanduser()
+    plain = transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])
+    train_tf = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(), plain]) \
+        if augment else plain
+    try:
+        train_aug = cls(str(root), train=True, transform=train_tf, download=download)
+        train_plain = cls(str(root), train=True, transform=plain, download=False)
+        test = cls(str(root), train=False, transform=plain, download=download)
+    except (RuntimeError, OSError) as exc:
+        raise ValueError(f"dataset {name!r}: no files under {root} and the download failed ({type(exc).__name__}); "
+                         f"put torchvision's {cls_name} files in {root} (data_dir) or run where the internet "
+                         "is reachable") from None
+    train_idx, val_idx = _split_indices(len(train_aug), val_fraction, seed)
+    return Splits(Subset(train_aug, train_idx), Subset(train_plain, val_idx), test, shape, 10)
+
+
+DATASETS = ("digits", "synthetic", *_TORCHVISION)
+
+
+def load_data(name: str, data_dir: str | None = None, seed: int = 0, val_fraction: float = 0.15,
+              download: bool = True, **kwargs) -> Splits:
+    """Load dataset ``name`` as seeded train/validation/test splits.
+
+    >>> s = load_data("digits")
+    >>> len(s.train) + len(s.val) + len(s.test), s.input_shape
+    (1797, (1, 8, 8))
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if name == "digits":
+        return _digits(seed, val_fraction)
+    if name == "synthetic":
+        return _synthetic(seed, val_fraction, **kwargs)
+    if name in _TORCHVISION:
+        return _torchvision(name, data_dir, seed, val_fraction, download)
+    if ":" in name:
+        module_name, _, attr = name.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise ValueError(f"dataset {name!r} cannot be imported: {exc}") from None
+        train_full, test = factory(**kwargs)
+        x0, _ = train_full[0]
+        classes = getattr(train_full, "classes", None)
+        num_classes = len(classes) if classes else int(max(int(train_full[i][1]) for i in range(len(train_full)))) + 1
+        train_idx, val_idx = _split_indices(len(train_full), val_fraction, seed)
+        return Splits(Subset(train_full, train_idx), Subset(train_full, val_idx), test, tuple(x0.shape), num_classes)
+    raise ValueError(f"dataset {name!r} is unknown: use one of {', '.join(DATASETS)} or 'package.module:factory'")

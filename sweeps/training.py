@@ -1,0 +1,265 @@
+"""Train one trial: a gated model at one (lambda, droprate_init, mode), with per-epoch metrics.
+
+``mode="scratch"`` trains weights and gates together from initialisation; ``mode="finetune"`` starts from
+a dense baseline (no gates) trained once per (data, model, optimisation, seed) and shared through a file
+lock, with the gates almost open so the network starts from exactly the baseline's outputs.
+Selection metrics are validation accuracy and sparsity; test accuracy is only reported.
+"""
+from __future__ import annotations
+
+import copy
+import fcntl
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+from torch.utils.data import DataLoader
+
+import l0core
+
+from .data import Splits, load_data
+from .models import build_model
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Strict):
+    name: str = "digits"
+    data_dir: str | None = None
+    val_fraction: float = Field(0.15, gt=0, lt=1)
+    batch_size: int = Field(64, ge=1)
+    download: bool = True
+
+
+class ModelConfig(_Strict):
+    name: str = "mlp"
+    kwargs: dict = Field(default_factory=dict)
+    per_sample: bool = False
+
+
+class OptimConfig(_Strict):
+    name: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+    gate_lr: float | None = Field(None, gt=0)  # learning rate of log_alpha (default: lr)
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    schedule: Literal["none", "multistep", "cosine"] = "none"
+    milestones: list[int] = Field(default_factory=list)
+    gamma: float = Field(0.1, gt=0, le=1)
+    epochs: int = Field(10, ge=1)
+    baseline_epochs: int | None = Field(None, ge=1)
+
+
+class TrialConfig(_Strict):
+    """Everything one trial needs; the sweep fills lam, droprate_init and mode from the sampler."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    lam: float = Field(0.1, ge=0)
+    penalty_scale: Literal["model", "paper"] = "model"
+    droprate_init: float = Field(0.5, gt=0, lt=1)
+    mode: Literal["scratch", "finetune"] = "scratch"
+    seed: int = 0
+    device: str = "auto"
+    threads: int | None = Field(None, ge=1)
+    baseline_dir: str = "l0sweep-out/baselines"
+
+    @model_validator(mode="after")
+    def _check_milestones(self) -> "TrialConfig":
+        bad = [m for m in self.optim.milestones if not 0 < m < self.optim.epochs]
+        if bad:
+            raise ValueError(f"optim.milestones {bad} must lie between 0 and optim.epochs={self.optim.epochs}")
+        return self
+
+
+@dataclass
+class EpochMetrics:
+    epoch: int
+    train_task_loss: float
+    train_penalty: float
+    val_accuracy: float
+    expected_density: float  # E[kept parameters] / parameters
+    sparsity: float
+    flops_ratio: float
+
+
+@dataclass
+class TrialResult:
+    val_accuracy: float
+    test_accuracy: float
+    sparsity: float
+    flops_ratio: float
+    total_params: int
+    removed_params: int
+    kept_units: dict[str, list[int]]  # gate -> [kept, units]
+    epochs: list[EpochMetrics] = field(default_factory=list)
+    stopped_early: bool = False
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class StopTrial(Exception):
+    """Raised by the trainer when the per-epoch hook asked to stop (e.g. Pareto-aware early stopping)."""
+
+    def __init__(self, metrics: EpochMetrics) -> None:
+        super().__init__(f"stopped after epoch {metrics.epoch}")
+        self.metrics = metrics
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _optimizer(model: nn.Module, cfg: OptimConfig) -> tuple[torch.optim.Optimizer, object | None]:
+    groups = l0core.param_groups(model, cfg.weight_decay) if l0core.gates(model) else \
+        [{"params": list(model.parameters()), "weight_decay": cfg.weight_decay}]
+    if len(groups) == 2 and cfg.gate_lr is not None:
+        groups[1]["lr"] = cfg.gate_lr
+    if cfg.name == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    elif cfg.name == "adamw":
+        opt = torch.optim.AdamW(groups, lr=cfg.lr)
+    else:
+        opt = torch.optim.Adam(groups, lr=cfg.lr)
+    if cfg.schedule == "multistep":
+        return opt, torch.optim.lr_scheduler.MultiStepLR(opt, cfg.milestones, cfg.gamma)
+    if cfg.schedule == "cosine":
+        return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.epochs)
+    return opt, None
+
+
+def accuracy(model: nn.Module, loader: DataLoader, device: torch.device) -> float:
+    model.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            correct += int((model(x).argmax(1) == y).sum())
+            total += len(y)
+    return correct / max(total, 1)
+
+
+def _loaders(splits: Splits, cfg: TrialConfig, device: torch.device) -> tuple[DataLoader, DataLoader, DataLoader]:
+    pin = device.type == "cuda"
+    g = torch.Generator().manual_seed(cfg.seed)
+    train = DataLoader(splits.train, batch_size=cfg.data.batch_size, shuffle=True, generator=g, pin_memory=pin)
+    val = DataLoader(splits.val, batch_size=512, pin_memory=pin)
+    test = DataLoader(splits.test, batch_size=512, pin_memory=pin)
+    return train, val, test
+
+
+def _run_epochs(model: nn.Module, cfg: TrialConfig, splits: Splits, device: torch.device, lam: float | None,
+                on_epoch: Callable[[EpochMetrics], bool] | None, epochs: int) -> list[EpochMetrics]:
+    train, val, _ = _loaders(splits, cfg, device)
+    opt, sched = _optimizer(model, cfg.optim.model_copy(update={"epochs": epochs}))
+    example = next(iter(val))[0][:1].to(device)
+    history = []
+    for epoch in range(1, epochs + 1):
+        model.train()
+        task_sum = pen_sum = 0.0
+        batches = 0
+        for x, y in train:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            task = nn.functional.cross_entropy(model(x), y)
+            loss = task
+            if lam is not None:
+                pen = l0core.penalty(model, lam, scale=cfg.penalty_scale, n_train=len(splits.train),
+                                     weight_decay=cfg.optim.weight_decay if cfg.penalty_scale == "paper" else 0.0)
+                loss = task + pen
+                pen_sum += float(pen.detach())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            task_sum += float(task.detach())
+            batches += 1
+        if sched is not None:
+            sched.step()
+        val_acc = accuracy(model, val, device)
+        if lam is not None:
+            report = l0core.sparsity(model, example)
+            metrics = EpochMetrics(epoch, task_sum / batches, pen_sum / batches, val_acc, report.expected_density,
+                                   report.sparsity, report.flops_ratio)
+        else:
+            metrics = EpochMetrics(epoch, task_sum / batches, 0.0, val_acc, 1.0, 0.0, 1.0)
+        history.append(metrics)
+        if on_epoch is not None and on_epoch(metrics):
+            raise StopTrial(metrics)
+    return history
+
+
+def baseline_key(cfg: TrialConfig) -> str:
+    """Content hash of what determines the dense baseline: data, model, optimisation and seed."""
+    ident = {"data": cfg.data.model_dump(exclude={"data_dir", "download"}), "model": cfg.model.model_dump(),
+             "optim": cfg.optim.model_dump(), "seed": cfg.seed}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def dense_baseline(cfg: TrialConfig, splits: Splits | None = None) -> Path:
+    """Path of the dense baseline's state dict for ``cfg``, training it if no process has yet.
+
+    Concurrent callers serialise on a file lock: exactly one trains, the others wait and load its file.
+    """
+    directory = Path(cfg.baseline_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    key = baseline_key(cfg)
+    path = directory / f"{key}.pt"
+    with open(directory / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.exists():
+            device = resolve_device(cfg.device)
+            splits = splits or load_data(cfg.data.name, cfg.data.data_dir, cfg.seed, cfg.data.val_fraction,
+                                         cfg.data.download)
+            torch.manual_seed(cfg.seed)
+            dense = build_model(cfg.model.name, splits.input_shape, splits.num_classes, gates=False,
+                                **cfg.model.kwargs).to(device)
+            epochs = cfg.optim.baseline_epochs or cfg.optim.epochs
+            history = _run_epochs(dense, cfg, splits, device, None, None, epochs)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            torch.save({"state_dict": dense.state_dict(), "val_accuracy": history[-1].val_accuracy,
+                        "test_accuracy": accuracy(dense, _loaders(splits, cfg, device)[2], device),
+                        "config": json.loads(cfg.model_dump_json())}, tmp)
+            os.replace(tmp, path)  # atomic: a reader never sees half a file
+    return path
+
+
+def train_trial(cfg: TrialConfig, on_epoch: Callable[[EpochMetrics], bool] | None = None) -> TrialResult:
+    """Train one gated model as ``cfg`` says and report the final model's numbers.
+
+    ``on_epoch(metrics)`` is called after every epoch; returning True stops the trial (StopTrial is raised).
+    """
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    splits = load_data(cfg.data.name, cfg.data.data_dir, cfg.seed, cfg.data.val_fraction, cfg.data.download)
+    baseline = dense_baseline(cfg, splits) if cfg.mode == "finetune" else None
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model.name, splits.input_shape, splits.num_classes, gates=True,
+                        droprate_init=cfg.droprate_init, per_sample=cfg.model.per_sample, **cfg.model.kwargs)
+    if baseline is not None:
+        missing, unexpected = model.load_state_dict(torch.load(baseline, map_location="cpu")["state_dict"], strict=False)
+        if unexpected or any("l0_gate" not in k and "parametrizations" not in k for k in missing):
+            raise RuntimeError(f"baseline {baseline} does not fit the model: missing {missing}, unexpected {unexpected}")
+    model.to(device)
+    example = next(iter(DataLoader(splits.val, batch_size=1)))[0].to(device)
+    l0core.measure_unit_costs(model, example)
+    history = _run_epochs(model, cfg, splits, device, cfg.lam, on_epoch, cfg.optim.epochs)
+    _, val_loader, test_loader = _loaders(splits, cfg, device)
+    report = l0core.sparsity(model, example)
+    return TrialResult(
+        val_accuracy=accuracy(model, val_loader, device), test_accuracy=accuracy(model, test_loader, device),
+        sparsity=report.sparsity, flops_ratio=report.flops_ratio, total_params=report.total_params,
+        removed_params=report.removed_params,
+        kept_units={layer.gate: [layer.kept, layer.units] for layer in report.layers}, epochs=history)

@@ -1,0 +1,120 @@
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from sweeps.data import load_data
+from sweeps.models import build_model
+from sweeps.training import StopTrial, TrialConfig, baseline_key, dense_baseline, train_trial
+
+FAST = {"lr": 3e-3, "gate_lr": 0.05, "epochs": 4}
+
+
+def _cfg(tmp_path, **kw):
+    base = dict(optim=FAST, baseline_dir=str(tmp_path / "baselines"), threads=1)
+    base.update(kw)
+    return TrialConfig(**base)
+
+
+def test_trial_reports_per_epoch_and_final_numbers(tmp_path):
+    result = train_trial(_cfg(tmp_path, lam=0.3))
+    assert [m.epoch for m in result.epochs] == [1, 2, 3, 4]
+    assert result.val_accuracy > 0.9 and 0.0 <= result.test_accuracy <= 1.0
+    assert result.epochs[-1].sparsity == pytest.approx(result.sparsity)
+    assert 0 < result.removed_params < result.total_params
+    assert set(result.kept_units) == {"1.l0_gate", "3.l0_gate", "5.l0_gate"}
+    assert result.epochs[0].train_penalty > 0
+
+
+def test_trial_is_deterministic_for_a_seed(tmp_path):
+    a = train_trial(_cfg(tmp_path, lam=0.1, optim={**FAST, "epochs": 2}))
+    b = train_trial(_cfg(tmp_path, lam=0.1, optim={**FAST, "epochs": 2}))
+    assert a.as_dict() == b.as_dict()
+
+
+def test_hook_stops_a_trial(tmp_path):
+    seen = []
+    with pytest.raises(StopTrial) as stop:
+        train_trial(_cfg(tmp_path), on_epoch=lambda m: seen.append(m.epoch) or m.epoch == 2)
+    assert seen == [1, 2] and stop.value.metrics.epoch == 2
+
+
+def test_finetune_starts_from_the_baseline(tmp_path):
+    cfg = _cfg(tmp_path, mode="finetune", droprate_init=0.05, lam=0.1)
+    path = dense_baseline(cfg)
+    saved = torch.load(path)
+    splits = load_data("digits")
+    dense = build_model("mlp", splits.input_shape, 10, gates=False)
+    dense.load_state_dict(saved["state_dict"])
+    gated = build_model("mlp", splits.input_shape, 10, droprate_init=0.05)
+    gated.load_state_dict(saved["state_dict"], strict=False)
+    x = splits.val.tensors[0][:16]
+    assert torch.equal(gated.eval()(x), dense.eval()(x))  # gates start open: exactly the baseline's outputs
+    assert saved["val_accuracy"] > 0.9
+    result = train_trial(cfg)
+    assert result.val_accuracy > 0.9
+
+
+def test_two_processes_share_one_baseline(tmp_path):
+    cfg = _cfg(tmp_path, mode="finetune", droprate_init=0.05)
+    script = textwrap.dedent(f"""
+        import json, sys, time
+        import sweeps.training as t
+        calls = []
+        original = t._run_epochs
+        def counted(*a, **k):
+            calls.append(1)
+            return original(*a, **k)
+        t._run_epochs = counted
+        cfg = t.TrialConfig.model_validate_json({cfg.model_dump_json()!r})
+        t.dense_baseline(cfg)
+        print(json.dumps({{"trained": len(calls)}}))
+    """)
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [json.loads(p.communicate(timeout=300)[0].strip().splitlines()[-1]) for p in procs]
+    assert sorted(o["trained"] for o in outs) == [0, 1]
+    assert len(list((tmp_path / "baselines").glob("*.pt"))) == 1
+
+
+def test_baseline_key_ignores_trial_knobs(tmp_path):
+    a = _cfg(tmp_path, lam=0.1, droprate_init=0.05)
+    b = _cfg(tmp_path, lam=3.0, droprate_init=0.2, mode="finetune")
+    c = _cfg(tmp_path, optim={**FAST, "lr": 1e-2})
+    assert baseline_key(a) == baseline_key(b) != baseline_key(c)
+
+
+@pytest.mark.parametrize("model", ["googlenet", "torchvision:resnet18"])
+def test_convnets_run_an_epoch_on_cifar_shaped_data(tmp_path, model):
+    cfg = _cfg(tmp_path, data={"name": "synthetic", "batch_size": 64}, model={"name": model},
+               optim={"name": "adamw", "lr": 1e-3, "epochs": 1, "schedule": "cosine"})
+    result = train_trial(cfg)
+    assert len(result.epochs) == 1 and result.total_params > 0
+    assert result.flops_ratio is not None
+
+
+@pytest.mark.parametrize("bad, field", [
+    ({"lam": -1}, "lam"), ({"droprate_init": 1.5}, "droprate_init"), ({"mode": "both"}, "mode"),
+    ({"optim": {"name": "rmsprop"}}, "optim.name"), ({"optimiser": {}}, "optimiser"),
+    ({"optim": {"epochs": 5, "schedule": "multistep", "milestones": [7]}}, "milestones"),
+])
+def test_bad_configs_name_the_field(bad, field):
+    with pytest.raises(ValidationError, match=field.replace(".", r"\.?.*")):
+        TrialConfig(**bad)
+
+
+def test_unknown_model_and_dataset_are_clear_errors():
+    with pytest.raises(ValueError, match="model 'resnet' is unknown"):
+        build_model("resnet", (3, 32, 32), 10)
+    with pytest.raises(ValueError, match="torchvision has no classification model 'nope'"):
+        build_model("torchvision:nope", (3, 32, 32), 10)
+    with pytest.raises(ValueError, match="dataset 'imagenet' is unknown"):
+        load_data("imagenet")
+
+
+def test_missing_torchvision_data_offline_is_one_clear_error(tmp_path):
+    with pytest.raises(ValueError, match=r"dataset 'mnist': no files under .* put torchvision's MNIST files"):
+        load_data("mnist", data_dir=str(tmp_path), download=False)
