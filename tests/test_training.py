@@ -118,3 +118,35 @@ def test_unknown_model_and_dataset_are_clear_errors():
 def test_missing_torchvision_data_offline_is_one_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r"dataset 'mnist': no files under .* put torchvision's MNIST files"):
         load_data("mnist", data_dir=str(tmp_path), download=False)
+
+
+def test_user_model_and_dataset_by_import_path(tmp_path):
+    cfg = _cfg(tmp_path, data={"name": "tests.helpers:tiny_dataset"}, model={"name": "tests.helpers:TinyInception"},
+               optim={**FAST, "epochs": 1})
+    splits = load_data("tests.helpers:tiny_dataset")
+    assert splits.input_shape == (1, 12, 12) and splits.num_classes == 3
+    with pytest.raises(RuntimeError):  # TinyInception takes 3 channels: the user's model meets the user's data
+        train_trial(cfg)
+    model = build_model("tests.helpers:TinyInception", (3, 8, 8), 5)
+    assert {g for g, _ in __import__("l0core").gates(model)} >= {"stem.0.l0_gate", "mix.0.l0_gate"}
+
+
+def _write_idx(path, data: torch.Tensor, magic: int) -> None:
+    import struct
+
+    header = struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in data.shape)
+    path.write_bytes(header + data.to(torch.uint8).numpy().tobytes())
+
+
+def test_mnist_is_read_from_data_dir(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    for prefix, n in (("train", 60), ("t10k", 20)):
+        _write_idx(raw / f"{prefix}-images-idx3-ubyte", torch.randint(0, 256, (n, 28, 28), generator=g), 2051)
+        _write_idx(raw / f"{prefix}-labels-idx1-ubyte", torch.randint(0, 10, (n,), generator=g), 2049)
+    splits = load_data("mnist", data_dir=str(tmp_path), download=False, val_fraction=0.25)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (45, 15, 20)
+    x, y = splits.train[0]
+    assert x.shape == (1, 28, 28) and splits.input_shape == (1, 28, 28)
+    assert abs(float(x.mean())) < 3  # normalised
