@@ -150,3 +150,11 @@ def test_mnist_is_read_from_data_dir(tmp_path):
     x, y = splits.train[0]
     assert x.shape == (1, 28, 28) and splits.input_shape == (1, 28, 28)
     assert abs(float(x.mean())) < 3  # normalised
+
+
+def test_large_lambda_trains_a_sparser_model(tmp_path):
+    small = train_trial(_cfg(tmp_path, lam=0.001, optim={**FAST, "epochs": 8}))
+    large = train_trial(_cfg(tmp_path, lam=0.3, optim={**FAST, "epochs": 8}))
+    assert large.sparsity > small.sparsity + 0.15
+    assert large.flops_ratio < small.flops_ratio
+    assert small.val_accuracy > 0.95
