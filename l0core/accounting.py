@@ -5,6 +5,7 @@ is the sparsity of what :func:`l0core.compact` would give, so the report and the
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -13,7 +14,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .placement import GATE_ATTR, gates
-from .export import _Graph, _run, compact, fold
+from .export import _compact_folded, _Graph, _run, fold
 from .kinds import ParameterGate, UnitGate
 from .regularizer import count_parameters, expected_kept
 
@@ -122,10 +123,11 @@ def sparsity(model: nn.Module, example_inputs: Any | None = None) -> SparsityRep
                 removed += int(float(((gate.deterministic() == 0).float() * gate.unit_cost).sum()))
         report.exact = not structured
     else:
-        small = compact(model, example_inputs)
+        plain, sites = fold(model)
+        report.dense_flops = count_flops(plain, example_inputs)  # before pruning: the dense network's cost
+        small = _compact_folded(plain, sites, example_inputs)
         removed = total - sum(p.numel() for p in small.parameters())
         removed += _zeroed_in_place(small, model)
-        report.dense_flops = count_flops(fold(model)[0], example_inputs)
         report.effective_flops = count_flops(small, example_inputs)
         report.flops_ratio = report.effective_flops / max(report.dense_flops, 1)
     report.removed_params = min(removed, total)
@@ -186,8 +188,6 @@ def _params_on_units(module: nn.Module, k: int, out: bool) -> float:
 
 def _opened(model: nn.Module) -> nn.Module:
     """A copy with every gate fully open, so folding keeps every unit (for measuring costs)."""
-    import copy
-
     opened = copy.deepcopy(model)
     with torch.no_grad():
         for _, gate in gates(opened):

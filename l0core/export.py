@@ -105,15 +105,19 @@ def _has_params(module: Any) -> bool:
     return isinstance(module, nn.Module) and next(module.parameters(recurse=False), None) is not None
 
 
-def _outputs_zero(module: nn.Module, idxs: list[int]) -> bool:
-    """Does ``module`` output exactly zero on channels ``idxs`` whatever its input?"""
-    idx = torch.as_tensor(idxs, dtype=torch.long)
+def _zero_output_mask(module: nn.Module) -> torch.Tensor | None:
+    """Per output channel: does ``module`` output exactly zero there whatever its input? (None: never known)"""
     if isinstance(module, _NORM):
-        return bool(module.affine and (module.weight[idx] == 0).all() and (module.bias[idx] == 0).all())
+        return (module.weight == 0) & (module.bias == 0) if module.affine else None
     if isinstance(module, _LINEAR_LIKE):
-        bias_zero = module.bias is None or bool((module.bias[idx] == 0).all())
-        return bias_zero and bool((module.weight[idx] == 0).all())
-    return False
+        rows = (module.weight == 0).flatten(1).all(dim=1)
+        return rows if module.bias is None else rows & (module.bias == 0)
+    return None
+
+
+def _outputs_zero(module: nn.Module, idxs: list[int]) -> bool:
+    mask = _zero_output_mask(module)
+    return mask is not None and bool(mask[torch.as_tensor(idxs, dtype=torch.long)].all())
 
 
 def _ignores_inputs(module: nn.Module, idxs: list[int]) -> bool:
@@ -177,8 +181,8 @@ def _closed_units(site: _Site) -> list[int]:
     """Units whose own folded gate is zero; whether each can go is the group's decision."""
     if site.kind == "neuron":
         return torch.nonzero((site.owner.weight == 0).all(dim=0)).flatten().tolist()
-    units = range(site.owner.weight.shape[0])
-    return [i for i in units if _outputs_zero(site.target, [i])]
+    mask = _zero_output_mask(site.target)
+    return [] if mask is None else torch.nonzero(mask).flatten().tolist()
 
 
 def _prune_dead(plain: nn.Module, sites: list[_Site], example_inputs: Any) -> None:
@@ -224,7 +228,11 @@ def compact(model: nn.Module, example_inputs: Any, check: bool = True) -> nn.Mod
     >>> small[0].out_features, small[2].in_features
     (6, 6)
     """
-    plain, sites = fold(model)
+    return _compact_folded(*fold(model), example_inputs, check)
+
+
+def _compact_folded(plain: nn.Module, sites: list[_Site], example_inputs: Any, check: bool = True) -> nn.Module:
+    """:func:`compact` on the output of :func:`fold` (pruned in place)."""
     reference = _run(plain, example_inputs) if check else None
     if sites:
         _prune_dead(plain, sites, example_inputs)

@@ -6,12 +6,13 @@ read from ``data_dir``); ``package.module:factory`` is a user's own ``factory() 
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
+
+from .imports import import_object
 
 
 @dataclass
@@ -29,19 +30,23 @@ def _split_indices(n: int, fraction: float, seed: int) -> tuple[list[int], list[
     return perm[cut:], perm[:cut]
 
 
+def _tensor_splits(x: torch.Tensor, y: torch.Tensor, seed: int, val_fraction: float, num_classes: int) -> Splits:
+    """Fixed 20% test split (never moves with the seed), validation carved from the rest with ``seed``."""
+    rest, test = _split_indices(len(x), 0.2, seed=10_007)
+    train_idx, val_idx = _split_indices(len(rest), val_fraction, seed)
+    rest_t = torch.tensor(rest)
+    tr, va, te = rest_t[train_idx], rest_t[val_idx], torch.tensor(test)
+    return Splits(TensorDataset(x[tr], y[tr]), TensorDataset(x[va], y[va]), TensorDataset(x[te], y[te]),
+                  tuple(x.shape[1:]), num_classes)
+
+
 def _digits(seed: int, val_fraction: float) -> Splits:
     from sklearn.datasets import load_digits
 
     x, y = load_digits(return_X_y=True)
     x = torch.tensor(x, dtype=torch.float32).view(-1, 1, 8, 8) / 16.0
     x = (x - 0.3) / 0.4  # roughly zero mean, unit variance
-    y = torch.tensor(y)
-    rest, test = _split_indices(len(x), 0.2, seed=10_007)  # the test split never moves with the seed
-    train_idx, val_idx = _split_indices(len(rest), val_fraction, seed)
-    rest_t = torch.tensor(rest)
-    tr, va = rest_t[train_idx], rest_t[val_idx]
-    te = torch.tensor(test)
-    return Splits(TensorDataset(x[tr], y[tr]), TensorDataset(x[va], y[va]), TensorDataset(x[te], y[te]), (1, 8, 8), 10)
+    return _tensor_splits(x, torch.tensor(y), seed, val_fraction, 10)
 
 
 def _synthetic(seed: int, val_fraction: float, shape: tuple[int, ...] = (3, 32, 32), n: int = 512,
@@ -50,11 +55,7 @@ def _synthetic(seed: int, val_fraction: float, shape: tuple[int, ...] = (3, 32, 
     centers = torch.randn(num_classes, *shape, generator=g)
     y = torch.randint(0, num_classes, (n,), generator=g)
     x = centers[y] + 2.0 * torch.randn(n, *shape, generator=g)
-    rest, test = _split_indices(n, 0.2, seed=10_007)
-    train_idx, val_idx = _split_indices(len(rest), val_fraction, seed)
-    rest_t = torch.tensor(rest)
-    tr, va, te = rest_t[train_idx], rest_t[val_idx], torch.tensor(test)
-    return Splits(TensorDataset(x[tr], y[tr]), TensorDataset(x[va], y[va]), TensorDataset(x[te], y[te]), shape, num_classes)
+    return _tensor_splits(x, y, seed, val_fraction, num_classes)
 
 
 _TORCHVISION = {
@@ -106,12 +107,7 @@ def load_data(name: str, data_dir: str | None = None, seed: int = 0, val_fractio
     if name in _TORCHVISION:
         return _torchvision(name, data_dir, seed, val_fraction, download)
     if ":" in name:
-        module_name, _, attr = name.partition(":")
-        try:
-            factory = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as exc:
-            raise ValueError(f"dataset {name!r} cannot be imported: {exc}") from None
-        train_full, test = factory(**kwargs)
+        train_full, test = import_object(name, "dataset")(**kwargs)
         x0, _ = train_full[0]
         classes = getattr(train_full, "classes", None)
         num_classes = len(classes) if classes else int(max(int(train_full[i][1]) for i in range(len(train_full)))) + 1

@@ -8,13 +8,14 @@
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 import l0core
+
+from .imports import import_object
 
 
 class LeNet300100(nn.Sequential):
@@ -98,16 +99,6 @@ def _gate_lenet5(model: nn.Module, droprate_init: float, per_sample: bool) -> No
     _gate_mlp(model, droprate_init, per_sample)
 
 
-def _import(path: str) -> Callable[..., nn.Module]:
-    module_name, _, attr = path.partition(":")
-    if not module_name or not attr:
-        raise ValueError(f"model {path!r}: a user model is given as 'package.module:factory'")
-    try:
-        return getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ValueError(f"model {path!r} cannot be imported: {exc}") from None
-
-
 BUILTIN = ("mlp", "lenet5", "googlenet")
 
 
@@ -138,7 +129,7 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, gates
         model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
         gate = _gate_convnet
     elif ":" in name:
-        model = _import(name)(**kwargs)
+        model = import_object(name, "model")(**kwargs)
         gate = _gate_convnet if any(isinstance(m, nn.Conv2d) for m in model.modules()) else _gate_mlp
     else:
         raise ValueError(f"model {name!r} is unknown: use one of {', '.join(BUILTIN)}, "

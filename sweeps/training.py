@@ -162,14 +162,18 @@ def _loaders(splits: Splits, cfg: TrialConfig, device: torch.device) -> tuple[Da
 
 
 def _run_epochs(model: nn.Module, cfg: TrialConfig, splits: Splits, device: torch.device, lam: float | None,
-                on_epoch: Callable[[EpochMetrics], bool] | None, epochs: int) -> list[EpochMetrics]:
+                on_epoch: Callable[[EpochMetrics], bool] | None, epochs: int,
+                ) -> tuple[list[EpochMetrics], l0core.SparsityReport | None]:
+    """Train for ``epochs``; returns the per-epoch metrics and the last epoch's sparsity report (gated models)."""
     train, val, _ = _loaders(splits, cfg, device)
     opt, sched = _optimizer(model, cfg.optim.model_copy(update={"epochs": epochs}))
     example = next(iter(val))[0][:1].to(device)
-    history = []
+    history, report = [], None
     for epoch in range(1, epochs + 1):
         model.train()
-        task_sum = pen_sum = 0.0
+        # Summed on the device and read once per epoch: a float() per step would sync the GPU every batch.
+        task_sum = torch.zeros((), device=device)
+        pen_sum = torch.zeros((), device=device)
         batches = 0
         for x, y in train:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -179,25 +183,26 @@ def _run_epochs(model: nn.Module, cfg: TrialConfig, splits: Splits, device: torc
                 pen = l0core.penalty(model, lam, scale=cfg.penalty_scale, n_train=len(splits.train),
                                      weight_decay=cfg.optim.weight_decay if cfg.penalty_scale == "paper" else 0.0)
                 loss = task + pen
-                pen_sum += float(pen.detach())
+                pen_sum += pen.detach()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            task_sum += float(task.detach())
+            task_sum += task.detach()
             batches += 1
+        task_mean, pen_mean = float(task_sum) / batches, float(pen_sum) / batches
         if sched is not None:
             sched.step()
         val_acc = accuracy(model, val, device)
         if lam is not None:
             report = l0core.sparsity(model, example)
-            metrics = EpochMetrics(epoch, task_sum / batches, pen_sum / batches, val_acc, report.expected_density,
+            metrics = EpochMetrics(epoch, task_mean, pen_mean, val_acc, report.expected_density,
                                    report.sparsity, report.flops_ratio)
         else:
-            metrics = EpochMetrics(epoch, task_sum / batches, 0.0, val_acc, 1.0, 0.0, 1.0)
+            metrics = EpochMetrics(epoch, task_mean, 0.0, val_acc, 1.0, 0.0, 1.0)
         history.append(metrics)
         if on_epoch is not None and on_epoch(metrics):
             raise StopTrial(metrics)
-    return history
+    return history, report
 
 
 def baseline_key(cfg: TrialConfig) -> str:
@@ -226,7 +231,7 @@ def dense_baseline(cfg: TrialConfig, splits: Splits | None = None) -> Path:
             dense = build_model(cfg.model.name, splits.input_shape, splits.num_classes, gates=False,
                                 **cfg.model.kwargs).to(device)
             epochs = cfg.optim.baseline_epochs or cfg.optim.epochs
-            history = _run_epochs(dense, cfg, splits, device, None, None, epochs)
+            history, _ = _run_epochs(dense, cfg, splits, device, None, None, epochs)
             tmp = path.with_suffix(f".tmp{os.getpid()}")
             torch.save({"state_dict": dense.state_dict(), "val_accuracy": history[-1].val_accuracy,
                         "test_accuracy": accuracy(dense, _loaders(splits, cfg, device)[2], device),
@@ -255,11 +260,11 @@ def train_trial(cfg: TrialConfig, on_epoch: Callable[[EpochMetrics], bool] | Non
     model.to(device)
     example = next(iter(DataLoader(splits.val, batch_size=1)))[0].to(device)
     l0core.measure_unit_costs(model, example)
-    history = _run_epochs(model, cfg, splits, device, cfg.lam, on_epoch, cfg.optim.epochs)
-    _, val_loader, test_loader = _loaders(splits, cfg, device)
-    report = l0core.sparsity(model, example)
+    history, report = _run_epochs(model, cfg, splits, device, cfg.lam, on_epoch, cfg.optim.epochs)
+    test_loader = _loaders(splits, cfg, device)[2]
+    # The last epoch already evaluated the final model: its validation accuracy and report are the final ones.
     return TrialResult(
-        val_accuracy=accuracy(model, val_loader, device), test_accuracy=accuracy(model, test_loader, device),
+        val_accuracy=history[-1].val_accuracy, test_accuracy=accuracy(model, test_loader, device),
         sparsity=report.sparsity, flops_ratio=report.flops_ratio, total_params=report.total_params,
         removed_params=report.removed_params,
         kept_units={layer.gate: [layer.kept, layer.units] for layer in report.layers}, epochs=history)
