@@ -1,1 +1,12 @@
-"""The Pareto report of a sweep: reads Optuna storage, never trains."""
+"""The Pareto report: read a study from its Optuna storage and show the sparsity/accuracy trade-off.
+
+``write_report(study, out_dir)`` writes one self-contained HTML page plus the front as Markdown and CSV;
+``pick(study, max_drop=..., min_sparsity=...)`` chooses a trial (a lambda) from the front (the knee by default).
+Nothing here trains: it reads what the sweep stored on the study and its trials.
+"""
+from .pick import PickError, describe_pick, knee, pick
+from .report import write_report
+from .table import front_table, hypervolume_history, trials_table
+
+__all__ = ["PickError", "describe_pick", "front_table", "hypervolume_history", "knee", "pick", "trials_table",
+           "write_report"]

@@ -1,16 +1,165 @@
-"""The ``l0sweep`` command line."""
+"""The ``l0sweep`` command line: run, create, worker, status, report, pick, ui.
+
+Every command takes ``--out DIR`` (default ``l0sweep-out``); without ``--storage``/``--tracking-uri`` it uses
+the embedded stores there: a journal file ``DIR/optuna.journal`` and ``sqlite:///DIR/mlflow.db``.
+Errors are one line on stderr and a non-zero exit.
+"""
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from importlib.metadata import version
+from pathlib import Path
+
+DEFAULT_OUT = "l0sweep-out"
+
+
+def _common(p: argparse.ArgumentParser, storage_required: bool = False) -> None:
+    p.add_argument("--storage", required=storage_required, metavar="URL",
+                   help="Optuna storage: postgresql://user:pass@host/db, or a journal file path "
+                        "(default: OUT/optuna.journal)")
+    p.add_argument("--tracking-uri", metavar="URI",
+                   help="MLflow tracking URI, e.g. http://mlflow:5000 (default: sqlite:///OUT/mlflow.db)")
+    p.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
+                   help=f"folder for embedded stores, baselines, logs and reports (default: {DEFAULT_OUT})")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="l0sweep", description="Sparsity/accuracy sweeps with L0 gates.")
     parser.add_argument("--version", action="version", version=f"l0sweep {version('l0sweep')}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("run", help="create or resume a study and run local workers to its budget, then report")
+    p.add_argument("study_file", type=Path)
+    p.add_argument("--trials", type=int, metavar="N", help="complete trials wanted in total (default: the file's)")
+    p.add_argument("--workers", type=int, default=1, metavar="K", help="local worker processes (default 1)")
+    p.add_argument("--threads", type=int, metavar="T", help="torch threads per worker (default: cores / K)")
+    _common(p)
+
+    p = sub.add_parser("create", help="create the study (budget, starting points, MLflow run) without running it")
+    p.add_argument("study_file", type=Path)
+    p.add_argument("--trials", type=int, metavar="N")
+    _common(p)
+
+    p = sub.add_parser("worker", help="join an existing study and run trials until its budget is reached")
+    p.add_argument("study_file", type=Path)
+    p.add_argument("--seed-offset", type=int, default=None, metavar="I",
+                   help="sampler seed offset (default: from the process id, distinct per worker)")
+    p.add_argument("--threads", type=int, metavar="T")
+    _common(p)
+
+    p = sub.add_parser("status", help="trials by state and the current Pareto front")
+    p.add_argument("study", help="a study file or a study name")
+    _common(p)
+
+    p = sub.add_parser("report", help="write the Pareto report (HTML, Markdown, CSV)")
+    p.add_argument("study", help="a study file or a study name")
+    p.add_argument("--report-dir", type=Path, metavar="DIR", help="default: OUT/reports/NAME")
+    _common(p)
+
+    p = sub.add_parser("pick", help="choose a trial (a lambda) from the front")
+    p.add_argument("study", help="a study file or a study name")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--max-drop", type=float, metavar="PTS",
+                     help="the sparsest trial within PTS accuracy points of the best validation accuracy")
+    how.add_argument("--min-sparsity", type=float, metavar="S",
+                     help="the most accurate trial with sparsity >= S (0-1)")
+    how.add_argument("--knee", action="store_true", help="the front's knee (default)")
+    _common(p)
+
+    p = sub.add_parser("ui", help="serve the MLflow UI and optuna-dashboard on the embedded stores (127.0.0.1)")
+    p.add_argument("--port", type=int, default=5000, help="MLflow UI port (default 5000)")
+    p.add_argument("--dashboard-port", type=int, default=8080, help="optuna-dashboard port (default 8080)")
+    _common(p)
     return parser
+
+
+def _settings(args: argparse.Namespace, workers: int = 1, seed_offset: int = 0):
+    from .tracking import default_tracking_uri
+    from .worker import settings_from
+
+    out = Path(args.out)
+    storage = args.storage or str((out / "optuna.journal").resolve())
+    tracking = args.tracking_uri or default_tracking_uri(out)
+    return settings_from(storage, tracking, out, seed_offset=seed_offset, threads=getattr(args, "threads", None))
+
+
+def _study_name(ref: str) -> str:
+    from .spec import load_spec
+
+    path = Path(ref)
+    return load_spec(path).name if path.suffix in (".yaml", ".yml") or path.is_file() else ref
+
+
+def _open_study(args: argparse.Namespace):
+    from .storage import open_storage
+    from .worker import load_existing
+
+    settings = _settings(args)
+    if not args.storage and not Path(settings.storage).exists():
+        raise FileNotFoundError(f"no study storage at {settings.storage}: give --storage or the sweep's --out")
+    return load_existing(_study_name(args.study), open_storage(settings.storage)), settings
+
+
+def _positive(name: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise ValueError(f"{name} must be at least 1, got {value}")
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    from .spec import load_spec
+
+    if args.command in ("run", "create", "worker"):
+        for name in ("trials", "workers", "threads"):
+            _positive(f"--{name}", getattr(args, name, None))
+        spec = load_spec(args.study_file)
+    if args.command == "run":
+        from .launcher import run_sweep
+
+        return run_sweep(args.study_file, spec, _settings(args), args.workers, args.trials)
+    if args.command == "create":
+        from .storage import check_url
+        from .worker import create_or_resume
+
+        settings = _settings(args)
+        check_url(settings.storage)
+        study = create_or_resume(spec, settings, args.trials)
+        print(f"study {study.study_name!r} ready: budget {study.user_attrs['n_trials']} complete trials")
+        return 0
+    if args.command == "worker":
+        from .worker import run_worker
+
+        offset = args.seed_offset if args.seed_offset is not None else os.getpid() % 100_000
+        return run_worker(spec, _settings(args, seed_offset=offset))
+    if args.command == "status":
+        from .status import print_status
+
+        study, _ = _open_study(args)
+        print_status(study)
+        return 0
+    if args.command == "report":
+        from dashboards import write_report
+
+        study, settings = _open_study(args)
+        path = write_report(study, args.report_dir or settings.out / "reports" / study.study_name,
+                            settings.tracking_uri)
+        print(path)
+        return 0
+    if args.command == "pick":
+        from dashboards import pick, describe_pick
+
+        study, settings = _open_study(args)
+        choice = pick(study, max_drop=args.max_drop, min_sparsity=args.min_sparsity)
+        print(describe_pick(study, choice, settings.tracking_uri))
+        return 0
+    if args.command == "ui":
+        from .ui import serve
+
+        settings = _settings(args)
+        return serve(settings, args.port, args.dashboard_port)
+    raise AssertionError(args.command)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,7 +168,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    return 0
+    logging.basicConfig(level=logging.INFO if args.command == "worker" else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    import warnings
+
+    from optuna.exceptions import ExperimentalWarning
+
+    # Heartbeat retry and metric names are marked experimental in Optuna 5 but are the documented way.
+    warnings.filterwarnings("ignore", category=ExperimentalWarning)
+    try:
+        return dispatch(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # every expected failure carries a one-line message; keep it one line
+        if os.environ.get("L0SWEEP_DEBUG"):
+            raise
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"l0sweep {args.command}: error: {message}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

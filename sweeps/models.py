@@ -102,6 +102,23 @@ def _gate_lenet5(model: nn.Module, droprate_init: float, per_sample: bool) -> No
 BUILTIN = ("mlp", "lenet5", "googlenet")
 
 
+def check_model(name: str) -> None:
+    """Raise one clear ValueError if ``name`` names no model, without building it (cheap, for validation)."""
+    if name in BUILTIN:
+        return
+    if name.startswith("torchvision:"):
+        import torchvision
+
+        arch = name.split(":", 1)[1]
+        if arch not in torchvision.models.list_models(module=torchvision.models):
+            raise ValueError(f"model {name!r}: torchvision has no classification model {arch!r}")
+    elif ":" in name:
+        import_object(name, "model")
+    else:
+        raise ValueError(f"model {name!r} is unknown: use one of {', '.join(BUILTIN)}, "
+                         "'torchvision:NAME' or 'package.module:factory'")
+
+
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, gates: bool = True,
                 droprate_init: float = 0.5, per_sample: bool = False, **kwargs: Any) -> nn.Module:
     """Build zoo model ``name`` for inputs of ``input_shape`` (C, H, W) and gate it (unless ``gates=False``).
@@ -123,17 +140,14 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, gates
     elif name.startswith("torchvision:"):
         import torchvision
 
-        arch = name.split(":", 1)[1]
-        if arch not in torchvision.models.list_models(module=torchvision.models):
-            raise ValueError(f"model {name!r}: torchvision has no classification model {arch!r}")
-        model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
+        check_model(name)
+        model = torchvision.models.get_model(name.split(":", 1)[1], weights=None, num_classes=num_classes,
+                                             **kwargs)
         gate = _gate_convnet
-    elif ":" in name:
+    else:
+        check_model(name)
         model = import_object(name, "model")(**kwargs)
         gate = _gate_convnet if any(isinstance(m, nn.Conv2d) for m in model.modules()) else _gate_mlp
-    else:
-        raise ValueError(f"model {name!r} is unknown: use one of {', '.join(BUILTIN)}, "
-                         "'torchvision:NAME' or 'package.module:factory'")
     if gates:
         gate(model, droprate_init, per_sample)
     return model

@@ -12,7 +12,7 @@ import fcntl
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Literal
 
@@ -37,6 +37,7 @@ class DataConfig(_Strict):
     val_fraction: float = Field(0.15, gt=0, lt=1)
     batch_size: int = Field(64, ge=1)
     download: bool = True
+    kwargs: dict = Field(default_factory=dict)  # passed to the dataset (e.g. synthetic's shape) or your factory
 
 
 class ModelConfig(_Strict):
@@ -104,9 +105,14 @@ class TrialResult:
     kept_units: dict[str, list[int]]  # gate -> [kept, units]
     epochs: list[EpochMetrics] = field(default_factory=list)
     stopped_early: bool = False
+    # The trained gated model and one example input, for logging and export; not part of the figures.
+    model: nn.Module | None = field(default=None, repr=False, compare=False)
+    example_inputs: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        figures = asdict(replace(self, model=None, example_inputs=None))  # asdict would deep-copy the model
+        del figures["model"], figures["example_inputs"]
+        return figures
 
 
 class StopTrial(Exception):
@@ -226,7 +232,7 @@ def dense_baseline(cfg: TrialConfig, splits: Splits | None = None) -> Path:
         if not path.exists():
             device = resolve_device(cfg.device)
             splits = splits or load_data(cfg.data.name, cfg.data.data_dir, cfg.seed, cfg.data.val_fraction,
-                                         cfg.data.download)
+                                         cfg.data.download, **cfg.data.kwargs)
             torch.manual_seed(cfg.seed)
             dense = build_model(cfg.model.name, splits.input_shape, splits.num_classes, gates=False,
                                 **cfg.model.kwargs).to(device)
@@ -248,7 +254,8 @@ def train_trial(cfg: TrialConfig, on_epoch: Callable[[EpochMetrics], bool] | Non
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    splits = load_data(cfg.data.name, cfg.data.data_dir, cfg.seed, cfg.data.val_fraction, cfg.data.download)
+    splits = load_data(cfg.data.name, cfg.data.data_dir, cfg.seed, cfg.data.val_fraction, cfg.data.download,
+                       **cfg.data.kwargs)
     baseline = dense_baseline(cfg, splits) if cfg.mode == "finetune" else None
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model.name, splits.input_shape, splits.num_classes, gates=True,
@@ -267,4 +274,5 @@ def train_trial(cfg: TrialConfig, on_epoch: Callable[[EpochMetrics], bool] | Non
         val_accuracy=history[-1].val_accuracy, test_accuracy=accuracy(model, test_loader, device),
         sparsity=report.sparsity, flops_ratio=report.flops_ratio, total_params=report.total_params,
         removed_params=report.removed_params,
-        kept_units={layer.gate: [layer.kept, layer.units] for layer in report.layers}, epochs=history)
+        kept_units={layer.gate: [layer.kept, layer.units] for layer in report.layers}, epochs=history,
+        model=model, example_inputs=example)

@@ -1,0 +1,87 @@
+"""Choosing a lambda: one trial of the Pareto front, by an accuracy budget, a sparsity target, or the knee.
+
+All choices use validation accuracy; test accuracy is shown, never used to choose.
+"""
+from __future__ import annotations
+
+import numpy as np
+import optuna
+import pandas as pd
+
+from .table import front_table
+
+
+class PickError(ValueError):
+    """A request no trial satisfies, said plainly."""
+
+
+def knee(front: pd.DataFrame) -> int:
+    """Row index of the front's knee: farthest from the chord between its two ends (normalised axes).
+
+    >>> f = pd.DataFrame({"val_accuracy": [0.99, 0.98, 0.90], "sparsity": [0.1, 0.6, 0.8]})
+    >>> knee(f)
+    1
+    """
+    acc, sp = front.val_accuracy.to_numpy(float), front.sparsity.to_numpy(float)
+    if len(front) <= 2:
+        return int(np.argmax(acc))
+    a = (acc - acc.min()) / max(np.ptp(acc), 1e-12)
+    s = (sp - sp.min()) / max(np.ptp(sp), 1e-12)
+    i, j = int(np.argmax(s)), int(np.argmax(a))  # the sparsest and the most accurate ends
+    chord = np.array([s[j] - s[i], a[j] - a[i]])
+    norm = np.linalg.norm(chord) or 1.0
+    # Signed distance above the chord: the knee bulges towards (high sparsity, high accuracy).
+    dist = (chord[0] * (a - a[i]) - chord[1] * (s - s[i])) / norm
+    return int(np.argmax(-dist if chord[0] < 0 else dist))
+
+
+def pick(study: optuna.Study, max_drop: float | None = None, min_sparsity: float | None = None) -> pd.Series:
+    """The chosen front trial as a row of ``front_table``.
+
+    - ``max_drop``: the sparsest trial whose validation accuracy is within ``max_drop`` points (percent) of the
+      dense baseline (of the best trial when the study has no baseline);
+    - ``min_sparsity``: the most accurate trial with at least this sparsity (0-1);
+    - neither: the knee of the front.
+    """
+    front = front_table(study)
+    if front.empty:
+        raise PickError(f"study {study.study_name!r} has no complete trial yet")
+    if max_drop is not None:
+        if max_drop < 0:
+            raise PickError(f"--max-drop must be >= 0 accuracy points, got {max_drop}")
+        baseline = study.user_attrs.get("dense_baseline")
+        reference, what = (baseline["val_accuracy"], "the dense baseline") if baseline else \
+            (float(front.val_accuracy.max()), "the best trial")
+        ok = front[front.val_accuracy >= reference - max_drop / 100 - 1e-12]
+        if ok.empty:
+            raise PickError(f"no trial is within {max_drop} points of {what} ({reference:.2%} validation accuracy); "
+                            f"the best reaches {front.val_accuracy.max():.2%}")
+        return ok.sort_values(["sparsity", "val_accuracy"]).iloc[-1]
+    if min_sparsity is not None:
+        if not 0 <= min_sparsity <= 1:
+            raise PickError(f"--min-sparsity must lie in [0, 1], got {min_sparsity}")
+        ok = front[front.sparsity >= min_sparsity]
+        if ok.empty:
+            raise PickError(f"no trial reaches sparsity {min_sparsity:.2f}; the sparsest has "
+                            f"{front.sparsity.max():.3f}")
+        return ok.sort_values(["val_accuracy", "sparsity"]).iloc[-1]
+    return front.iloc[knee(front)]
+
+
+def describe_pick(study: optuna.Study, row: pd.Series, tracking_uri: str | None = None) -> str:
+    """What ``l0sweep pick`` prints: the values to reuse, the metrics, and where the model is."""
+    trial = study.trials[int(row.trial)]
+    run = row.mlflow_run_id
+    lines = [f"trial {int(row.trial)} of study {study.study_name!r}",
+             f"  lambda         {row.lam:.6g}", f"  droprate_init  {row.droprate_init:.4g}", f"  mode           {row['mode']}",
+             f"  val accuracy   {row.val_accuracy:.4f}   (selects)",
+             f"  test accuracy  {row.test_accuracy:.4f}   (reported only)",
+             f"  sparsity       {row.sparsity:.4f}   ({int(row.removed_params)} of {int(row.total_params)} parameters removed)",
+             f"  FLOPs ratio    {row.flops_ratio:.4f}",
+             f"  MLflow run     {run}" + (f"  ({tracking_uri})" if tracking_uri else "")]
+    if trial.user_attrs.get("model_logged"):
+        lines.append(f"  exported model: mlflow.pytorch.load_model('runs:/{run}/model')  (physically smaller, no gates)")
+    else:
+        lines.append("  exported model: not logged for this trial (it was not on the front when it finished); "
+                     "train it again with these values and l0core.compact")
+    return "\n".join(lines)

@@ -1,0 +1,198 @@
+"""The Pareto report: one self-contained HTML page (plotly inlined, works offline) plus the front as MD and CSV.
+
+>>> # write_report(study, "l0sweep-out/reports/digits-mlp")   # -> .../report.html, front.md, front.csv
+"""
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.offline import get_plotlyjs
+from plotly.subplots import make_subplots
+
+from .pick import PickError, pick
+from .table import front_table, hypervolume_history, spec_of, trials_table
+
+MODE_COLOURS = {"scratch": "#1f77b4", "finetune": "#d62728"}
+TABLE_COLUMNS = {"trial": "trial", "val_accuracy": "val acc", "test_accuracy": "test acc", "sparsity": "sparsity",
+                 "flops_ratio": "FLOPs ratio", "lam": "lambda", "droprate_init": "droprate_init", "mode": "mode"}
+HOVER = ("trial %{customdata[0]} (%{customdata[3]})<br>lambda %{customdata[1]:.4g}, "
+         "droprate_init %{customdata[2]:.3g}<br>val acc %{customdata[4]:.4f}, test acc %{customdata[5]:.4f}"
+         "<br>sparsity %{customdata[6]:.4f}, FLOPs ratio %{customdata[7]:.4f}<br>MLflow run %{customdata[8]}"
+         "<extra></extra>")
+
+
+def _customdata(rows: pd.DataFrame) -> list[list]:
+    return rows[["trial", "lam", "droprate_init", "mode", "val_accuracy", "test_accuracy", "sparsity",
+                 "flops_ratio", "mlflow_run_id"]].fillna("").values.tolist()
+
+
+def _scatter(table: pd.DataFrame, x: str, x_title: str, baseline: dict | None, chosen: pd.Series | None,
+             title: str) -> go.Figure:
+    """Accuracy against ``x``: front trials solid and joined, dominated ones faded; colour by mode."""
+    fig = go.Figure()
+    for mode, colour in MODE_COLOURS.items():
+        for on_front in (True, False):
+            rows = table[(table["mode"] == mode) & (table.on_front == on_front)]
+            if rows.empty:
+                continue
+            fig.add_trace(go.Scatter(
+                x=rows[x], y=rows.val_accuracy, mode="markers", customdata=_customdata(rows), hovertemplate=HOVER,
+                name=f"{mode} ({'front' if on_front else 'dominated'})",
+                marker={"color": colour, "size": 11 if on_front else 8, "opacity": 1.0 if on_front else 0.3,
+                        "symbol": "circle" if on_front else "circle-open",
+                        "line": {"width": 1, "color": "white" if on_front else colour}}))
+    front = table[table.on_front].sort_values(x)
+    if len(front) > 1:
+        fig.add_trace(go.Scatter(x=front[x], y=front.val_accuracy, mode="lines", name="Pareto front",
+                                 line={"color": "#555", "dash": "dot", "shape": "hv" if x == "sparsity" else "linear"},
+                                 hoverinfo="skip"))
+    if baseline:
+        fig.add_hline(y=baseline["val_accuracy"], line={"color": "#2ca02c", "dash": "dash"},
+                      annotation_text=f"dense baseline {baseline['val_accuracy']:.4f}", annotation_position="bottom left")
+    if chosen is not None:
+        fig.add_trace(go.Scatter(x=[chosen[x]], y=[chosen.val_accuracy], mode="markers", name="recommended",
+                                 customdata=_customdata(chosen.to_frame().T), hovertemplate=HOVER,
+                                 marker={"symbol": "star", "size": 22, "color": "gold",
+                                         "line": {"width": 1.5, "color": "black"}}))
+    fig.update_layout(title=title, xaxis_title=x_title, yaxis_title="validation accuracy", template="plotly_white",
+                      height=460, legend={"orientation": "h", "y": -0.2}, margin={"t": 50, "b": 20})
+    # Collapsed trials (accuracy near chance) would squash the interesting band into a line: show the band,
+    # and say how many lie below it.
+    top = max(table.val_accuracy.max(), baseline["val_accuracy"] if baseline else 0.0)
+    useful = table.val_accuracy[table.val_accuracy >= 0.5 * top]
+    low = max(0.0, min(useful.min(), top - 0.02) - 0.02) if len(useful) else 0.0
+    below = int((table.val_accuracy < low).sum())
+    fig.update_yaxes(range=[low, top + 0.01])
+    if below:
+        fig.add_annotation(text=f"{below} trial(s) below {low:.2f} (collapsed) not shown", xref="paper", yref="paper",
+                           x=1, y=0, xanchor="right", yanchor="bottom", showarrow=False, font={"color": "#888"})
+    return fig
+
+
+def _hypervolume(study: optuna.Study) -> go.Figure:
+    hv = hypervolume_history(study)
+    fig = go.Figure(go.Scatter(x=hv.trial, y=hv.hypervolume, mode="lines+markers", name="hypervolume"))
+    fig.update_layout(title="Hypervolume of the (val accuracy, sparsity) front after each complete trial",
+                      xaxis_title="trial", yaxis_title="hypervolume (ref. 0, 0)", template="plotly_white", height=320,
+                      margin={"t": 50, "b": 20})
+    return fig
+
+
+def _recommended_detail(trial: optuna.trial.FrozenTrial) -> go.Figure | None:
+    kept = trial.user_attrs.get("kept_units") or {}
+    hist = trial.user_attrs.get("log_alpha_hist")
+    if not kept and not hist:
+        return None
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("kept units per gated layer", "log_alpha per gate"))
+    names = [k.removesuffix(".l0_gate") for k in kept]
+    fig.add_trace(go.Bar(x=names, y=[v[0] for v in kept.values()], name="kept", marker_color="#1f77b4"), 1, 1)
+    fig.add_trace(go.Bar(x=names, y=[v[1] - v[0] for v in kept.values()], name="removed", marker_color="#cccccc"),
+                  1, 1)
+    if hist:
+        edges = hist["edges"]
+        centres = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:])]
+        for gate, counts in hist["counts"].items():
+            fig.add_trace(go.Scatter(x=centres, y=counts, name=f"gate {gate}", mode="lines",
+                                     line={"shape": "hvh"}), 1, 2)
+        fig.add_vline(x=-2.4, line={"color": "#888", "dash": "dot"}, row=1, col=2)
+    fig.update_layout(barmode="stack", template="plotly_white", height=380, margin={"t": 60, "b": 20},
+                      title=f"Recommended trial {trial.number}: what it keeps")
+    fig.update_xaxes(title_text="log_alpha (gate closes when < about -2.4)", row=1, col=2)
+    return fig
+
+
+def _format_table(front: pd.DataFrame) -> pd.DataFrame:
+    shown = front[list(TABLE_COLUMNS)].rename(columns=TABLE_COLUMNS).copy()
+    for col in ("val acc", "test acc"):
+        shown[col] = shown[col].map(lambda v: f"{v:.2%}")
+    for col in ("sparsity", "FLOPs ratio"):
+        shown[col] = shown[col].map(lambda v: f"{v:.3f}")
+    shown["lambda"] = shown["lambda"].map(lambda v: f"{v:.4g}")
+    shown["droprate_init"] = shown["droprate_init"].map(lambda v: f"{v:.3g}")
+    return shown
+
+
+def write_report(study: optuna.Study, out_dir: str | Path, tracking_uri: str | None = None) -> Path:
+    """Write ``report.html``, ``front.md`` and ``front.csv`` into ``out_dir``; log them to the study's MLflow run.
+
+    Returns the HTML page's path.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table = trials_table(study)
+    front = front_table(study)
+    baseline = study.user_attrs.get("dense_baseline")
+    try:
+        chosen = pick(study)
+    except PickError:
+        chosen = None
+    front.to_csv(out / "front.csv", index=False)
+    md = _format_table(front).to_markdown(index=False)
+    (out / "front.md").write_text(f"# {study.study_name}: Pareto front\n\n{md}\n")
+
+    spec = spec_of(study)
+    figures = [
+        _scatter(table, "sparsity", "sparsity (parameters removed / all)", baseline, chosen,
+                 "Validation accuracy against sparsity"),
+        _scatter(table.assign(flops_reduction=1 - table.flops_ratio), "flops_reduction",
+                 "FLOPs reduction (1 - exported FLOPs / dense FLOPs)", baseline,
+                 None if chosen is None else pd.concat([chosen, pd.Series({"flops_reduction": 1 - chosen.flops_ratio})]),
+                 "Validation accuracy against FLOPs reduction"),
+    ]
+    if len(table[table.state == "COMPLETE"]):
+        figures.append(_hypervolume(study))
+    if chosen is not None:
+        detail = _recommended_detail(study.trials[int(chosen.trial)])
+        if detail is not None:
+            figures.append(detail)
+    plots = "\n".join(f'<div class="fig">{f.to_html(full_html=False, include_plotlyjs=False)}</div>'
+                      for f in figures)
+    table_html = _format_table(front).to_html(index=False, classes="front", border=0, table_id="front-table")
+    if chosen is not None:
+        table_html = table_html.replace(f"<td>{int(chosen.trial)}</td>",
+                                        f'<td class="chosen">{int(chosen.trial)} &#9733;</td>', 1)
+    counts = table.state.value_counts().to_dict()
+    summary = (f"{counts.get('COMPLETE', 0)} complete trials, {counts.get('PRUNED', 0)} stopped early; "
+               f"{len(front)} on the front.")
+    rec = "<p>No complete trial yet.</p>" if chosen is None else (
+        f"<p class='rec'><b>Recommended (knee of the front): trial {int(chosen.trial)}</b>: "
+        f"lambda {chosen.lam:.4g}, droprate_init {chosen.droprate_init:.3g}, mode {html.escape(str(chosen['mode']))}"
+        f" &mdash; val acc {chosen.val_accuracy:.2%}, test acc {chosen.test_accuracy:.2%}, sparsity "
+        f"{chosen.sparsity:.3f}, FLOPs ratio {chosen.flops_ratio:.3f}, MLflow run "
+        f"<code>{html.escape(str(chosen.mlflow_run_id))}</code>. Other choices: "
+        f"<code>l0sweep pick {html.escape(study.study_name)} --max-drop 1</code> or <code>--min-sparsity 0.8</code>.</p>")
+    base = "" if not baseline else (f"<p>Dense baseline: val acc {baseline['val_accuracy']:.2%}, test acc "
+                                    f"{baseline['test_accuracy']:.2%}.</p>")
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(study.study_name)}: L0 sparsity report</title>
+<script type="text/javascript">{get_plotlyjs()}</script>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 24px auto; max-width: 1100px; color: #222; }}
+.rec {{ background: #fff8dc; border-left: 4px solid gold; padding: 8px 12px; }}
+table.front {{ border-collapse: collapse; margin: 12px 0; }}
+table.front th, table.front td {{ padding: 4px 10px; text-align: right; border-bottom: 1px solid #ddd; }}
+td.chosen {{ background: gold; font-weight: bold; }}
+.fig {{ margin: 18px 0; }}
+</style></head><body>
+<h1>{html.escape(study.study_name)}</h1>
+<p>{html.escape(spec.get('description', ''))} Model <code>{html.escape(str(spec.get('trial', {}).get('model', {}).get('name', '?')))}</code>
+on <code>{html.escape(str(spec.get('trial', {}).get('data', {}).get('name', '?')))}</code>. {summary}
+Selection uses validation accuracy; test accuracy is reported only.</p>
+{base}
+{rec}
+<h2>Pareto front</h2>
+{table_html}
+{plots}
+</body></html>
+"""
+    path = out / "report.html"
+    path.write_text(page)
+    if tracking_uri and study.user_attrs.get("mlflow_parent_run_id"):
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(tracking_uri).log_artifacts(study.user_attrs["mlflow_parent_run_id"], str(out), "report")
+    return path

@@ -1,0 +1,71 @@
+"""A study's trials as a pandas table, its Pareto front, and hypervolume: what the report and ``pick`` read.
+
+Everything here reads the Optuna storage only (values and user attrs the sweep wrote); nothing trains.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import optuna
+import pandas as pd
+from optuna.trial import TrialState
+
+COLUMNS = ["trial", "val_accuracy", "test_accuracy", "sparsity", "flops_ratio", "lam", "droprate_init", "mode",
+           "removed_params", "total_params", "mlflow_run_id", "state", "on_front"]
+
+
+def metric_names(study: optuna.Study) -> list[str]:
+    """The study's objective names (all maximised), e.g. ["val_accuracy", "sparsity"]."""
+    return study.metric_names or [f"objective_{i}" for i in range(len(study.directions))]
+
+
+def trials_table(study: optuna.Study) -> pd.DataFrame:
+    """One row per finished trial (complete, or stopped early), front trials flagged ``on_front``.
+
+    Metrics are the final model's: validation accuracy selects, test accuracy is only reported.
+    """
+    front = {t.number for t in study.best_trials}
+    rows = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+        a = t.user_attrs
+        history = a.get("history") or [[0, np.nan, np.nan]]
+        if t.state == TrialState.COMPLETE:
+            values = dict(zip(metric_names(study), t.values))
+            val_acc, sparsity = values.get("val_accuracy", t.values[0]), values.get("sparsity", t.values[1])
+        else:  # stopped early: its last epoch
+            val_acc, sparsity = history[-1][1], history[-1][2]
+        rows.append({"trial": t.number, "val_accuracy": val_acc, "test_accuracy": a.get("test_accuracy", np.nan),
+                     "sparsity": sparsity, "flops_ratio": a.get("flops_ratio", np.nan), "lam": a.get("lam"),
+                     "droprate_init": a.get("droprate_init"), "mode": a.get("mode"),
+                     "removed_params": a.get("removed_params"), "total_params": a.get("total_params"),
+                     "mlflow_run_id": a.get("mlflow_run_id"), "state": t.state.name,
+                     "on_front": t.number in front})
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def front_table(study: optuna.Study) -> pd.DataFrame:
+    """The Pareto front in the GoogleNet study's form: one row per front trial, sorted by sparsity."""
+    table = trials_table(study)
+    return table[table.on_front].sort_values(["sparsity", "val_accuracy"]).reset_index(drop=True)
+
+
+def hypervolume_history(study: optuna.Study) -> pd.DataFrame:
+    """Hypervolume of the (val_accuracy, sparsity) front after each complete trial, reference point (0, 0).
+
+    Both objectives lie in [0, 1], so the origin is the natural worst point and values are comparable
+    between studies.
+    """
+    from optuna._hypervolume import compute_hypervolume
+
+    points, rows = [], []
+    for t in sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.number):
+        points.append([-t.values[0], -t.values[1]])  # optuna's hypervolume minimises
+        hv = compute_hypervolume(np.array(points), np.array([0.0, 0.0]))
+        rows.append({"trial": t.number, "hypervolume": float(hv)})
+    return pd.DataFrame(rows, columns=["trial", "hypervolume"])
+
+
+def spec_of(study: optuna.Study) -> dict:
+    """The study file the sweep stored on the study (as a dict)."""
+    return json.loads(study.user_attrs.get("spec", "{}"))

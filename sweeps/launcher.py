@@ -1,0 +1,120 @@
+"""``l0sweep run``: create or resume a study, run K local worker processes to its budget, then the report.
+
+Workers are separate processes (``l0sweep worker``), each with its own log under ``OUT/logs``. A worker that
+dies (killed, out of memory) has its running trial failed, its MLflow run closed KILLED and the trial retried
+here, since a journal file has no heartbeats; on PostgreSQL the heartbeats do the same for remote workers.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+from tqdm import tqdm
+
+from .spec import StudySpec
+from .storage import check_url, redact
+from .tracking import end_study_run
+from .worker import BUDGET_ATTR, Settings, counts, create_or_resume, stale_trial_callback
+
+MAX_RESTARTS = 3
+
+
+def _spawn(study_file: Path, settings: Settings, index: int, log_dir: Path) -> subprocess.Popen:
+    log = open(log_dir / f"worker-{index}.log", "ab")
+    cmd = [sys.executable, "-m", "sweeps.cli", "worker", str(study_file), "--storage", settings.storage,
+           "--tracking-uri", settings.tracking_uri, "--out", str(settings.out), "--seed-offset", str(index)]
+    if settings.threads:
+        cmd += ["--threads", str(settings.threads)]
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+
+def _recover(study: optuna.Study, pid: int, spec: StudySpec, settings: Settings) -> int:
+    """Fail the RUNNING trials of dead worker ``pid``, close their runs and retry them; returns how many."""
+    import socket
+
+    tag = f"{socket.gethostname()}:{pid}"
+    callback = stale_trial_callback(settings.tracking_uri, spec.workers.max_retry)
+    n = 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if t.user_attrs.get("worker") == tag:
+            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            callback(study, study._storage.get_trial(t._trial_id))
+            n += 1
+    return n
+
+
+def _tail(path: Path, lines: int = 5) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def run_sweep(study_file: Path, spec: StudySpec, settings: Settings, workers: int, trials: int | None,
+              report: bool = True) -> int:
+    """The whole local sweep; returns the exit status (0 when the study reached its budget)."""
+    check_url(settings.storage, workers)
+    study = create_or_resume(spec, settings, trials)
+    budget = int(study.user_attrs[BUDGET_ATTR])
+    log_dir = settings.out / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    if settings.threads is None and spec.trial.threads is None:
+        settings.threads = max(1, (os.cpu_count() or 1) // workers)
+    print(f"l0sweep: study {spec.name!r}: {budget} complete trials wanted, {workers} workers; "
+          f"storage {redact(settings.storage)}; runs in {redact(settings.tracking_uri)}; logs in {log_dir}",
+          file=sys.stderr)
+    procs = {i: _spawn(study_file, settings, i, log_dir) for i in range(workers)}
+    restarts = 0
+    status = "FINISHED"
+    bar = tqdm(total=budget, desc="complete trials", unit="trial", disable=None, file=sys.stderr)
+    done_before = 0
+    try:
+        while procs:
+            time.sleep(1.0)
+            n = counts(study)
+            bar.update(max(0, min(n["COMPLETE"], budget) - done_before))
+            done_before = min(n["COMPLETE"], budget)
+            bar.set_postfix(running=n["RUNNING"], pruned=n["PRUNED"], failed=n["FAIL"], refresh=False)
+            for i, proc in list(procs.items()):
+                code = proc.poll()
+                if code is None:
+                    continue
+                del procs[i]
+                if code != 0:
+                    recovered = _recover(study, proc.pid, spec, settings)
+                    tqdm.write(f"l0sweep: worker {i} exited with status {code} ({recovered} trial(s) retried); "
+                               f"its log ends:\n{_tail(log_dir / f'worker-{i}.log')}", file=sys.stderr)
+                    # A worker killed by a signal is replaced; one that gave up (failing trials) is not.
+                    if code < 0 and counts(study)["COMPLETE"] < budget and restarts < MAX_RESTARTS:
+                        restarts += 1
+                        procs[i] = _spawn(study_file, settings, i + workers * restarts, log_dir)
+    except KeyboardInterrupt:
+        status = "KILLED"
+        for proc in procs.values():
+            proc.terminate()
+        for proc in procs.values():
+            proc.wait(timeout=60)
+        # Anything still RUNNING belongs to a worker that did not get to close it.
+        for proc in procs.values():
+            _recover(study, proc.pid, spec, settings)
+    finally:
+        bar.close()
+    n = counts(study)
+    reached = n["COMPLETE"] >= budget
+    if status == "FINISHED" and not reached:
+        status = "FAILED"
+    end_study_run(study, settings.tracking_uri, status)
+    print(f"l0sweep: {n['COMPLETE']} complete, {n['PRUNED']} stopped early, {n['FAIL']} failed "
+          f"(budget {budget})", file=sys.stderr)
+    if report and n["COMPLETE"]:
+        from dashboards import write_report
+
+        path = write_report(study, settings.out / "reports" / spec.name, settings.tracking_uri)
+        print(f"l0sweep: report {path}", file=sys.stderr)
+    return 0 if reached else (130 if status == "KILLED" else 1)
+

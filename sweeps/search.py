@@ -1,0 +1,69 @@
+"""The search space of a study: Optuna suggestions turned into one trial's ``TrialConfig``.
+
+The sampler's parameter names are ``lam``, ``droprate_init``, ``mode`` and the dotted ``search.params`` paths;
+when a study gives ``lam`` (or ``droprate_init``) a range per mode, the names are ``lam_scratch`` /
+``lam_finetune`` so that the sampler models the two ranges separately. Whatever the names, the values a trial
+used are kept on the trial as ``user_attrs["lam"]``, ``["droprate_init"]``, ``["mode"]``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import optuna
+
+from .spec import Choices, Param, Range, StudySpec
+from .training import TrialConfig
+
+
+def _suggest(trial: optuna.Trial, name: str, param: Param) -> Any:
+    if isinstance(param, Range):
+        return trial.suggest_float(name, param.low, param.high, log=param.log)
+    if isinstance(param, Choices):
+        return trial.suggest_categorical(name, param.choices)
+    return param  # fixed
+
+
+def _per_mode(value: Any, mode: str) -> Param:
+    return value[mode] if isinstance(value, dict) else value
+
+
+def _sampler_name(spec: StudySpec, field: str, mode: str) -> str:
+    return f"{field}_{mode}" if isinstance(getattr(spec.search, field), dict) else field
+
+
+def suggest(trial: optuna.Trial, spec: StudySpec) -> tuple[TrialConfig, dict[str, Any]]:
+    """Ask the sampler for this trial's values; return its TrialConfig and the values (lam, mode, ...)."""
+    modes = spec.search.mode
+    mode = trial.suggest_categorical("mode", modes) if len(modes) > 1 else modes[0]
+    values: dict[str, Any] = {"mode": mode}
+    for field in ("lam", "droprate_init"):
+        values[field] = _suggest(trial, _sampler_name(spec, field, mode), _per_mode(getattr(spec.search, field), mode))
+    for path, param in spec.search.params.items():
+        values[path] = _suggest(trial, path, param)
+    return trial_config(spec, values), values
+
+
+def trial_config(spec: StudySpec, values: dict[str, Any]) -> TrialConfig:
+    """The study's fixed trial settings with ``values`` (lam, droprate_init, mode, dotted paths) applied."""
+    data = spec.trial.model_dump()
+    for key, value in values.items():
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return TrialConfig.model_validate(data)
+
+
+def starting_point(spec: StudySpec, point: dict[str, Any]) -> dict[str, Any]:
+    """A study file's ``enqueue`` entry in the sampler's parameter names (for ``study.enqueue_trial``)."""
+    modes = spec.search.mode
+    mode = point.get("mode", modes[0])
+    params: dict[str, Any] = {"mode": mode} if len(modes) > 1 else {}
+    for field in ("lam", "droprate_init"):
+        if field in point and not isinstance(_per_mode(getattr(spec.search, field), mode), (int, float)):
+            params[_sampler_name(spec, field, mode)] = point[field]
+    for path in spec.search.params:
+        if path in point:
+            params[path] = point[path]
+    return params

@@ -1,0 +1,257 @@
+"""Study files: YAML validated into a typed ``StudySpec``; every mistake is one line naming the field.
+
+A study file says what one trial is (``trial``: a ``TrialConfig`` without the searched values), what the
+sampler searches (``search``), what is maximised (``objectives``), and how the sweep runs (budget, sampler,
+early stopping, MLflow, heartbeats). ``studies/default.yaml`` is the small offline example.
+
+>>> spec = StudySpec.model_validate({"name": "s", "search": {"lam": {"low": 0.01, "high": 1.0}}})
+>>> spec.objectives, spec.search.mode
+(['accuracy', 'sparsity'], ['scratch', 'finetune'])
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .data import check_dataset
+from .models import check_model
+from .training import TrialConfig
+
+MODES = ("scratch", "finetune")
+OBJECTIVES = ("accuracy", "sparsity", "flops")
+# What each objective reads from a finished trial; all three are maximised.
+OBJECTIVE_METRICS = {"accuracy": "val_accuracy", "sparsity": "sparsity", "flops": "flops_reduction"}
+
+
+class SpecError(ValueError):
+    """A study file that cannot be used; the message is one line naming the field or value."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Range(_Strict):
+    """A float range to search: ``{low: 0.01, high: 10, log: true}``."""
+
+    low: float
+    high: float
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "Range":
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log range needs low > 0, got {self.low}")
+        return self
+
+
+class Choices(_Strict):
+    """A categorical choice: ``{choices: [a, b]}``."""
+
+    choices: list[Union[float, int, str, bool]] = Field(min_length=1)
+
+
+Param = Union[float, Range, Choices]  # a fixed value, a range or a choice
+PerMode = dict[Literal["scratch", "finetune"], Param]  # a different range per training mode
+
+
+class SearchSpace(_Strict):
+    """What the sampler varies. ``lam`` and ``droprate_init`` may differ per mode (fine-tuning wants larger lam)."""
+
+    lam: Union[Param, PerMode] = Field(default_factory=lambda: Range(low=1e-3, high=3.0, log=True))
+    droprate_init: Union[Param, PerMode] = 0.5
+    mode: list[Literal["scratch", "finetune"]] = Field(default_factory=lambda: list(MODES), min_length=1)
+    params: dict[str, Param] = Field(default_factory=dict)  # further knobs: dotted TrialConfig path -> Param
+
+    @field_validator("mode")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"modes must not repeat, got {v}")
+        return v
+
+    @field_validator("params")
+    @classmethod
+    def _known_paths(cls, v: dict[str, Param]) -> dict[str, Param]:
+        for path in v:
+            if path in ("lam", "droprate_init", "mode"):
+                raise ValueError(f"{path!r} has its own entry under search, not under params")
+            _check_path(path)
+        return v
+
+
+def _check_path(path: str) -> None:
+    """A dotted path must name a field of TrialConfig (``optim.lr``, ``data.batch_size``...)."""
+    model: type[BaseModel] = TrialConfig
+    parts = path.split(".")
+    for i, part in enumerate(parts):
+        fields = model.model_fields
+        if part not in fields:
+            raise ValueError(f"{path!r} is not a trial setting: {'.'.join(parts[:i]) or 'trial'} has "
+                             f"{', '.join(fields)}")
+        annotation = fields[part].annotation
+        if i < len(parts) - 1:
+            if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+                raise ValueError(f"{path!r} is not a trial setting: {part!r} has no sub-fields")
+            model = annotation
+
+
+class SamplerSpec(_Strict):
+    name: Literal["tpe", "nsgaii"] = "tpe"
+    seed: int = 0  # worker i samples with seed + i: equal seeds would propose duplicate trials
+    n_startup_trials: int = Field(8, ge=0)  # TPE: random trials before the model
+    population_size: int = Field(8, ge=2)  # NSGA-II
+
+
+class EarlyStoppingSpec(_Strict):
+    """Pareto-aware early stopping: stop a trial that completed trials clearly dominated at the same epoch."""
+
+    enabled: bool = False
+    warmup_epochs: int = Field(2, ge=1)  # never stop before this epoch
+    min_completed: int = Field(3, ge=1)  # completed trials needed before anything is stopped
+    margin_accuracy: float = Field(0.02, ge=0)  # "clearly": better by at least this much validation accuracy
+    margin_sparsity: float = Field(0.02, ge=0)  # ... and at least this much sparsity
+
+
+class MlflowSpec(_Strict):
+    experiment: str | None = None  # default: the study's name
+    log_models: Literal["front", "all", "none"] = "front"  # which trials log their exported small model
+
+
+class WorkerSpec(_Strict):
+    """Crash safety on an RDB storage (PostgreSQL): how fast a dead worker's trial is noticed and retried."""
+
+    heartbeat_interval: int = Field(10, ge=1)
+    grace_period: int = Field(60, ge=2)
+    max_retry: int = Field(2, ge=0)
+    max_consecutive_failures: int = Field(3, ge=1)  # a worker gives up after this many failed trials in a row
+    reconnect_patience: float = Field(300.0, ge=0)  # seconds a worker waits for a lost database
+
+    @model_validator(mode="after")
+    def _grace(self) -> "WorkerSpec":
+        if self.grace_period <= self.heartbeat_interval:
+            raise ValueError(f"grace_period ({self.grace_period}) must exceed heartbeat_interval "
+                             f"({self.heartbeat_interval})")
+        return self
+
+
+class StudySpec(_Strict):
+    """One study: ``trial`` is the fixed part of every trial, ``search`` the part the sampler chooses."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")]
+    description: str = ""
+    trial: TrialConfig = Field(default_factory=TrialConfig)
+    search: SearchSpace = Field(default_factory=SearchSpace)
+    objectives: list[Literal["accuracy", "sparsity", "flops"]] = Field(
+        default_factory=lambda: ["accuracy", "sparsity"], min_length=2)
+    trials: int = Field(20, ge=1)  # the study's budget, in complete trials, however many workers join
+    sampler: SamplerSpec = Field(default_factory=SamplerSpec)
+    enqueue: list[dict[str, Union[float, int, str, bool]]] = Field(default_factory=list)  # starting points
+    early_stopping: EarlyStoppingSpec = Field(default_factory=EarlyStoppingSpec)
+    mlflow: MlflowSpec = Field(default_factory=MlflowSpec)
+    workers: WorkerSpec = Field(default_factory=WorkerSpec)
+
+    @field_validator("objectives")
+    @classmethod
+    def _objectives(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v) or v[:2] != ["accuracy", "sparsity"]:
+            raise ValueError(f"must be [accuracy, sparsity] or [accuracy, sparsity, flops], got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "StudySpec":
+        for field in ("lam", "droprate_init"):
+            value = getattr(self.search, field)
+            if isinstance(value, dict):
+                missing = [m for m in self.search.mode if m not in value]
+                if missing:
+                    raise ValueError(f"search.{field} gives ranges per mode but none for {missing}")
+        _check_bounds("search.lam", self.search.lam, lambda x: x >= 0, ">= 0")
+        _check_bounds("search.droprate_init", self.search.droprate_init, lambda x: 0 < x < 1, "in (0, 1)")
+        for i, point in enumerate(self.enqueue):
+            unknown = set(point) - {"lam", "droprate_init", "mode", *self.search.params}
+            if unknown:
+                raise ValueError(f"enqueue[{i}] has {sorted(unknown)}: starting points may set lam, droprate_init, "
+                                 f"mode and the search.params keys")
+            if "mode" in point and point["mode"] not in self.search.mode:
+                raise ValueError(f"enqueue[{i}].mode {point['mode']!r} is not searched (search.mode is "
+                                 f"{self.search.mode})")
+        return self
+
+    @property
+    def metric_names(self) -> list[str]:
+        return [OBJECTIVE_METRICS[o] for o in self.objectives]
+
+
+def _check_bounds(name: str, value: object, ok, allowed: str) -> None:
+    values = value.values() if isinstance(value, dict) else [value]
+    for v in values:
+        numbers = [v] if isinstance(v, (int, float)) else [v.low, v.high] if isinstance(v, Range) else \
+            [c for c in v.choices if isinstance(c, (int, float))]
+        for x in numbers:
+            if not ok(x):
+                raise ValueError(f"{name} must be {allowed}, got {x}")
+
+
+def _where(error: dict) -> str:
+    # pydantic lists union alternatives in the location (e.g. "Range", "function-after[...]"); drop them.
+    parts = [str(p) for p in error["loc"] if not re.match(r"^[A-Z]|^function-|^(float|int|str|bool)$|^dict\[",
+                                                          str(p))]
+    return ".".join(parts) or "study"
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """One line: the first problem pydantic found, with its field path."""
+    errors = exc.errors()
+    # With unions, pydantic reports every alternative; the most specific (deepest) one says the most.
+    error = max(errors, key=lambda e: (e["type"] not in ("float_type", "model_type", "dict_type", "float_parsing"),
+                                       len(e["loc"])))
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        message = "unknown key"
+    elif error["type"] == "literal_error":
+        message = f"{message}, got {error.get('input')!r}"
+    return f"{_where(error)}: {message}"
+
+
+def parse_spec(data: object, source: str = "study") -> StudySpec:
+    """Validate already-parsed data (a dict) into a StudySpec, or raise one-line SpecError."""
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: a study file must be a YAML mapping, got {type(data).__name__}")
+    try:
+        spec = StudySpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(f"{source}: {format_validation_error(exc)}") from None
+    try:
+        check_model(spec.trial.model.name)
+        check_dataset(spec.trial.data.name)
+    except ValueError as exc:
+        field = "trial.model.name" if "model" in str(exc).split()[0] else "trial.data.name"
+        raise SpecError(f"{source}: {field}: {exc}") from None
+    return spec
+
+
+def load_spec(path: str | Path) -> StudySpec:
+    """Read and validate a study file.
+
+    Raises SpecError with one line such as ``studies/x.yaml: search.lam.low: Input should be a valid number``.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read the study file ({exc.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SpecError(f"{path}: broken YAML{where}: {problem}") from None
+    return parse_spec(data, str(path))

@@ -1,0 +1,20 @@
+"""``l0sweep status``: trials by state, the budget, and the current Pareto front."""
+from __future__ import annotations
+
+import optuna
+
+from dashboards import front_table
+
+from .worker import BUDGET_ATTR, counts
+
+
+def print_status(study: optuna.Study) -> None:
+    n = counts(study)
+    budget = study.user_attrs.get(BUDGET_ATTR, "?")
+    states = ", ".join(f"{k.lower()} {v}" for k, v in n.items() if v)
+    print(f"study {study.study_name}: {n['COMPLETE']}/{budget} complete ({states or 'no trials yet'})")
+    front = front_table(study)
+    if len(front):
+        cols = ["trial", "val_accuracy", "test_accuracy", "sparsity", "flops_ratio", "lam", "droprate_init", "mode"]
+        print(f"Pareto front ({len(front)} trials, by sparsity):")
+        print(front[cols].to_string(index=False, float_format=lambda x: f"{x:.4g}"))

@@ -1,0 +1,204 @@
+"""MLflow logging: one experiment and one parent run per study, one child run per trial.
+
+The parent run's id is kept in the study's user attrs (``mlflow_parent_run_id``) and each trial's run id in
+its own (``mlflow_run_id``), so the report links trials to runs and a crashed trial's run can be closed by
+whoever notices the crash. Runs end FINISHED, FAILED (an error) or KILLED (stopped early or its worker died),
+never left RUNNING.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import optuna
+import torch
+from mlflow.entities import RunStatus
+from mlflow.tracking import MlflowClient
+
+import l0core
+
+from .training import EpochMetrics, TrialConfig, TrialResult
+
+PARENT_RUN_ATTR = "mlflow_parent_run_id"
+EXPERIMENT_ATTR = "mlflow_experiment_id"
+RUN_ATTR = "mlflow_run_id"
+TRACKING_ATTR = "mlflow_tracking_uri"
+
+
+def default_tracking_uri(out: str | Path) -> str:
+    """The embedded tracking store of a local sweep: a SQLite file under the output folder."""
+    return f"sqlite:///{Path(out).resolve() / 'mlflow.db'}"
+
+
+class TrackingError(RuntimeError):
+    """An MLflow tracking URI that cannot be used; one line."""
+
+
+def check_tracking(tracking_uri: str, timeout: float = 5.0) -> None:
+    """Fail fast on an unreachable tracking server (MLflow's own client retries for minutes)."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=timeout).read()
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise TrackingError(f"--tracking-uri {tracking_uri}: the MLflow server does not answer ({reason})") from None
+
+
+def _is_local(tracking_uri: str) -> bool:
+    return tracking_uri.startswith("sqlite:") or tracking_uri.startswith("file:")
+
+
+def ensure_study_run(study: optuna.Study, tracking_uri: str, experiment: str, artifact_root: Path | None,
+                     spec_json: str) -> str:
+    """The study's experiment and parent run, created on first call; returns the parent run's id.
+
+    Call it from one launcher (``l0sweep run`` or ``l0sweep create``): workers only read the id.
+    """
+    attrs = study.user_attrs
+    client = MlflowClient(tracking_uri)
+    if PARENT_RUN_ATTR in attrs:
+        client.update_run(attrs[PARENT_RUN_ATTR], status="RUNNING")
+        return attrs[PARENT_RUN_ATTR]
+    found = client.get_experiment_by_name(experiment)
+    if found is not None:
+        experiment_id = found.experiment_id
+    else:
+        location = (artifact_root / experiment).resolve().as_uri() if artifact_root and _is_local(tracking_uri) \
+            else None
+        experiment_id = client.create_experiment(experiment, artifact_location=location)
+    run = client.create_run(experiment_id, run_name=study.study_name,
+                            tags={"l0sweep.study": study.study_name, "l0sweep.role": "study"})
+    client.log_text(run.info.run_id, spec_json, "study.json")
+    study.set_user_attr(EXPERIMENT_ATTR, experiment_id)
+    study.set_user_attr(PARENT_RUN_ATTR, run.info.run_id)
+    return run.info.run_id
+
+
+def end_study_run(study: optuna.Study, tracking_uri: str, status: str = "FINISHED") -> None:
+    run_id = study.user_attrs.get(PARENT_RUN_ATTR)
+    if run_id:
+        MlflowClient(tracking_uri).set_terminated(run_id, status)
+
+
+def _flatten(prefix: str, data: Any, out: dict[str, Any]) -> dict[str, Any]:
+    if isinstance(data, dict):
+        for k, v in data.items():
+            _flatten(f"{prefix}.{k}" if prefix else k, v, out)
+    else:
+        out[prefix] = data
+    return out
+
+
+class TrialRun:
+    """The child run of one trial. Create it when the trial starts; call ``finish`` or ``end``."""
+
+    def __init__(self, trial: optuna.Trial, tracking_uri: str, values: dict[str, Any], cfg: TrialConfig) -> None:
+        attrs = trial.study.user_attrs
+        self.client = MlflowClient(tracking_uri)
+        self.tracking_uri = tracking_uri
+        host = socket.gethostname()
+        run = self.client.create_run(attrs[EXPERIMENT_ATTR], run_name=f"trial-{trial.number}", tags={
+            "mlflow.parentRunId": attrs[PARENT_RUN_ATTR], "l0sweep.study": trial.study.study_name,
+            "l0sweep.trial": str(trial.number), "l0sweep.host": host, "l0sweep.mode": values["mode"]})
+        self.run_id = run.info.run_id
+        trial.set_user_attr(RUN_ATTR, self.run_id)
+        params = _flatten("", json.loads(cfg.model_dump_json()), {})
+        params.update({k: v for k, v in values.items()})
+        self.client.log_batch(self.run_id, params=[mlflow.entities.Param(k, str(v)[:6000])
+                                                   for k, v in sorted(params.items())])
+
+    def log_epoch(self, m: EpochMetrics) -> None:
+        metrics = {"val_accuracy": m.val_accuracy, "sparsity": m.sparsity, "flops_ratio": m.flops_ratio,
+                   "expected_density": m.expected_density, "train_task_loss": m.train_task_loss,
+                   "train_penalty": m.train_penalty}
+        self.client.log_batch(self.run_id, metrics=[
+            mlflow.entities.Metric(k, float(v), int(_now_ms()), m.epoch) for k, v in metrics.items()])
+
+    def finish(self, result: TrialResult, log_model: bool) -> None:
+        """Final metrics, the log_alpha histogram, the kept units, and (``log_model``) the exported model."""
+        step = result.epochs[-1].epoch if result.epochs else 0
+        final = {"val_accuracy": result.val_accuracy, "test_accuracy": result.test_accuracy,
+                 "sparsity": result.sparsity, "flops_ratio": result.flops_ratio,
+                 "total_params": result.total_params, "removed_params": result.removed_params}
+        self.client.log_batch(self.run_id, metrics=[
+            mlflow.entities.Metric(k, float(v), int(_now_ms()), step) for k, v in final.items()])
+        self.client.log_dict(self.run_id, result.kept_units, "kept_units.json")
+        if result.model is not None:
+            alphas = log_alpha_by_gate(result.model)
+            self.client.log_dict(self.run_id, {k: [round(x, 3) for x in v] for k, v in alphas.items()},
+                                 "log_alpha.json")
+            png = log_alpha_histogram_png(alphas)
+            if png is not None:
+                self.client.log_image(self.run_id, png, "log_alpha_hist.png")
+            if log_model:
+                small = l0core.compact(result.model.cpu(), result.example_inputs.cpu())
+                example = result.example_inputs.cpu().expand(2, *result.example_inputs.shape[1:])  # batch stays dynamic
+                mlflow.set_tracking_uri(self.tracking_uri)
+                with mlflow.start_run(run_id=self.run_id):
+                    # pt2 (torch.export) needs an example; the package pins keep inference of requirements off.
+                    mlflow.pytorch.log_model(small, name="model", input_example=example.numpy(),
+                                             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+        self.end("FINISHED")
+
+    def end(self, status: str) -> None:
+        self.client.set_terminated(self.run_id, status)
+
+
+def _now_ms() -> int:
+    import time
+
+    return int(time.time() * 1000)
+
+
+def log_alpha_by_gate(model: torch.nn.Module) -> dict[str, list[float]]:
+    """Every gate's log_alpha values, by gate name."""
+    return {name: gate.log_alpha.detach().flatten().cpu().tolist() for name, gate in l0core.gates(model)}
+
+
+def log_alpha_histogram_png(alphas: dict[str, list[float]]) -> Any:
+    """A PIL image of the log_alpha histogram per gate (None without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from PIL import Image
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=80)
+    for name, values in alphas.items():
+        if values:
+            ax.hist(values, bins=40, alpha=0.5, label=name.replace(".l0_gate", ""))
+    ax.axvline(0.0, color="k", lw=0.5)
+    ax.set_xlabel("log_alpha")
+    ax.set_ylabel("units")
+    if len(alphas) <= 12:
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    buf.seek(0)
+    return Image.open(buf)
+
+
+def end_run_of(trial: optuna.trial.FrozenTrial, tracking_uri: str, status: str = "KILLED") -> None:
+    """Close the MLflow run of a trial whose worker died (it was left RUNNING)."""
+    run_id = trial.user_attrs.get(RUN_ATTR)
+    if run_id:
+        client = MlflowClient(tracking_uri)
+        if client.get_run(run_id).info.status == RunStatus.to_string(RunStatus.RUNNING):
+            client.set_terminated(run_id, status)
+
+
+def worker_tag() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"

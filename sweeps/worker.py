@@ -1,0 +1,257 @@
+"""A worker: joins a study and runs trials until the study's budget of complete trials is reached.
+
+Any number of workers on any number of machines can join the same study; the budget (``n_trials`` in the
+study's user attrs) counts complete trials in the storage, so it holds however many join. A trial is
+trained by ``train_trial``, logged to MLflow as a child run of the study's run, and returns
+(validation accuracy, sparsity[, FLOPs reduction]) to Optuna.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from .early_stopping import HISTORY_ATTR, ParetoStopper
+from .search import starting_point, suggest
+from .spec import SpecError, StudySpec
+from .storage import open_storage
+from .tracking import TrialRun, check_tracking, end_run_of, ensure_study_run, log_alpha_by_gate, worker_tag
+from .training import EpochMetrics, StopTrial, dense_baseline, train_trial
+
+_log = logging.getLogger("l0sweep")
+SPEC_ATTR = "spec"
+BUDGET_ATTR = "n_trials"
+BASELINE_ATTR = "dense_baseline"
+# Settings that define what a trial is: resuming a study with any of them changed would mix two studies.
+_IDENTITY = ("trial", "search", "objectives")
+
+
+@dataclass
+class Settings:
+    """Where a worker finds the study, logs its runs and keeps its files."""
+
+    storage: str
+    tracking_uri: str
+    out: Path
+    seed_offset: int = 0
+    threads: int | None = None
+
+
+def stale_trial_callback(tracking_uri: str, max_retry: int):
+    """On a dead worker's trial: end its MLflow run KILLED, then retry it (Optuna's retry callback)."""
+    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+
+    def callback(study: optuna.Study, trial: FrozenTrial) -> None:
+        try:
+            end_run_of(trial, tracking_uri, "KILLED")
+        except Exception as exc:  # the retry matters more than the log
+            _log.warning("could not close the MLflow run of trial %d: %s", trial.number, exc)
+        retry(study, trial)
+
+    return callback
+
+
+def storage_for(spec: StudySpec, settings: Settings) -> optuna.storages.BaseStorage:
+    w = spec.workers
+    return open_storage(settings.storage, heartbeat_interval=w.heartbeat_interval, grace_period=w.grace_period,
+                        stale_trial_callback=stale_trial_callback(settings.tracking_uri, w.max_retry),
+                        reconnect_patience=w.reconnect_patience)
+
+
+def make_sampler(spec: StudySpec, seed_offset: int) -> optuna.samplers.BaseSampler:
+    seed = spec.sampler.seed + seed_offset  # distinct per worker, or parallel workers propose the same trials
+    if spec.sampler.name == "nsgaii":
+        return optuna.samplers.NSGAIISampler(population_size=spec.sampler.population_size, seed=seed)
+    return optuna.samplers.TPESampler(n_startup_trials=spec.sampler.n_startup_trials, seed=seed)
+
+
+def _check_same_study(spec: StudySpec, stored_json: str) -> None:
+    stored = json.loads(stored_json)
+    mine = json.loads(spec.model_dump_json())
+    for key in _IDENTITY:
+        if stored.get(key) != mine.get(key):
+            raise SpecError(f"study {spec.name!r} already exists with a different '{key}' section; "
+                            "give the changed study a new name")
+
+
+def create_or_resume(spec: StudySpec, settings: Settings, trials: int | None = None) -> optuna.Study:
+    """Create the study (once: spec, budget, starting points, MLflow parent run) or check and resume it.
+
+    Run it from one launcher only (``l0sweep run`` or ``l0sweep create``): enqueueing is not race-free.
+    """
+    check_tracking(settings.tracking_uri)
+    storage = storage_for(spec, settings)
+    existed = spec.name in optuna.get_all_study_names(storage)
+    study = optuna.create_study(study_name=spec.name, storage=storage, load_if_exists=True,
+                                directions=["maximize"] * len(spec.objectives))
+    spec_json = spec.model_dump_json()
+    try:
+        if SPEC_ATTR in study.user_attrs:
+            _check_same_study(spec, study.user_attrs[SPEC_ATTR])
+        elif existed:
+            raise SpecError(f"study {spec.name!r} exists in the storage but was not made by l0sweep")
+        else:
+            study.set_metric_names(spec.metric_names)
+            study.set_user_attr(SPEC_ATTR, spec_json)
+            for point in spec.enqueue:
+                study.enqueue_trial(starting_point(spec, point), skip_if_exists=True)
+        if trials is not None or BUDGET_ATTR not in study.user_attrs:
+            study.set_user_attr(BUDGET_ATTR, trials or spec.trials)
+        ensure_study_run(study, settings.tracking_uri, spec.mlflow.experiment or spec.name,
+                         settings.out / "mlartifacts", spec_json)
+    except BaseException:
+        if not existed:  # nothing half-written: a study without its spec or MLflow run is no study
+            optuna.delete_study(study_name=spec.name, storage=storage)
+        raise
+    return study
+
+
+def load_existing(name: str, storage: optuna.storages.BaseStorage, sampler=None) -> optuna.Study:
+    try:
+        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+    except KeyError:
+        raise SpecError(f"study {name!r} does not exist in this storage: create it with "
+                        "'l0sweep create' or 'l0sweep run'") from None
+    if SPEC_ATTR not in study.user_attrs:
+        raise SpecError(f"study {name!r} was not made by l0sweep (it has no spec)")
+    return study
+
+
+def counts(study: optuna.Study) -> dict[str, int]:
+    result = {s.name: 0 for s in TrialState}
+    for t in study.get_trials(deepcopy=False):
+        result[t.state.name] += 1
+    return result
+
+
+def _dominated(values: Sequence[float], front: list[FrozenTrial]) -> bool:
+    return any(all(a >= b for a, b in zip(t.values, values)) and any(a > b for a, b in zip(t.values, values))
+               for t in front)
+
+
+class Objective:
+    """One trial: sample, train, log; returns the objectives (all maximised)."""
+
+    def __init__(self, spec: StudySpec, settings: Settings) -> None:
+        self.spec = spec
+        self.settings = settings
+
+    def __call__(self, trial: optuna.Trial) -> list[float]:
+        spec, settings = self.spec, self.settings
+        cfg, values = suggest(trial, spec)
+        cfg = cfg.model_copy(update={"baseline_dir": str(settings.out / "baselines"),
+                                     "threads": settings.threads or cfg.threads})
+        for key in ("lam", "droprate_init", "mode"):
+            trial.set_user_attr(key, values[key])
+        trial.set_user_attr("worker", worker_tag())
+        run = TrialRun(trial, settings.tracking_uri, values, cfg)
+        stopper = ParetoStopper(trial.study, spec.early_stopping)
+        history: list[list[float]] = []
+
+        def on_epoch(m: EpochMetrics) -> bool:
+            run.log_epoch(m)
+            history.append([m.epoch, round(m.val_accuracy, 6), round(m.sparsity, 6)])
+            trial.set_user_attr(HISTORY_ATTR, history)
+            return stopper(m.epoch, m.val_accuracy, m.sparsity)
+
+        try:
+            result = train_trial(cfg, on_epoch)
+            metrics = {"val_accuracy": result.val_accuracy, "sparsity": result.sparsity,
+                       "flops_reduction": 1.0 - result.flops_ratio}
+            objectives = [metrics[name] for name in spec.metric_names]
+            for key in ("test_accuracy", "flops_ratio", "total_params", "removed_params", "kept_units"):
+                trial.set_user_attr(key, getattr(result, key))
+            trial.set_user_attr("log_alpha_hist", log_alpha_histogram(result.model))
+            front = trial.study.best_trials
+            log_model = spec.mlflow.log_models == "all" or (
+                spec.mlflow.log_models == "front" and not _dominated(objectives, front))
+            run.finish(result, log_model)
+            trial.set_user_attr("model_logged", log_model)
+            self._record_baseline(trial.study, cfg)
+        except StopTrial as stop:
+            trial.set_user_attr("stopped_at_epoch", stop.metrics.epoch)
+            run.end("KILLED")
+            raise optuna.TrialPruned(f"clearly dominated at epoch {stop.metrics.epoch}") from None
+        except BaseException as exc:
+            run.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            raise
+        return objectives
+
+
+    def _record_baseline(self, study: optuna.Study, cfg) -> None:
+        """The dense model's accuracy, once per study: the report's reference line and ``pick``'s yardstick."""
+        if BASELINE_ATTR in study.user_attrs:
+            return
+        import torch
+
+        saved = torch.load(dense_baseline(cfg), map_location="cpu")
+        study.set_user_attr(BASELINE_ATTR, {"val_accuracy": saved["val_accuracy"],
+                                            "test_accuracy": saved["test_accuracy"]})
+
+
+def log_alpha_histogram(model, edges: Sequence[float] = tuple(x / 2 for x in range(-20, 21))) -> dict:
+    """Counts of log_alpha per gate on fixed bins (beyond the edges clipped into the end bins)."""
+    import numpy as np
+
+    counts_by_gate = {}
+    for name, values in log_alpha_by_gate(model).items():
+        clipped = np.clip(values, edges[0], edges[-1])
+        counts_by_gate[name.removesuffix(".l0_gate")] = np.histogram(clipped, bins=edges)[0].tolist()
+    return {"edges": list(edges), "counts": counts_by_gate}
+
+
+def _sigterm(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # a stopped worker ends its trial FAIL and its run KILLED, then exits
+
+
+def run_worker(spec: StudySpec, settings: Settings, poll: float = 1.0) -> int:
+    """Run trials until the study has its budget of complete trials; returns the exit status."""
+    signal.signal(signal.SIGTERM, _sigterm)
+    if settings.threads:
+        import torch
+
+        torch.set_num_threads(settings.threads)
+    study = load_existing(spec.name, storage_for(spec, settings), make_sampler(spec, settings.seed_offset))
+    _check_same_study(spec, study.user_attrs[SPEC_ATTR])
+    objective = Objective(spec, settings)
+    failures = 0
+    try:
+        while True:
+            budget = int(study.user_attrs[BUDGET_ATTR])
+            n = counts(study)
+            if n["COMPLETE"] >= budget:
+                return 0
+            if n["COMPLETE"] + n["RUNNING"] >= budget:
+                # The remaining trials are running elsewhere; wait, and notice if their workers die.
+                optuna.storages.fail_stale_trials(study)
+                time.sleep(poll)
+                continue
+            study.optimize(objective, n_trials=1, catch=(Exception,))
+            state = _last_state_of_this_worker(study)
+            failures = failures + 1 if state == TrialState.FAIL else 0
+            if failures >= spec.workers.max_consecutive_failures:
+                print(f"l0sweep worker: {failures} trials failed in a row; stopping (see the log above)",
+                      file=sys.stderr)
+                return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _last_state_of_this_worker(study: optuna.Study) -> TrialState | None:
+    tag = worker_tag()
+    mine = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("worker") == tag]
+    return mine[-1].state if mine else None
+
+
+def settings_from(storage: str, tracking_uri: str, out: str | os.PathLike, **kw: Any) -> Settings:
+    return Settings(storage=storage, tracking_uri=tracking_uri, out=Path(out).resolve(), **kw)
+
