@@ -168,8 +168,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    logging.basicConfig(level=logging.INFO if args.command == "worker" else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # Our own handler: an imported library sets the root logger to ERROR, which would hide reconnect warnings.
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    ours = logging.getLogger("sweeps")
+    ours.addHandler(handler)
+    ours.setLevel(logging.INFO if args.command == "worker" else logging.WARNING)
+    ours.propagate = False
     import warnings
 
     from optuna.exceptions import ExperimentalWarning

@@ -203,21 +203,29 @@ def _where(error: dict) -> str:
     # pydantic lists union alternatives in the location (e.g. "Range", "function-after[...]"); drop them.
     parts = [str(p) for p in error["loc"] if not re.match(r"^[A-Z]|^function-|^(float|int|str|bool)$|^dict\[",
                                                           str(p))]
-    return ".".join(parts) or "study"
+    return ".".join(parts)
 
 
 def format_validation_error(exc: ValidationError) -> str:
     """One line: the first problem pydantic found, with its field path."""
-    errors = exc.errors()
-    # With unions, pydantic reports every alternative; the most specific (deepest) one says the most.
-    error = max(errors, key=lambda e: (e["type"] not in ("float_type", "model_type", "dict_type", "float_parsing"),
-                                       len(e["loc"])))
+    # With unions (a value, a range, or one per mode), pydantic reports every alternative; our own checks say
+    # the most, then anything not about the alternative's type, then the deepest.
+    def rank(e: dict) -> tuple[int, int]:
+        if e["type"] == "value_error":
+            return 3, len(e["loc"])
+        if "[key]" in map(str, e["loc"]) or e["type"] in ("float_type", "model_type", "dict_type", "float_parsing",
+                                                           "model_attributes_type", "missing"):
+            return 1, len(e["loc"])
+        return 2, len(e["loc"])
+
+    error = max(exc.errors(), key=rank)
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         message = "unknown key"
     elif error["type"] == "literal_error":
         message = f"{message}, got {error.get('input')!r}"
-    return f"{_where(error)}: {message}"
+    where = _where(error)
+    return f"{where}: {message}" if where else message
 
 
 def parse_spec(data: object, source: str = "study") -> StudySpec:

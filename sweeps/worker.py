@@ -27,7 +27,7 @@ from .storage import open_storage
 from .tracking import TrialRun, check_tracking, end_run_of, ensure_study_run, log_alpha_by_gate, worker_tag
 from .training import EpochMetrics, StopTrial, dense_baseline, train_trial
 
-_log = logging.getLogger("l0sweep")
+_log = logging.getLogger(__name__)
 SPEC_ATTR = "spec"
 BUDGET_ATTR = "n_trials"
 BASELINE_ATTR = "dense_baseline"

@@ -1,0 +1,53 @@
+"""Bad input: one clear line, a non-zero exit, and no study or MLflow run left behind."""
+from __future__ import annotations
+
+import socket
+
+import optuna
+import pytest
+
+from sweeps.storage import open_storage
+from tests.sweep_helpers import TINY, l0sweep, runs_of, write_study
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+CASES = {
+    "broken-yaml": ("name: tiny\nsearch: {lam: [1, 2\n", [], "broken YAML at line"),
+    "unknown-key": ({"colour": "red"}, [], "colour: unknown key"),
+    "bad-range": ({"search": {"lam": {"low": 2.0, "high": 1.0}}}, [], "low (2.0) must be below high (1.0)"),
+    "unknown-model": ({"trial": {"model": {"name": "resnet9000"}}}, [], "model 'resnet9000' is unknown"),
+    "unknown-dataset": ({"trial": {"data": {"name": "imagenet"}}}, [], "dataset 'imagenet' is unknown"),
+    "unreachable-storage": ({}, ["--storage", "postgresql://u:secret@127.0.0.1:{port}/db"], "cannot open the database"),
+    "unreachable-mlflow": ({}, ["--tracking-uri", "http://127.0.0.1:{port}"], "MLflow server does not answer"),
+    "sqlite-shared": ({}, ["--storage", "sqlite:///{tmp}/x.db", "--workers", "2"], "SQLite cannot be shared"),
+    "bad-workers": ({}, ["--workers", "0"], "--workers must be at least 1"),
+    "missing-file": (None, [], "cannot read the study file"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input(case, tmp_path):
+    content, extra, expected = CASES[case]
+    path = tmp_path / "study.yaml"
+    if isinstance(content, str):
+        path.write_text(content)
+    elif isinstance(content, dict):
+        write_study(path, **{k: ({**TINY[k], **v} if isinstance(v, dict) and k in TINY else v)
+                             for k, v in content.items()})
+    out = tmp_path / "out"
+    args = [a.format(port=_free_port(), tmp=tmp_path) for a in extra]
+    result = l0sweep("run", path, "--out", out, *args, timeout=120)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode != 0
+    assert len(lines) == 1, result.stderr
+    assert expected in lines[0] and "secret" not in lines[0]
+    journal = out / "optuna.journal"
+    if journal.exists():
+        assert optuna.get_all_study_names(open_storage(str(journal))) == []
+    if (out / "mlflow.db").exists():
+        assert runs_of(f"sqlite:///{out / 'mlflow.db'}", "tiny") == []

@@ -1,0 +1,88 @@
+"""Study files: every shipped study validates; every mistake is one line naming the field."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from sweeps.search import starting_point, suggest, trial_config
+from sweeps.spec import SpecError, load_spec, parse_spec
+
+STUDIES = sorted((Path(__file__).parents[1] / "studies").glob("*.yaml"))
+
+
+def test_shipped_studies_validate():
+    names = {p.stem for p in STUDIES}
+    assert {"default", "mnist-mlp", "mnist-lenet5", "cifar10-googlenet"} <= names
+    for path in STUDIES:
+        spec = load_spec(path)
+        assert spec.trial.optim.gate_lr, f"{path.name}: gates barely move without gate_lr"
+        for point in spec.enqueue:
+            starting_point(spec, point)
+
+
+def test_googlenet_study_keeps_the_seed_recipe():
+    spec = load_spec(Path(__file__).parents[1] / "studies" / "cifar10-googlenet.yaml")
+    o = spec.trial.optim
+    assert (o.name, o.lr, spec.trial.data.batch_size, o.epochs, o.schedule) == ("adamw", 1e-3, 128, 180, "multistep")
+    assert spec.search.lam["finetune"].low > spec.search.lam["scratch"].high  # fine-tuning wants a larger lambda
+
+
+BAD = [
+    ({"name": "s", "colour": 1}, "colour: unknown key"),
+    ({"name": "s", "search": {"lam": {"low": 1.0, "high": 0.1}}}, "search.lam"),
+    ({"name": "s", "search": {"lam": {"low": 0.0, "high": 1.0, "log": True}}}, "log range needs low > 0"),
+    ({"name": "s", "search": {"droprate_init": 1.5}}, "search.droprate_init must be in (0, 1)"),
+    ({"name": "s", "search": {"mode": ["scratch", "sideways"]}}, "search.mode.1"),
+    ({"name": "s", "search": {"params": {"optim.colour": {"low": 1, "high": 2}}}}, "'optim.colour' is not a trial"),
+    ({"name": "s", "trials": 0}, "trials: Input should be greater than or equal to 1"),
+    ({"name": "s", "trial": {"optim": {"lr": "fast"}}}, "trial.optim.lr"),
+    ({"name": "s", "trial": {"model": {"name": "resnet9000"}}}, "trial.model.name: model 'resnet9000' is unknown"),
+    ({"name": "s", "trial": {"data": {"name": "imagenet"}}}, "trial.data.name: dataset 'imagenet' is unknown"),
+    ({"name": "s", "objectives": ["sparsity"]}, "objectives"),
+    ({"name": "bad name!"}, "name: String should match pattern"),
+    ({"name": "s", "enqueue": [{"lam": 1, "beta": 2}]}, "enqueue[0] has ['beta']"),
+    ({"name": "s", "workers": {"heartbeat_interval": 10, "grace_period": 5}}, "grace_period (5) must exceed"),
+    ({"name": "s", "search": {"lam": {"scratch": {"low": 0.1, "high": 1}}}}, "none for ['finetune']"),
+]
+
+
+@pytest.mark.parametrize("data,expected", BAD, ids=[b[1][:30] for b in BAD])
+def test_bad_spec_is_one_clear_line(data, expected):
+    with pytest.raises(SpecError) as info:
+        parse_spec(data, "x.yaml")
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("x.yaml: ")
+    assert expected in message
+
+
+def test_broken_yaml_names_the_line(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("name: s\nsearch: {lam: [1, 2\n")
+    with pytest.raises(SpecError, match=r"broken YAML at line \d+"):
+        load_spec(path)
+
+
+def test_suggest_uses_per_mode_ranges_and_applies_dotted_params():
+    spec = parse_spec({"name": "s", "search": {
+        "lam": {"scratch": {"low": 0.1, "high": 1.0}, "finetune": {"low": 5.0, "high": 50.0}},
+        "droprate_init": {"scratch": {"low": 0.2, "high": 0.7}, "finetune": 0.05},
+        "params": {"optim.lr": {"low": 1e-4, "high": 1e-2, "log": True}, "data.batch_size": {"choices": [32, 64]}}}})
+    study = optuna.create_study(directions=["maximize", "maximize"], sampler=optuna.samplers.RandomSampler(seed=1))
+    seen = set()
+    for _ in range(12):
+        trial = study.ask()
+        cfg, values = suggest(trial, spec)
+        low, high = (0.1, 1.0) if cfg.mode == "scratch" else (5.0, 50.0)
+        assert low <= cfg.lam <= high and f"lam_{cfg.mode}" in trial.params
+        assert cfg.droprate_init == 0.05 if cfg.mode == "finetune" else 0.2 <= cfg.droprate_init <= 0.7
+        assert 1e-4 <= cfg.optim.lr <= 1e-2 and cfg.data.batch_size in (32, 64)
+        assert values["lam"] == cfg.lam
+        seen.add(cfg.mode)
+        study.tell(trial, [0.5, 0.5])
+    assert seen == {"scratch", "finetune"}
+    assert starting_point(spec, {"mode": "finetune", "lam": 10, "droprate_init": 0.05}) == \
+        {"mode": "finetune", "lam_finetune": 10}
+    assert trial_config(spec, {"lam": 2.0, "mode": "scratch", "optim.lr": 0.5}).optim.lr == 0.5

@@ -1,0 +1,72 @@
+"""`l0sweep run` end to end on the embedded stores: journal file + SQLite MLflow, two worker processes."""
+from __future__ import annotations
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from sweeps.storage import open_storage
+from tests.sweep_helpers import l0sweep, runs_of, write_study
+
+pytestmark = pytest.mark.slow
+
+
+def _study(out):
+    return optuna.load_study(study_name="tiny", storage=open_storage(str(out / "optuna.journal")))
+
+
+def test_run_two_workers_then_resume(tmp_path):
+    study_file = write_study(tmp_path / "tiny.yaml")
+    out = tmp_path / "out"
+    first = l0sweep("run", study_file, "--workers", "2", "--trials", "3", "--out", out)
+    assert first.returncode == 0, first.stderr[-3000:]
+    study = _study(out)
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(complete) >= 3
+    # The enqueued starting point ran, with the values the study file gave.
+    assert any(t.params.get("lam_finetune") == 1.0 for t in study.trials)
+
+    tracking = f"sqlite:///{out.resolve() / 'mlflow.db'}"
+    runs = runs_of(tracking, "tiny")
+    parent = [r for r in runs if r.data.tags.get("l0sweep.role") == "study"]
+    children = {r.info.run_id: r for r in runs if r.data.tags.get("mlflow.parentRunId")}
+    assert len(parent) == 1 and parent[0].info.status == "FINISHED"
+    assert study.user_attrs["mlflow_parent_run_id"] == parent[0].info.run_id
+    client = MlflowClient(tracking)
+    for t in complete:
+        run = children[t.user_attrs["mlflow_run_id"]]
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["l0sweep.trial"] == str(t.number) and run.data.tags["l0sweep.mode"] == t.user_attrs["mode"]
+        assert float(run.data.params["lam"]) == pytest.approx(t.user_attrs["lam"])
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")]
+        assert steps[:3] == [1, 2, 3], steps  # per-epoch metrics, step = epoch
+        assert run.data.metrics["test_accuracy"] == pytest.approx(t.user_attrs["test_accuracy"])
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"kept_units.json", "log_alpha.json", "log_alpha_hist.png"} <= artifacts
+    assert all(r.info.status != "RUNNING" for r in runs)
+    # Front trials carry their exported small model, loadable as a plain torch module.
+    front = study.best_trials
+    logged = [t for t in front if t.user_attrs.get("model_logged")]
+    assert logged
+    import mlflow.pytorch
+    import torch
+
+    mlflow.set_tracking_uri(tracking)
+    model = mlflow.pytorch.load_model(f"runs:/{logged[0].user_attrs['mlflow_run_id']}/model")
+    assert model(torch.zeros(5, 1, 8, 8)).shape == (5, 10)
+    assert (out / "reports" / "tiny" / "report.html").exists()
+
+    # Resume: run again with a larger budget; the study continues, nothing is redone.
+    before = {t.number for t in complete}
+    second = l0sweep("run", study_file, "--workers", "2", "--trials", "5", "--out", out)
+    assert second.returncode == 0, second.stderr[-3000:]
+    study = _study(out)
+    after = {t.number for t in study.get_trials(states=(TrialState.COMPLETE,))}
+    assert before < after and len(after) >= 5
+    assert all(r.info.status != "RUNNING" for r in runs_of(tracking, "tiny"))
+
+    status = l0sweep("status", "tiny", "--out", out)
+    assert status.returncode == 0 and f"{len(after)}/5 complete" in status.stdout and "Pareto front" in status.stdout
+    pick = l0sweep("pick", study_file, "--out", out)
+    assert pick.returncode == 0 and "lambda" in pick.stdout and "MLflow run" in pick.stdout
