@@ -56,6 +56,8 @@ def test_run_two_workers_then_resume(tmp_path):
     model = mlflow.pytorch.load_model(f"runs:/{logged[0].user_attrs['mlflow_run_id']}/model")
     assert model(torch.zeros(5, 1, 8, 8)).shape == (5, 10)
     assert (out / "reports" / "tiny" / "report.html").exists()
+    report_files = {a.path for a in client.list_artifacts(parent[0].info.run_id, "report")}
+    assert {"report/report.html", "report/front.md", "report/front.csv"} <= report_files
 
     # Resume: run again with a larger budget; the study continues, nothing is redone.
     before = {t.number for t in complete}

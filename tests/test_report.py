@@ -1,0 +1,103 @@
+"""The Pareto report in a real browser (headless Chromium), and `pick` on a study whose answer is known."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+
+import optuna
+import pytest
+from optuna.distributions import FloatDistribution
+
+from dashboards import PickError, front_table, knee, pick, write_report
+
+# (val_accuracy, sparsity, lam, mode, test_accuracy, flops_ratio); trials 0-3 are the front.
+TRIALS = [(0.990, 0.10, 0.01, "scratch", 0.985, 0.92), (0.985, 0.50, 0.1, "finetune", 0.980, 0.55),
+          (0.970, 0.80, 1.0, "finetune", 0.962, 0.25), (0.900, 0.95, 3.0, "scratch", 0.890, 0.08),
+          (0.950, 0.40, 0.05, "scratch", 0.940, 0.70), (0.960, 0.05, 0.02, "finetune", 0.955, 0.97)]
+
+
+def hand_built_study() -> optuna.Study:
+    study = optuna.create_study(study_name="known", directions=["maximize", "maximize"])
+    study.set_metric_names(["val_accuracy", "sparsity"])
+    study.set_user_attr("spec", json.dumps({"description": "hand-built", "trial": {"model": {"name": "mlp"},
+                                                                               "data": {"name": "digits"}}}))
+    study.set_user_attr("dense_baseline", {"val_accuracy": 0.988, "test_accuracy": 0.984})
+    for i, (acc, sp, lam, mode, test, flops) in enumerate(TRIALS):
+        study.add_trial(optuna.trial.create_trial(
+            params={"lam": lam}, distributions={"lam": FloatDistribution(1e-3, 10, log=True)}, values=[acc, sp],
+            user_attrs={"lam": lam, "droprate_init": 0.5, "mode": mode, "test_accuracy": test, "flops_ratio": flops,
+                        "total_params": 1000, "removed_params": int(sp * 1000), "mlflow_run_id": f"run{i}",
+                        "kept_units": {"1.l0_gate": [40, 64], "3.l0_gate": [10, 32]},
+                        "log_alpha_hist": {"edges": [-2, 0, 2], "counts": {"1": [3, 5], "3": [7, 1]}},
+                        "history": [[1, acc - 0.1, sp / 2], [2, acc, sp]]}))
+    return study
+
+
+def test_front_table_and_pick_known_answers():
+    study = hand_built_study()
+    front = front_table(study)
+    assert list(front.trial) == [0, 1, 2, 3]  # sorted by sparsity
+    assert pick(study, max_drop=0.5).trial == 1  # within 0.5 points of the dense 98.8%: 98.5% is, 97.0% is not
+    assert pick(study, max_drop=2.0).trial == 2
+    assert pick(study, min_sparsity=0.6).trial == 2
+    assert pick(study, min_sparsity=0.9).trial == 3
+    assert pick(study).trial == 2  # the knee: 97% at 0.8 sparsity
+    with pytest.raises(PickError, match="no trial reaches sparsity 0.99"):
+        pick(study, min_sparsity=0.99)
+    study.set_user_attr("dense_baseline", {"val_accuracy": 0.999, "test_accuracy": 0.998})
+    with pytest.raises(PickError, match=r"no trial is within 0.5 points of the dense baseline \(99.90%"):
+        pick(study, max_drop=0.5)
+    assert knee(front.iloc[:2]) == 0
+
+
+def _chromium() -> str:
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        pytest.fail("chromium is not installed: `make test` installs it (apt-get install -y chromium)")
+    return exe
+
+
+def _browser(args: list[str], url: str) -> subprocess.CompletedProcess:
+    return subprocess.run([_chromium(), "--headless=new", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr",
+                           "--v=0", "--virtual-time-budget=5000", *args, url], capture_output=True, text=True,
+                          timeout=120)
+
+
+PROBE = """<script>window.addEventListener('load', () => setTimeout(() => {
+  const plots = [...document.querySelectorAll('.js-plotly-plot')];
+  const out = {plots: plots.length, rendered: document.querySelectorAll('.main-svg').length,
+    customdata: plots.flatMap(p => p.data.filter(t => t.customdata).map(t => t.customdata)),
+    rows: [...document.querySelectorAll('#front-table tbody tr')].map(r => r.cells[0].textContent.trim())};
+  const pre = document.createElement('pre'); pre.id = 'probe'; pre.textContent = JSON.stringify(out);
+  document.body.appendChild(pre);
+}, 500));</script></body>"""
+
+
+@pytest.mark.slow
+def test_report_in_headless_chromium(tmp_path):
+    from PIL import Image
+
+    study = hand_built_study()
+    page = write_report(study, tmp_path / "report")
+    assert (tmp_path / "report" / "front.csv").read_text().count("\n") == 5  # header + 4 front trials
+    assert "| 97.00%" in (tmp_path / "report" / "front.md").read_text()
+
+    shot = tmp_path / "shot.png"
+    result = _browser([f"--screenshot={shot}", "--window-size=1200,2400"], page.as_uri())
+    console = [line for line in result.stderr.splitlines() if ":CONSOLE" in line]
+    assert console == [], console  # no errors (nor anything else) on the console
+    image = Image.open(shot).convert("RGB")
+    colours = image.getcolors(maxcolors=1_000_000)
+    white = sum(n for n, c in colours if c == (255, 255, 255)) / (image.width * image.height)
+    assert len(colours) > 200 and white < 0.97, "the screenshot is blank"
+
+    probe = tmp_path / "probe.html"
+    probe.write_text(page.read_text().replace("</body>", PROBE))
+    dom = _browser(["--dump-dom"], probe.as_uri()).stdout
+    found = json.loads(re.search(r'<pre id="probe">(.*?)</pre>', dom, re.S).group(1).replace("&quot;", '"'))
+    assert found["plots"] >= 4 and found["rendered"] >= 4  # both scatters, hypervolume, recommended detail
+    assert found["rows"][:4] == ["0", "1", "2 ★", "3"]  # the table is the front, the knee starred
+    hover_lams = {row[1] for trace in found["customdata"] for row in trace}
+    assert {t[2] for t in TRIALS} <= hover_lams  # every trial's lambda is in the hover data
