@@ -22,7 +22,6 @@ from .models import check_model
 from .training import TrialConfig
 
 MODES = ("scratch", "finetune")
-OBJECTIVES = ("accuracy", "sparsity", "flops")
 # What each objective reads from a finished trial; all three are maximised.
 OBJECTIVE_METRICS = {"accuracy": "val_accuracy", "sparsity": "sparsity", "flops": "flops_reduction"}
 

@@ -11,6 +11,7 @@ import io
 import json
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -121,7 +122,7 @@ class TrialRun:
                    "expected_density": m.expected_density, "train_task_loss": m.train_task_loss,
                    "train_penalty": m.train_penalty}
         self.client.log_batch(self.run_id, metrics=[
-            mlflow.entities.Metric(k, float(v), int(_now_ms()), m.epoch) for k, v in metrics.items()])
+            mlflow.entities.Metric(k, float(v), _now_ms(), m.epoch) for k, v in metrics.items()])
 
     def finish(self, result: TrialResult, log_model: bool) -> None:
         """Final metrics, the log_alpha histogram, the kept units, and (``log_model``) the exported model."""
@@ -130,7 +131,7 @@ class TrialRun:
                  "sparsity": result.sparsity, "flops_ratio": result.flops_ratio,
                  "total_params": result.total_params, "removed_params": result.removed_params}
         self.client.log_batch(self.run_id, metrics=[
-            mlflow.entities.Metric(k, float(v), int(_now_ms()), step) for k, v in final.items()])
+            mlflow.entities.Metric(k, float(v), _now_ms(), step) for k, v in final.items()])
         self.client.log_dict(self.run_id, result.kept_units, "kept_units.json")
         if result.model is not None:
             alphas = log_alpha_by_gate(result.model)
@@ -141,7 +142,8 @@ class TrialRun:
                 self.client.log_image(self.run_id, png, "log_alpha_hist.png")
             if log_model:
                 small = l0core.compact(result.model.cpu(), result.example_inputs.cpu())
-                example = result.example_inputs.cpu().expand(2, *result.example_inputs.shape[1:])  # batch stays dynamic
+                # A batch of two keeps the exported program's batch dimension dynamic (one would specialise it).
+                example = result.example_inputs.cpu().expand(2, *result.example_inputs.shape[1:])
                 mlflow.set_tracking_uri(self.tracking_uri)
                 with mlflow.start_run(run_id=self.run_id):
                     # pt2 (torch.export) needs an example; the package pins keep inference of requirements off.
@@ -154,8 +156,6 @@ class TrialRun:
 
 
 def _now_ms() -> int:
-    import time
-
     return int(time.time() * 1000)
 
 

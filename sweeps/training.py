@@ -7,7 +7,6 @@ Selection metrics are validation accuracy and sparsity; test accuracy is only re
 """
 from __future__ import annotations
 
-import copy
 import fcntl
 import hashlib
 import json

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import optuna
 import pytest
-import yaml
 
 from sweeps.search import starting_point, suggest, trial_config
 from sweeps.spec import SpecError, load_spec, parse_spec
