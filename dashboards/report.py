@@ -131,7 +131,8 @@ def write_report(study: optuna.Study, out_dir: str | Path, tracking_uri: str | N
     except PickError:
         chosen = None
     front.to_csv(out / "front.csv", index=False)
-    md = _format_table(front).to_markdown(index=False)
+    shown = _format_table(front)
+    md = shown.to_markdown(index=False)
     (out / "front.md").write_text(f"# {study.study_name}: Pareto front\n\n{md}\n")
 
     spec = spec_of(study)
@@ -151,7 +152,7 @@ def write_report(study: optuna.Study, out_dir: str | Path, tracking_uri: str | N
             figures.append(detail)
     plots = "\n".join(f'<div class="fig">{f.to_html(full_html=False, include_plotlyjs=False)}</div>'
                       for f in figures)
-    table_html = _format_table(front).to_html(index=False, classes="front", border=0, table_id="front-table")
+    table_html = shown.to_html(index=False, classes="front", border=0, table_id="front-table")
     if chosen is not None:
         table_html = table_html.replace(f"<td>{int(chosen.trial)}</td>",
                                         f'<td class="chosen">{int(chosen.trial)} &#9733;</td>', 1)

@@ -16,8 +16,8 @@ from pathlib import Path
 DEFAULT_OUT = "l0sweep-out"
 
 
-def _common(p: argparse.ArgumentParser, storage_required: bool = False) -> None:
-    p.add_argument("--storage", required=storage_required, metavar="URL",
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--storage", metavar="URL",
                    help="Optuna storage: postgresql://user:pass@host/db, or a journal file path "
                         "(default: OUT/optuna.journal)")
     p.add_argument("--tracking-uri", metavar="URI",
@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _settings(args: argparse.Namespace, workers: int = 1, seed_offset: int = 0):
+def _settings(args: argparse.Namespace, seed_offset: int = 0):
     from .tracking import default_tracking_uri
     from .worker import settings_from
 
@@ -120,12 +120,9 @@ def dispatch(args: argparse.Namespace) -> int:
 
         return run_sweep(args.study_file, spec, _settings(args), args.workers, args.trials)
     if args.command == "create":
-        from .storage import check_url
         from .worker import create_or_resume
 
-        settings = _settings(args)
-        check_url(settings.storage)
-        study = create_or_resume(spec, settings, args.trials)
+        study = create_or_resume(spec, _settings(args), args.trials)
         print(f"study {study.study_name!r} ready: budget {study.user_attrs['n_trials']} complete trials")
         return 0
     if args.command == "worker":

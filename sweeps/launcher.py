@@ -25,12 +25,12 @@ MAX_RESTARTS = 3
 
 
 def _spawn(study_file: Path, settings: Settings, index: int, log_dir: Path) -> subprocess.Popen:
-    log = open(log_dir / f"worker-{index}.log", "ab")
     cmd = [sys.executable, "-m", "sweeps.cli", "worker", str(study_file), "--storage", settings.storage,
            "--tracking-uri", settings.tracking_uri, "--out", str(settings.out), "--seed-offset", str(index)]
     if settings.threads:
         cmd += ["--threads", str(settings.threads)]
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    with open(log_dir / f"worker-{index}.log", "ab") as log:  # the child keeps its own copy
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
 
 def _recover(study: optuna.Study, pid: int, spec: StudySpec, settings: Settings) -> int:

@@ -114,8 +114,8 @@ def open_storage(url: str, *, heartbeat_interval: int | None = None, grace_perio
     try:
         rdb = RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
     except Exception as exc:  # the driver's message names host/port/database; keep its first line
-        reason = str(exc.__cause__ or exc).strip().splitlines()[0] if str(exc.__cause__ or exc).strip() else \
-            type(exc).__name__
+        text = str(exc.__cause__ or exc).strip()
+        reason = text.splitlines()[0] if text else type(exc).__name__
         raise StorageError(f"--storage {redact(url)}: cannot open the database: {reason}") from None
     return ReconnectingStorage(_CachedStorage(rdb), reconnect_patience)
 

@@ -113,7 +113,7 @@ class TrialRun:
         self.run_id = run.info.run_id
         trial.set_user_attr(RUN_ATTR, self.run_id)
         params = _flatten("", json.loads(cfg.model_dump_json()), {})
-        params.update({k: v for k, v in values.items()})
+        params.update(values)
         self.client.log_batch(self.run_id, params=[mlflow.entities.Param(k, str(v)[:6000])
                                                    for k, v in sorted(params.items())])
 
@@ -124,8 +124,9 @@ class TrialRun:
         self.client.log_batch(self.run_id, metrics=[
             mlflow.entities.Metric(k, float(v), _now_ms(), m.epoch) for k, v in metrics.items()])
 
-    def finish(self, result: TrialResult, log_model: bool) -> None:
-        """Final metrics, the log_alpha histogram, the kept units, and (``log_model``) the exported model."""
+    def finish(self, result: TrialResult, log_model: bool, alphas: dict[str, list[float]]) -> None:
+        """Final metrics, the log_alpha values and histogram (``alphas``: gate -> values), the kept units, and
+        (``log_model``) the exported model."""
         step = result.epochs[-1].epoch if result.epochs else 0
         final = {"val_accuracy": result.val_accuracy, "test_accuracy": result.test_accuracy,
                  "sparsity": result.sparsity, "flops_ratio": result.flops_ratio,
@@ -134,7 +135,6 @@ class TrialRun:
             mlflow.entities.Metric(k, float(v), _now_ms(), step) for k, v in final.items()])
         self.client.log_dict(self.run_id, result.kept_units, "kept_units.json")
         if result.model is not None:
-            alphas = log_alpha_by_gate(result.model)
             self.client.log_dict(self.run_id, {k: [round(x, 3) for x in v] for k, v in alphas.items()},
                                  "log_alpha.json")
             png = log_alpha_histogram_png(alphas)

@@ -210,6 +210,11 @@ def _run_epochs(model: nn.Module, cfg: TrialConfig, splits: Splits, device: torc
     return history, report
 
 
+def _load(cfg: TrialConfig) -> Splits:
+    d = cfg.data
+    return load_data(d.name, d.data_dir, cfg.seed, d.val_fraction, d.download, **d.kwargs)
+
+
 def baseline_key(cfg: TrialConfig) -> str:
     """Content hash of what determines the dense baseline: data, model, optimisation and seed."""
     ident = {"data": cfg.data.model_dump(exclude={"data_dir", "download"}), "model": cfg.model.model_dump(),
@@ -230,8 +235,7 @@ def dense_baseline(cfg: TrialConfig, splits: Splits | None = None) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not path.exists():
             device = resolve_device(cfg.device)
-            splits = splits or load_data(cfg.data.name, cfg.data.data_dir, cfg.seed, cfg.data.val_fraction,
-                                         cfg.data.download, **cfg.data.kwargs)
+            splits = splits or _load(cfg)
             torch.manual_seed(cfg.seed)
             dense = build_model(cfg.model.name, splits.input_shape, splits.num_classes, gates=False,
                                 **cfg.model.kwargs).to(device)
@@ -253,8 +257,7 @@ def train_trial(cfg: TrialConfig, on_epoch: Callable[[EpochMetrics], bool] | Non
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    splits = load_data(cfg.data.name, cfg.data.data_dir, cfg.seed, cfg.data.val_fraction, cfg.data.download,
-                       **cfg.data.kwargs)
+    splits = _load(cfg)
     baseline = dense_baseline(cfg, splits) if cfg.mode == "finetune" else None
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model.name, splits.input_shape, splits.num_classes, gates=True,

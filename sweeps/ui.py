@@ -7,7 +7,7 @@ import sys
 import time
 import urllib.request
 
-from .worker import Settings
+from .worker import Settings, stop_on_sigterm
 
 
 def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 90.0) -> bool:
@@ -30,7 +30,7 @@ def serve(settings: Settings, port: int, dashboard_port: int) -> int:
 
     if not is_rdb(settings.storage) and not Path(settings.storage).exists():
         raise FileNotFoundError(f"no sweep in {settings.out}: run 'l0sweep run STUDY_FILE --out {settings.out}' first")
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    stop_on_sigterm()
     mlflow_cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", settings.tracking_uri,
                   "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     dashboard = shutil.which("optuna-dashboard")

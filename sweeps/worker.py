@@ -144,9 +144,11 @@ class Objective:
     def __init__(self, spec: StudySpec, settings: Settings) -> None:
         self.spec = spec
         self.settings = settings
+        self.failed = False  # whether the last trial raised (stopped-early trials did not fail)
 
     def __call__(self, trial: optuna.Trial) -> list[float]:
         spec, settings = self.spec, self.settings
+        self.failed = False
         cfg, values = suggest(trial, spec)
         cfg = cfg.model_copy(update={"baseline_dir": str(settings.out / "baselines"),
                                      "threads": settings.threads or cfg.threads})
@@ -170,11 +172,12 @@ class Objective:
             objectives = [metrics[name] for name in spec.metric_names]
             for key in ("test_accuracy", "flops_ratio", "total_params", "removed_params", "kept_units"):
                 trial.set_user_attr(key, getattr(result, key))
-            trial.set_user_attr("log_alpha_hist", log_alpha_histogram(result.model))
+            alphas = log_alpha_by_gate(result.model)
+            trial.set_user_attr("log_alpha_hist", log_alpha_histogram(alphas))
             front = trial.study.best_trials
             log_model = spec.mlflow.log_models == "all" or (
                 spec.mlflow.log_models == "front" and not _dominated(objectives, front))
-            run.finish(result, log_model)
+            run.finish(result, log_model, alphas)
             trial.set_user_attr("model_logged", log_model)
             self._record_baseline(trial.study, cfg)
         except StopTrial as stop:
@@ -182,6 +185,7 @@ class Objective:
             run.end("KILLED")
             raise optuna.TrialPruned(f"clearly dominated at epoch {stop.metrics.epoch}") from None
         except BaseException as exc:
+            self.failed = True
             run.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
             raise
         return objectives
@@ -198,24 +202,30 @@ class Objective:
                                             "test_accuracy": saved["test_accuracy"]})
 
 
-def log_alpha_histogram(model, edges: Sequence[float] = tuple(x / 2 for x in range(-20, 21))) -> dict:
-    """Counts of log_alpha per gate on fixed bins (beyond the edges clipped into the end bins)."""
+def log_alpha_histogram(alphas: dict[str, list[float]],
+                        edges: Sequence[float] = tuple(x / 2 for x in range(-20, 21))) -> dict:
+    """Counts of each gate's log_alpha on fixed bins (values beyond the edges go to the end bins)."""
     import numpy as np
 
     counts_by_gate = {}
-    for name, values in log_alpha_by_gate(model).items():
+    for name, values in alphas.items():
         clipped = np.clip(values, edges[0], edges[-1])
         counts_by_gate[name.removesuffix(".l0_gate")] = np.histogram(clipped, bins=edges)[0].tolist()
     return {"edges": list(edges), "counts": counts_by_gate}
 
 
-def _sigterm(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt  # a stopped worker ends its trial FAIL and its run KILLED, then exits
+def stop_on_sigterm() -> None:
+    """Treat SIGTERM as Ctrl-C, so ``finally``/``except KeyboardInterrupt`` close trials, runs and children."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def run_worker(spec: StudySpec, settings: Settings, poll: float = 1.0) -> int:
     """Run trials until the study has its budget of complete trials; returns the exit status."""
-    signal.signal(signal.SIGTERM, _sigterm)
+    stop_on_sigterm()  # a stopped worker ends its trial FAIL and its run KILLED, then exits
     if settings.threads:
         import torch
 
@@ -236,20 +246,13 @@ def run_worker(spec: StudySpec, settings: Settings, poll: float = 1.0) -> int:
                 time.sleep(poll)
                 continue
             study.optimize(objective, n_trials=1, catch=(Exception,))
-            state = _last_state_of_this_worker(study)
-            failures = failures + 1 if state == TrialState.FAIL else 0
+            failures = failures + 1 if objective.failed else 0
             if failures >= spec.workers.max_consecutive_failures:
                 print(f"l0sweep worker: {failures} trials failed in a row; stopping (see the log above)",
                       file=sys.stderr)
                 return 1
     except KeyboardInterrupt:
         return 130
-
-
-def _last_state_of_this_worker(study: optuna.Study) -> TrialState | None:
-    tag = worker_tag()
-    mine = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("worker") == tag]
-    return mine[-1].state if mine else None
 
 
 def settings_from(storage: str, tracking_uri: str, out: str | os.PathLike, **kw: Any) -> Settings:
