@@ -1,7 +1,7 @@
-"""The ``l0sweep`` command line: run, create, worker, status, report, pick, ui.
+"""The ``l0sweep`` command line: run, create, worker, status, report, pick, dashboard, ui.
 
-Every command takes ``--out DIR`` (default ``l0sweep-out``); without ``--storage``/``--tracking-uri`` it uses
-the embedded stores there: a journal file ``DIR/optuna.journal`` and ``sqlite:///DIR/mlflow.db``.
+Every command takes ``--out DIR`` (default ``l0sweep-out``); without ``--storage``/``--tracking-uri`` (or
+``$L0SWEEP_STORAGE``/``$MLFLOW_TRACKING_URI``) it uses the embedded stores there: a journal file ``DIR/optuna.journal`` and ``sqlite:///DIR/mlflow.db``.
 Errors are one line on stderr and a non-zero exit.
 """
 from __future__ import annotations
@@ -17,13 +17,17 @@ DEFAULT_OUT = "l0sweep-out"
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--storage", metavar="URL",
+    # Environment defaults let a container (or a shell profile) set the shared stores once, and keep the
+    # database password off the command line.
+    p.add_argument("--storage", metavar="URL", default=os.environ.get("L0SWEEP_STORAGE") or None,
                    help="Optuna storage: postgresql://user:pass@host/db, or a journal file path "
-                        "(default: OUT/optuna.journal)")
-    p.add_argument("--tracking-uri", metavar="URI",
-                   help="MLflow tracking URI, e.g. http://mlflow:5000 (default: sqlite:///OUT/mlflow.db)")
-    p.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
-                   help=f"folder for embedded stores, baselines, logs and reports (default: {DEFAULT_OUT})")
+                        "(default: $L0SWEEP_STORAGE, else OUT/optuna.journal)")
+    p.add_argument("--tracking-uri", metavar="URI", default=os.environ.get("MLFLOW_TRACKING_URI") or None,
+                   help="MLflow tracking URI, e.g. http://mlflow:5000 "
+                        "(default: $MLFLOW_TRACKING_URI, else sqlite:///OUT/mlflow.db)")
+    p.add_argument("--out", default=os.environ.get("L0SWEEP_OUT") or DEFAULT_OUT, metavar="DIR",
+                   help=f"folder for embedded stores, baselines, logs and reports "
+                        f"(default: $L0SWEEP_OUT, else {DEFAULT_OUT})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--min-sparsity", type=float, metavar="S",
                      help="the most accurate trial with sparsity >= S (0-1)")
     how.add_argument("--knee", action="store_true", help="the front's knee (default)")
+    _common(p)
+
+    p = sub.add_parser("dashboard", help="serve optuna-dashboard on the study storage (rides out database restarts)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 in a container)")
+    p.add_argument("--port", type=int, default=8080, help="default 8080")
     _common(p)
 
     p = sub.add_parser("ui", help="serve the MLflow UI and optuna-dashboard on the embedded stores (127.0.0.1)")
@@ -151,6 +160,10 @@ def dispatch(args: argparse.Namespace) -> int:
         choice = pick(study, max_drop=args.max_drop, min_sparsity=args.min_sparsity)
         print(describe_pick(study, choice, settings.tracking_uri))
         return 0
+    if args.command == "dashboard":
+        from .ui import serve_dashboard
+
+        return serve_dashboard(_settings(args).storage, args.host, args.port)
     if args.command == "ui":
         from .ui import serve
 

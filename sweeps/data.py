@@ -2,10 +2,12 @@
 
 ``digits`` (scikit-learn's bundled 8x8 digits) works offline and trains in seconds; ``synthetic`` is for
 tests; ``mnist``, ``fashion-mnist`` and ``cifar10`` come through torchvision (downloaded when online, or
-read from ``data_dir``); ``package.module:factory`` is a user's own ``factory() -> (train, test)`` datasets.
+read from ``data_dir``, else ``$L0SWEEP_DATA_DIR``, else ``~/.cache/l0sweep/data``); ``package.module:factory`` is a user's own ``factory() -> (train, test)`` datasets.
 """
 from __future__ import annotations
 
+import fcntl
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,18 +73,23 @@ def _torchvision(name: str, data_dir: str | None, seed: int, val_fraction: float
 
     cls_name, mean, std, shape, augment = _TORCHVISION[name]
     cls = getattr(datasets, cls_name)
-    root = Path(data_dir or Path.home() / ".cache" / "l0sweep" / "data").expanduser()
+    root = Path(data_dir or os.environ.get("L0SWEEP_DATA_DIR") or Path.home() / ".cache" / "l0sweep" / "data")
+    root = root.expanduser()
+    root.mkdir(parents=True, exist_ok=True)
     plain = transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])
     train_tf = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(), plain]) \
         if augment else plain
-    try:
-        train_aug = cls(str(root), train=True, transform=train_tf, download=download)
-        train_plain = cls(str(root), train=True, transform=plain, download=False)
-        test = cls(str(root), train=False, transform=plain, download=download)
-    except (RuntimeError, OSError) as exc:
-        raise ValueError(f"dataset {name!r}: no files under {root} and the download failed ({type(exc).__name__}); "
-                         f"put torchvision's {cls_name} files in {root} (data_dir) or run where the internet "
-                         "is reachable") from None
+    # Workers sharing a data folder (a compose volume) download one at a time, not into the same files at once.
+    with open(root / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            train_aug = cls(str(root), train=True, transform=train_tf, download=download)
+            train_plain = cls(str(root), train=True, transform=plain, download=False)
+            test = cls(str(root), train=False, transform=plain, download=download)
+        except (RuntimeError, OSError) as exc:
+            raise ValueError(f"dataset {name!r}: no files under {root} and the download failed "
+                             f"({type(exc).__name__}); put torchvision's {cls_name} files in {root} (data_dir) or "
+                             "run where the internet is reachable") from None
     train_idx, val_idx = _split_indices(len(train_aug), val_fraction, seed)
     return Splits(Subset(train_aug, train_idx), Subset(train_plain, val_idx), test, shape, 10)
 

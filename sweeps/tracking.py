@@ -41,7 +41,8 @@ class TrackingError(RuntimeError):
 
 
 def check_tracking(tracking_uri: str, timeout: float = 5.0) -> None:
-    """Fail fast on an unreachable tracking server (MLflow's own client retries for minutes)."""
+    """Fail fast on an unreachable tracking server, or one that refuses our login (MLflow's own client
+    retries for minutes, and reports a refused login deep inside a stack trace)."""
     if not tracking_uri.startswith(("http://", "https://")):
         return
     import urllib.error
@@ -52,6 +53,20 @@ def check_tracking(tracking_uri: str, timeout: float = 5.0) -> None:
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise TrackingError(f"--tracking-uri {tracking_uri}: the MLflow server does not answer ({reason})") from None
+    try:
+        MlflowClient(tracking_uri).search_experiments(max_results=1)
+    except mlflow.exceptions.MlflowException as exc:
+        code = exc.get_http_status_code()
+        if code == 401:
+            raise TrackingError(f"--tracking-uri {tracking_uri}: the MLflow server wants a login (HTTP 401); set "
+                                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD") from None
+        if code == 403:
+            host = tracking_uri.split("://", 1)[1].split("/", 1)[0]
+            why = (f"its --allowed-hosts does not list {host!r}" if "Host header" in str(exc)
+                   else "the login lacks permission")
+            raise TrackingError(f"--tracking-uri {tracking_uri}: the MLflow server refused the request (HTTP "
+                                f"403): {why}") from None
+        raise
 
 
 def _is_local(tracking_uri: str) -> bool:

@@ -1,7 +1,10 @@
-"""``l0sweep ui``: the MLflow UI and optuna-dashboard on a sweep's embedded stores, on 127.0.0.1 only."""
+"""The browsing side: ``l0sweep dashboard`` (optuna-dashboard that outlives a database restart) and
+``l0sweep ui`` (that dashboard plus the MLflow UI on a sweep's stores, on 127.0.0.1 only).
+
+A tracking URI that is already an MLflow server (http) is only printed; a second server is not started.
+"""
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import time
@@ -21,6 +24,26 @@ def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 90.0) -> bool:
     return False
 
 
+def serve_dashboard(storage_url: str, host: str = "127.0.0.1", port: int = 8080) -> int:
+    """optuna-dashboard on the study storage, opened as the workers open it.
+
+    The stock ``optuna-dashboard URL`` keeps dead connections after a PostgreSQL restart and answers 500;
+    l0sweep's storage pings its connections and waits out a restart, so the dashboard does too.
+    """
+    import optuna_dashboard
+
+    from .storage import open_storage
+
+    stop_on_sigterm()
+    storage = open_storage(storage_url)
+    print(f"optuna-dashboard: http://{host}:{port}", flush=True)
+    try:
+        optuna_dashboard.run_server(storage, host=host, port=port)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def serve(settings: Settings, port: int, dashboard_port: int) -> int:
     """Start both servers, print their addresses, and stop both on Ctrl-C or SIGTERM (or when either exits)."""
     import signal
@@ -31,14 +54,17 @@ def serve(settings: Settings, port: int, dashboard_port: int) -> int:
     if not is_rdb(settings.storage) and not Path(settings.storage).exists():
         raise FileNotFoundError(f"no sweep in {settings.out}: run 'l0sweep run STUDY_FILE --out {settings.out}' first")
     stop_on_sigterm()
-    mlflow_cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", settings.tracking_uri,
-                  "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    dashboard = shutil.which("optuna-dashboard")
-    procs = {"MLflow UI": (subprocess.Popen(mlflow_cmd, stdin=subprocess.DEVNULL), f"http://127.0.0.1:{port}")}
-    if dashboard:
-        procs["optuna-dashboard"] = (subprocess.Popen(
-            [dashboard, settings.storage, "--host", "127.0.0.1", "--port", str(dashboard_port)],
-            stdin=subprocess.DEVNULL), f"http://127.0.0.1:{dashboard_port}")
+    procs = {}
+    if settings.tracking_uri.startswith(("http://", "https://")):
+        print(f"MLflow UI: {settings.tracking_uri} (already served)", flush=True)
+    else:
+        mlflow_cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", settings.tracking_uri,
+                      "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+        procs["MLflow UI"] = (subprocess.Popen(mlflow_cmd, stdin=subprocess.DEVNULL), f"http://127.0.0.1:{port}")
+    procs["optuna-dashboard"] = (subprocess.Popen(
+        [sys.executable, "-m", "sweeps.cli", "dashboard", "--storage", settings.storage,
+         "--host", "127.0.0.1", "--port", str(dashboard_port)], stdin=subprocess.DEVNULL),
+        f"http://127.0.0.1:{dashboard_port}")
     try:
         for name, (proc, url) in procs.items():
             if not _wait_http(url, proc):

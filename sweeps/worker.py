@@ -24,7 +24,8 @@ from .early_stopping import HISTORY_ATTR, ParetoStopper
 from .search import starting_point, suggest
 from .spec import SpecError, StudySpec
 from .storage import open_storage
-from .tracking import TrialRun, check_tracking, end_run_of, ensure_study_run, log_alpha_by_gate, worker_tag
+from .tracking import (TrialRun, check_tracking, end_run_of, end_study_run, ensure_study_run, log_alpha_by_gate,
+                       worker_tag)
 from .training import EpochMetrics, StopTrial, dense_baseline, train_trial
 
 _log = logging.getLogger(__name__)
@@ -239,6 +240,8 @@ def run_worker(spec: StudySpec, settings: Settings, poll: float = 1.0) -> int:
             budget = int(study.user_attrs[BUDGET_ATTR])
             n = counts(study)
             if n["COMPLETE"] >= budget:
+                if not n["RUNNING"]:  # the sweep is over: whichever worker sees it last closes the study's run
+                    end_study_run(study, settings.tracking_uri, "FINISHED")
                 return 0
             if n["COMPLETE"] + n["RUNNING"] >= budget:
                 # The remaining trials are running elsewhere; wait, and notice if their workers die.
