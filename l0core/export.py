@@ -15,15 +15,15 @@ from __future__ import annotations
 import copy
 import functools
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch_pruning as tp
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .placement import GATE_ATTR, _gate_input, _gate_output, gates
-from .kinds import ParameterGate, UnitGate
+from .placement import GATE_ATTR, ScaleUnits, _draw_gate, _forget_gate, _gate_input, _gate_output, gates
+from .kinds import UnitGate
 
 _LINEAR_LIKE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -40,7 +40,8 @@ class _Site:
 
 
 def _is_gate_hook(hook: Any) -> bool:
-    return isinstance(hook, functools.partial) and hook.func in (_gate_output, _gate_input)
+    return isinstance(hook, functools.partial) and hook.func in (_gate_output, _gate_input, _draw_gate, _forget_gate)
+
 
 
 def _scale_units_(module: nn.Module, z: torch.Tensor, dim: int) -> None:
@@ -70,12 +71,21 @@ def fold(model: nn.Module) -> tuple[nn.Module, list[_Site]]:
                 if _is_gate_hook(hook):
                     hooked_at[id(hook.args[0])] = module
                     del hooks[key]
+                    module._forward_hooks_always_called.pop(key, None)
+    # Gates applied through parameters: in eval mode the parametrized value is already weight * z.
+    folded: set[int] = set()
+    for module in list(plain.modules()):
+        if parametrize.is_parametrized(module):
+            scales = [p for plist in module.parametrizations.values() for p in plist if isinstance(p, ScaleUnits)]
+            if scales:
+                folded.update(id(p.gate) for p in scales)
+                _unparametrize(module)
     for name, module in list(plain.named_modules()):
         gate = module._modules.get(GATE_ATTR)
         if isinstance(gate, UnitGate):
-            z = gate.deterministic().detach()
             target = module if gate.kind == "neuron" else hooked_at.get(id(gate), module)
-            _scale_units_(target, z, dim=1 if gate.kind == "neuron" else 0)
+            if id(gate) not in folded:
+                _scale_units_(target, gate.deterministic().detach(), dim=1 if gate.kind == "neuron" else 0)
             del module._modules[GATE_ATTR]
             sites.append(_Site(name, module, target, gate.kind))
         if parametrize.is_parametrized(module):

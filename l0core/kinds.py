@@ -10,7 +10,6 @@ sparsity report weigh it by.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from .hard_concrete import HardConcrete
 
@@ -34,6 +33,7 @@ class UnitGate(HardConcrete):
     ) -> None:
         super().__init__(num_units, droprate_init, **hard_concrete)
         self.per_sample = per_sample
+        self.current: torch.Tensor | None = None  # this forward pass's z, when applied through parameters
         self.register_buffer("unit_cost", torch.full((num_units,), float(unit_cost)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

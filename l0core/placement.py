@@ -1,8 +1,11 @@
 """Add gates to an existing model without editing its source.
 
 Structured gates live on the module whose units they govern (``conv.l0_gate``, ``linear.l0_gate``), so
-they travel with its state dict; a forward hook applies them where the unit leaves the layer (after the
-BatchNorm that follows a conv) or, for neuron gates, where features enter a dense layer.
+they travel with its state dict. A channel gate acts where the unit leaves the layer (after the BatchNorm
+that follows a conv). With one draw per batch it scales that layer's weight and bias instead of its output
+(``torch.nn.utils.parametrize``): the same function, at the cost of a few hundred multiplications instead of
+a pass over the activation and a second copy of it kept for backward. Per-example channel gates and neuron
+gates (where features enter a dense layer) multiply the activation through a forward hook.
 Parameter gates use ``torch.nn.utils.parametrize`` and keep the existing weights untouched.
 """
 from __future__ import annotations
@@ -62,6 +65,46 @@ def _gate_output(gate: UnitGate, module: nn.Module, args: tuple, output: torch.T
 
 def _gate_input(gate: UnitGate, module: nn.Module, args: tuple) -> tuple:
     return (gate(args[0]), *args[1:])
+
+
+def _draw_gate(gate: UnitGate, module: nn.Module, args: tuple) -> None:
+    gate.current = gate.gate()  # one draw for the whole forward pass, shared by weight and bias
+
+
+def _forget_gate(gate: UnitGate, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+    gate.current = None
+
+
+class ScaleUnits(nn.Module):
+    """Parametrization: a layer's weight (or bias) with its output units scaled by a gate's ``z``.
+
+    ``layer(x; w * z, b * z) == layer(x; w, b) * z`` per output unit, for a conv and for a BatchNorm's
+    affine parameters. Inside a forward pass ``z`` is that pass's draw; outside it, the deterministic gate.
+    """
+
+    def __init__(self, gate: UnitGate) -> None:
+        super().__init__()
+        self._gate = [gate]  # a reference, not a submodule: the gate lives, and is saved, on its conv
+
+    @property
+    def gate(self) -> UnitGate:
+        return self._gate[0]
+
+    def forward(self, tensor: torch.Tensor) -> torch.Tensor:
+        z = self.gate.current if self.gate.current is not None else self.gate.deterministic()
+        return tensor * z.view(-1, *(1,) * (tensor.dim() - 1)).to(tensor.dtype)
+
+
+def _scale_parameters(gate: UnitGate, target: nn.Module) -> bool:
+    """Apply a per-batch channel gate through ``target``'s parameters; False if it has none to scale."""
+    if getattr(target, "weight", None) is None or parametrize.is_parametrized(target):
+        return False
+    for name in ("weight", "bias"):
+        if getattr(target, name, None) is not None:
+            parametrize.register_parametrization(target, name, ScaleUnits(gate))
+    target.register_forward_pre_hook(functools.partial(_draw_gate, gate))
+    target.register_forward_hook(functools.partial(_forget_gate, gate), always_call=True)
+    return True
 
 
 def _following_norm(parent: nn.Module, child_name: str, conv: nn.Module) -> tuple[str, nn.Module] | None:
@@ -144,8 +187,11 @@ def _attach_units(model, kind, include, exclude, droprate_init, per_sample) -> l
                 norm = _following_norm(parent, child_name, child)
                 gate = ChannelGate(child.out_channels, droprate_init, per_sample, _local_unit_cost(child, 0, norm and norm[1]))
                 target_name, target = (f"{parent_name}.{norm[0]}" if parent_name else norm[0], norm[1]) if norm else (name, child)
-                target.register_forward_hook(functools.partial(_gate_output, gate))
-                applied = f"output of {target_name}"
+                if not per_sample and _scale_parameters(gate, target):
+                    applied = f"output of {target_name} (scaling its weight and bias)"
+                else:
+                    target.register_forward_hook(functools.partial(_gate_output, gate))
+                    applied = f"output of {target_name}"
             else:
                 if not isinstance(child, nn.Linear):
                     raise ValueError(f"neuron gates go on Linear layers; {name!r} is {type(child).__name__}")

@@ -120,8 +120,12 @@ def check_model(name: str) -> None:
 
 
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, gates: bool = True,
-                droprate_init: float = 0.5, per_sample: bool = False, **kwargs: Any) -> nn.Module:
+                droprate_init: float = 0.5, per_sample: bool = False, state_dict: dict | None = None,
+                **kwargs: Any) -> nn.Module:
     """Build zoo model ``name`` for inputs of ``input_shape`` (C, H, W) and gate it (unless ``gates=False``).
+
+    ``state_dict`` (a dense model's, e.g. the baseline to fine-tune) is loaded before the gates go on, so its
+    keys are the plain model's whatever the gates change.
 
     >>> net = build_model("mlp", (1, 8, 8), 10)
     >>> [g for g, _ in l0core.gates(net)]
@@ -148,6 +152,8 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, gates
         check_model(name)
         model = import_object(name, "model")(**kwargs)
         gate = _gate_convnet if any(isinstance(m, nn.Conv2d) for m in model.modules()) else _gate_mlp
+    if state_dict is not None:
+        model.load_state_dict(state_dict)
     if gates:
         gate(model, droprate_init, per_sample)
     return model

@@ -166,6 +166,28 @@ def _loaders(splits: Splits, cfg: TrialConfig, device: torch.device) -> tuple[Da
     return train, val, test
 
 
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+               lam: float | None = None, **penalty_kw) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step on a batch: cross-entropy, plus ``l0core.penalty(model, lam, **penalty_kw)`` when
+    ``lam`` is given. Returns (task loss, penalty), detached and left on the device (no sync).
+
+    >>> net = nn.Linear(4, 3)
+    >>> task, pen = train_step(net, torch.optim.SGD(net.parameters(), 0.1), torch.ones(2, 4), torch.tensor([0, 1]))
+    >>> float(pen)
+    0.0
+    """
+    task = nn.functional.cross_entropy(model(x), y)
+    if lam is None:
+        loss, pen = task, torch.zeros((), device=task.device)
+    else:
+        pen = l0core.penalty(model, lam, **penalty_kw)
+        loss = task + pen
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return task.detach(), pen.detach()
+
+
 def _run_epochs(model: nn.Module, cfg: TrialConfig, splits: Splits, device: torch.device, lam: float | None,
                 on_epoch: Callable[[EpochMetrics], bool] | None, epochs: int,
                 ) -> tuple[list[EpochMetrics], l0core.SparsityReport | None]:
@@ -173,6 +195,8 @@ def _run_epochs(model: nn.Module, cfg: TrialConfig, splits: Splits, device: torc
     train, val, _ = _loaders(splits, cfg, device)
     opt, sched = _optimizer(model, cfg.optim.model_copy(update={"epochs": epochs}))
     example = next(iter(val))[0][:1].to(device)
+    penalty_kw = {"scale": cfg.penalty_scale, "n_train": len(splits.train),
+                  "weight_decay": cfg.optim.weight_decay if cfg.penalty_scale == "paper" else 0.0}
     history, report = [], None
     for epoch in range(1, epochs + 1):
         model.train()
@@ -182,17 +206,9 @@ def _run_epochs(model: nn.Module, cfg: TrialConfig, splits: Splits, device: torc
         batches = 0
         for x, y in train:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            task = nn.functional.cross_entropy(model(x), y)
-            loss = task
-            if lam is not None:
-                pen = l0core.penalty(model, lam, scale=cfg.penalty_scale, n_train=len(splits.train),
-                                     weight_decay=cfg.optim.weight_decay if cfg.penalty_scale == "paper" else 0.0)
-                loss = task + pen
-                pen_sum += pen.detach()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            task_sum += task.detach()
+            task, pen = train_step(model, opt, x, y, lam, **penalty_kw)
+            task_sum += task
+            pen_sum += pen
             batches += 1
         task_mean, pen_mean = float(task_sum) / batches, float(pen_sum) / batches
         if sched is not None:
@@ -260,12 +276,15 @@ def train_trial(cfg: TrialConfig, on_epoch: Callable[[EpochMetrics], bool] | Non
     splits = _load(cfg)
     baseline = dense_baseline(cfg, splits) if cfg.mode == "finetune" else None
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model.name, splits.input_shape, splits.num_classes, gates=True,
-                        droprate_init=cfg.droprate_init, per_sample=cfg.model.per_sample, **cfg.model.kwargs)
-    if baseline is not None:
-        missing, unexpected = model.load_state_dict(torch.load(baseline, map_location="cpu")["state_dict"], strict=False)
-        if unexpected or any("l0_gate" not in k and "parametrizations" not in k for k in missing):
-            raise RuntimeError(f"baseline {baseline} does not fit the model: missing {missing}, unexpected {unexpected}")
+    dense_state = torch.load(baseline, map_location="cpu")["state_dict"] if baseline is not None else None
+    try:
+        model = build_model(cfg.model.name, splits.input_shape, splits.num_classes, gates=True,
+                            droprate_init=cfg.droprate_init, per_sample=cfg.model.per_sample, state_dict=dense_state,
+                            **cfg.model.kwargs)
+    except RuntimeError as exc:
+        if dense_state is None:
+            raise
+        raise RuntimeError(f"baseline {baseline} does not fit the model: {str(exc).splitlines()[0]}") from None
     model.to(device)
     example = next(iter(DataLoader(splits.val, batch_size=1)))[0].to(device)
     l0core.measure_unit_costs(model, example)

@@ -23,8 +23,8 @@ def test_attach_resnet_channels_after_batchnorm():
     gated = attach(model, "channel")
     assert len(gated) == n_convs
     by_module = {g.module: g for g in gated}
-    assert by_module["layer1.0.conv1"].applied_at == "output of layer1.0.bn1"
-    assert by_module["layer2.0.downsample.0"].applied_at == "output of layer2.0.downsample.1"
+    assert by_module["layer1.0.conv1"].applied_at == "output of layer1.0.bn1 (scaling its weight and bias)"
+    assert by_module["layer2.0.downsample.0"].applied_at == "output of layer2.0.downsample.1 (scaling its weight and bias)"
     assert by_module["conv1"].units == 64
     # gate lives on the conv it governs, so it travels with the state dict
     assert "layer1.0.conv1.l0_gate.log_alpha" in model.state_dict()
@@ -152,3 +152,32 @@ def test_gates_take_the_mode_of_the_model_they_join():
     x = torch.randn(3, 4)
     assert torch.equal(mlp(x), mlp(x))  # eval: deterministic gates, not samples
     assert all(not g.training for _, g in gates(mlp))
+
+
+@pytest.mark.parametrize("with_norm", [True, False], ids=["conv-bn", "conv"])
+def test_per_batch_channel_gates_scale_parameters_exactly_as_the_output(with_norm):
+    """Folding a per-batch gate into the weight and bias computes layer(x) * z, and trains log_alpha."""
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6)] if with_norm else [nn.Conv2d(3, 6, 3)]
+    net = nn.Sequential(*layers, nn.ReLU())
+    plain = copy.deepcopy(net).train()
+    (gated,) = attach(net, "channel")
+    assert gated.applied_at.endswith("(scaling its weight and bias)")
+    gate = net[0].l0_gate
+    z = torch.rand(6)
+    gate.gate = lambda: z  # one known draw for the pass
+    x = torch.randn(4, 3, 8, 8)
+    out = net.train()(x)
+    expected = plain[:-1](x) * z.view(1, -1, 1, 1)
+    torch.testing.assert_close(out, torch.relu(expected), rtol=1e-5, atol=1e-6)
+    assert gate.current is None  # the draw lives for one pass only
+    del gate.gate
+    net(x).sum().backward()
+    assert gate.log_alpha.grad is not None and gate.log_alpha.grad.abs().sum() > 0
+
+
+def test_per_sample_channel_gates_keep_multiplying_the_output():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    (gated,) = attach(net, "channel", per_sample=True)
+    assert gated.applied_at == "output of 1"
+    assert not torch.nn.utils.parametrize.is_parametrized(net[1])

@@ -1,0 +1,138 @@
+"""Result quality on real MNIST digits: the dense network against the front a sweep finds.
+
+    python -m benchmarks.mnist_quality --data ../shared/data/mnist-t10k [--models mlp lenet5] [--trials 8]
+
+The data are the 10,000 MNIST test images (the IDX files ``t10k-images-idx3-ubyte.gz`` and
+``t10k-labels-idx1-ubyte.gz`` in ``--data``), shuffled once and split 8,000 train / 1,000 validation / 1,000
+test. Each model gets a real ``l0sweep run`` (two workers). Selection uses validation accuracy only; the
+figures reported are the final models' test accuracies. For each model: the dense baseline, the front, and
+the trial with the most parameters removed whose validation accuracy is within 1 point of the dense
+baseline's, with its kept units per layer beside the paper's (trained on all 60,000 images for 200 epochs,
+so a smaller sweep on 8,000 images is not expected to match it).
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import optuna
+import torch
+import yaml
+from optuna.trial import TrialState
+from torch.utils.data import TensorDataset
+
+from benchmarks.results import append
+from sweeps.storage import open_storage
+
+PAPER = {  # Louizos et al. 2018, table 1 (kept units per layer, test error on full MNIST)
+    "mlp": ("784-300-100 dense; L0 (lambda/N=0.1/N): 219-214-100, 1.4% error; L0-sep: 266-88-33, 1.8% error"),
+    "lenet5": ("20-50-800-500 dense; L0 (lambda/N=0.1/N): 20-25-45-462, 0.9% error; L0-sep: 9-18-65-25, 1.0% error"),
+}
+STUDIES = {
+    "mlp": {"model": {"name": "mlp"}, "optim": {"name": "adam", "lr": 0.002, "gate_lr": 0.05, "epochs": 30},
+            "lam": {"scratch": {"low": 0.01, "high": 1.0, "log": True},
+                    "finetune": {"low": 0.05, "high": 3.0, "log": True}}},
+    "lenet5": {"model": {"name": "lenet5"}, "optim": {"name": "adam", "lr": 0.002, "gate_lr": 0.05, "epochs": 12},
+               "lam": {"scratch": {"low": 0.01, "high": 1.0, "log": True},
+                       "finetune": {"low": 0.05, "high": 3.0, "log": True}}},
+}
+
+
+def _idx(path: Path, offset: int) -> np.ndarray:
+    with gzip.open(path, "rb") as fh:
+        return np.frombuffer(fh.read(), dtype=np.uint8, offset=offset)
+
+
+def mnist_t10k(path: str, seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
+    """(train 9,000, test 1,000) from the MNIST test-set files; the sweep carves 1,000 of train for validation."""
+    root = Path(path)
+    images = _idx(root / "t10k-images-idx3-ubyte.gz", 16).reshape(-1, 1, 28, 28)
+    labels = _idx(root / "t10k-labels-idx1-ubyte.gz", 8)
+    x = (torch.from_numpy(images.astype(np.float32) / 255.0) - 0.1307) / 0.3081
+    y = torch.from_numpy(labels.astype(np.int64))
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    train, test = order[:9000], order[9000:]
+    return TensorDataset(x[train], y[train]), TensorDataset(x[test], y[test])
+
+
+def _study_file(model: str, data: Path, trials: int, tmp: Path) -> Path:
+    s = STUDIES[model]
+    study = {
+        "name": f"mnist10k-{model}",
+        "trial": {"data": {"name": "benchmarks.mnist_quality:mnist_t10k", "batch_size": 100,
+                           "val_fraction": 1000 / 9000, "kwargs": {"path": str(data.resolve())}},
+                  "model": s["model"], "optim": s["optim"], "seed": 0},
+        "search": {"lam": s["lam"], "droprate_init": {"scratch": {"low": 0.2, "high": 0.7}, "finetune": 0.05},
+                   "mode": ["scratch", "finetune"]},
+        "trials": trials,
+        "sampler": {"name": "tpe", "seed": 0, "n_startup_trials": max(2, trials // 2)},
+        "enqueue": [{"mode": "finetune", "lam": 0.3}, {"mode": "scratch", "lam": 0.05, "droprate_init": 0.5}],
+        "early_stopping": {"enabled": False},
+    }
+    path = tmp / f"{model}.yaml"
+    path.write_text(yaml.safe_dump(study))
+    return path
+
+
+def _arch(kept: dict) -> str:
+    return "-".join(str(v[0] if isinstance(v, (list, tuple)) else v) for v in kept.values())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True, help="folder with the MNIST t10k IDX files")
+    parser.add_argument("--models", nargs="*", default=["mlp", "lenet5"], choices=sorted(STUDIES))
+    parser.add_argument("--trials", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        if not (args.data / name).is_file():
+            sys.exit(f"mnist_quality: error: --data {args.data}: no {name} there")
+    rows, notes = [], []
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        for model in args.models:
+            study_file = _study_file(model, args.data, args.trials, tmp)
+            start = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "sweeps.cli", "run", str(study_file), "--workers",
+                            str(args.workers), "--out", str(tmp / model)], check=True, stdin=subprocess.DEVNULL,
+                           stdout=subprocess.DEVNULL)
+            wall = time.perf_counter() - start
+            study = optuna.load_study(study_name=f"mnist10k-{model}",
+                                      storage=open_storage(str(tmp / model / "optuna.journal")))
+            dense = study.user_attrs["dense_baseline"]
+            complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            front = {t.number for t in study.best_trials}
+            within = [t for t in complete if t.values[0] >= dense["val_accuracy"] - 0.01]
+            best = max(within, key=lambda t: t.values[1]) if within else None
+            rows.append([model, "dense", "", "", f"{dense['val_accuracy']:.4f}", f"{dense['test_accuracy']:.4f}",
+                         0.0, 1.0, "", ""])
+            for t in sorted(complete, key=lambda t: t.values[1]):
+                if t.number not in front and t is not best:
+                    continue
+                a = t.user_attrs
+                rows.append([model, t.number, a["mode"], f"{a['lam']:.3g}", f"{t.values[0]:.4f}",
+                             f"{a['test_accuracy']:.4f}", t.values[1], a["flops_ratio"], _arch(a["kept_units"]),
+                             "most removed within 1 pt (val)" if t is best else "front"])
+            notes.append(f"**{model}**: {len(complete)} trials in {wall:.0f} s. " + (
+                f"Most removed within 1 point of the dense validation accuracy: trial {best.number}, "
+                f"{best.values[1]:.1%} of the parameters removed, test accuracy {best.user_attrs['test_accuracy']:.2%} "
+                f"(dense {dense['test_accuracy']:.2%}), kept {_arch(best.user_attrs['kept_units'])} "
+                f"({json.dumps(best.user_attrs['kept_units'])}). Paper: {PAPER[model]}." if best else
+                "No trial within 1 point of the dense validation accuracy."))
+    print(append("Quality on real MNIST digits (t10k: 8,000 / 1,000 / 1,000)",
+                 f"python -m benchmarks.mnist_quality --data {args.data} --models {' '.join(args.models)} "
+                 f"--trials {args.trials} --workers {args.workers}",
+                 ["model", "trial", "mode", "lambda", "val acc", "test acc", "sparsity", "FLOPs ratio", "kept units",
+                  "role"], rows, "\n\n".join(notes)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""The cost of L0 training: time and peak memory of one training step, gated / dense, same model and batch.
+
+    python -m benchmarks.training_overhead [--rounds 10] [--steps 3] [--device auto] [--amp] [--channels-last]
+
+Three variants of each model: dense (no gates, no penalty), gated with one gate draw per batch, gated with
+one draw per example. Each takes the real training step (``sweeps.training.train_step``: forward,
+cross-entropy, the L0 penalty, backward, Adam). Timing is interleaved: every round runs ``--steps`` steps
+of each variant in turn, so machine noise hits them alike; the ratio is taken per round, and the median
+over rounds is reported. Goals: time ratio <= 1.05 per-batch, <= 1.15 per-sample; peak memory <= 1.10.
+
+Peak memory of a step: ``torch.cuda.max_memory_allocated`` on a GPU; on the CPU, the peak of the torch
+profiler's memory timeline (every tensor the step allocates: activations, gradients, optimizer state).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from benchmarks.results import append
+from sweeps.models import build_model
+from sweeps.training import resolve_device, train_step
+
+MODELS = [("googlenet", (3, 32, 32), 128), ("lenet5", (1, 28, 28), 128)]
+VARIANTS = ("dense", "per-batch", "per-sample")
+
+
+class Setup:
+    """One variant: a model, its optimizer, a fixed batch and the step's arguments."""
+
+    def __init__(self, name: str, shape: tuple[int, ...], batch: int, variant: str, device: torch.device,
+                 amp: bool, channels_last: bool) -> None:
+        torch.manual_seed(0)
+        self.model = build_model(name, shape, 10, gates=variant != "dense",
+                                 per_sample=variant == "per-sample").to(device).train()
+        self.x = torch.randn(batch, *shape, device=device)
+        self.y = torch.randint(0, 10, (batch,), device=device)
+        if channels_last and self.x.dim() == 4:
+            self.model = self.model.to(memory_format=torch.channels_last)
+            self.x = self.x.contiguous(memory_format=torch.channels_last)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-3)
+        self.lam = None if variant == "dense" else 0.1
+        self.device, self.amp = device, amp
+
+    def step(self) -> None:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16 if self.device.type == "cpu" else torch.float16,
+                            enabled=self.amp):
+            train_step(self.model, self.opt, self.x, self.y, self.lam)
+
+    def timed(self, steps: int) -> float:
+        """Seconds per step over ``steps`` steps (the device synchronised at both ends)."""
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        sync()
+        start = time.perf_counter()
+        for _ in range(steps):
+            self.step()
+        sync()
+        return (time.perf_counter() - start) / steps
+
+    def peak_bytes(self) -> int:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.step()
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated()  # the whole footprint (weights included), as on the CPU
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                     with_stack=True) as prof:
+            self.step()
+        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+            # Deprecated in favour of a CUDA-only recorder; it is still the one CPU memory timeline torch has.
+            warnings.simplefilter("ignore", FutureWarning)
+            path = Path(tmp) / "timeline.json"
+            prof.export_memory_timeline(str(path), device="cpu")
+            _, sizes = json.loads(path.read_text())
+        return int(max(sum(s) for s in sizes))
+
+
+def measure(name: str, shape: tuple[int, ...], batch: int, args: argparse.Namespace) -> dict:
+    device = resolve_device(args.device)
+    setups = {v: Setup(name, shape, batch, v, device, args.amp, args.channels_last) for v in VARIANTS}
+    for s in setups.values():  # warm-up: lazy init, optimizer state, allocator caches
+        s.timed(2)
+    per_step = {v: [] for v in VARIANTS}
+    for _ in range(args.rounds):
+        for v, s in setups.items():
+            per_step[v].append(s.timed(args.steps))
+    ratios = {v: statistics.median(a / d for a, d in zip(per_step[v], per_step["dense"])) for v in VARIANTS[1:]}
+    peaks = {v: s.peak_bytes() for v, s in setups.items()}
+    return {"ms": {v: statistics.median(t) * 1e3 for v, t in per_step.items()}, "ratio": ratios,
+            "peak_mb": {v: b / 2**20 for v, b in peaks.items()},
+            "mem_ratio": {v: peaks[v] / peaks["dense"] for v in VARIANTS[1:]}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=3, help="steps per variant per round")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--amp", action="store_true", help="autocast (bfloat16 on CPU, float16 on CUDA)")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--models", nargs="*", default=[m[0] for m in MODELS])
+    args = parser.parse_args()
+    rows = []
+    for name, shape, batch in MODELS:
+        if name not in args.models:
+            continue
+        r = measure(name, shape, batch, args)
+        for v in VARIANTS[1:]:
+            goal = 1.05 if v == "per-batch" else 1.15
+            rows.append([name, batch, v, f"{r['ms']['dense']:.1f}", f"{r['ms'][v]:.1f}", f"{r['ratio'][v]:.3f}",
+                         "yes" if r["ratio"][v] <= goal else "no", f"{r['peak_mb']['dense']:.1f}",
+                         f"{r['peak_mb'][v]:.1f}", f"{r['mem_ratio'][v]:.3f}",
+                         "yes" if r["mem_ratio"][v] <= 1.10 else "no"])
+        print(name, json.dumps(r, indent=1), flush=True)
+    flags = " ".join(f for f, on in (("--amp", args.amp), ("--channels-last", args.channels_last)) if on)
+    command = f"python -m benchmarks.training_overhead --rounds {args.rounds} --steps {args.steps} " \
+              f"--device {args.device} {flags}".strip()
+    print(append(f"Training step: gated / dense ({resolve_device(args.device).type}"
+                 f"{', ' + flags if flags else ''})", command,
+                 ["model", "batch", "gates", "dense ms", "gated ms", "time ratio (median of rounds)", "goal met",
+                  "dense peak MB", "gated peak MB", "memory ratio", "goal met (<= 1.10)"], rows,
+                 f"{args.rounds} rounds x {args.steps} steps per variant, interleaved; time goal <= 1.05 per-batch, "
+                 "<= 1.15 per-sample. Step = forward, cross-entropy, L0 penalty (gated), backward, Adam."))
+
+
+if __name__ == "__main__":
+    main()
