@@ -71,6 +71,8 @@ class TrialConfig(_Strict):
     mode: Literal["scratch", "finetune"] = "scratch"
     seed: int = 0
     device: str = "auto"
+    amp: bool = False  # autocast: bfloat16 on CPU, float16 with a gradient scaler on CUDA
+    channels_last: bool = False  # NHWC memory format for convnets (faster convolutions on recent GPUs)
     threads: int | None = Field(None, ge=1)
     baseline_dir: str = "l0sweep-out/baselines"
 
@@ -167,25 +169,46 @@ def _loaders(splits: Splits, cfg: TrialConfig, device: torch.device) -> tuple[Da
 
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-               lam: float | None = None, **penalty_kw) -> tuple[torch.Tensor, torch.Tensor]:
+               lam: float | None = None, *, autocast: torch.dtype | None = None,
+               scaler: torch.amp.GradScaler | None = None, **penalty_kw) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimisation step on a batch: cross-entropy, plus ``l0core.penalty(model, lam, **penalty_kw)`` when
-    ``lam`` is given. Returns (task loss, penalty), detached and left on the device (no sync).
+    ``lam`` is given, under ``torch.autocast`` to ``autocast`` if set (with ``scaler`` for float16).
+    Returns (task loss, penalty), detached and left on the device (no sync).
 
     >>> net = nn.Linear(4, 3)
     >>> task, pen = train_step(net, torch.optim.SGD(net.parameters(), 0.1), torch.ones(2, 4), torch.tensor([0, 1]))
     >>> float(pen)
     0.0
     """
-    task = nn.functional.cross_entropy(model(x), y)
-    if lam is None:
-        loss, pen = task, torch.zeros((), device=task.device)
-    else:
-        pen = l0core.penalty(model, lam, **penalty_kw)
-        loss = task + pen
+    with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
+        task = nn.functional.cross_entropy(model(x), y)
+        if lam is None:
+            loss, pen = task, torch.zeros((), device=task.device)
+        else:
+            pen = l0core.penalty(model, lam, **penalty_kw)
+            loss = task + pen
     opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    else:
+        loss.backward()
+        opt.step()
     return task.detach(), pen.detach()
+
+
+def _precision(cfg: TrialConfig, device: torch.device) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
+    if not cfg.amp:
+        return None, None
+    if device.type == "cuda":
+        return torch.float16, torch.amp.GradScaler("cuda")
+    return torch.bfloat16, None  # bfloat16 has float32's range: no loss scaling needed
+
+
+def _to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
 
 
 def _run_epochs(model: nn.Module, cfg: TrialConfig, splits: Splits, device: torch.device, lam: float | None,
@@ -197,6 +220,9 @@ def _run_epochs(model: nn.Module, cfg: TrialConfig, splits: Splits, device: torc
     example = next(iter(val))[0][:1].to(device)
     penalty_kw = {"scale": cfg.penalty_scale, "n_train": len(splits.train),
                   "weight_decay": cfg.optim.weight_decay if cfg.penalty_scale == "paper" else 0.0}
+    autocast, scaler = _precision(cfg, device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
     history, report = [], None
     for epoch in range(1, epochs + 1):
         model.train()
@@ -205,8 +231,8 @@ def _run_epochs(model: nn.Module, cfg: TrialConfig, splits: Splits, device: torc
         pen_sum = torch.zeros((), device=device)
         batches = 0
         for x, y in train:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            task, pen = train_step(model, opt, x, y, lam, **penalty_kw)
+            x, y = _to_device(x, device, cfg.channels_last), y.to(device, non_blocking=True)
+            task, pen = train_step(model, opt, x, y, lam, autocast=autocast, scaler=scaler, **penalty_kw)
             task_sum += task
             pen_sum += pen
             batches += 1
@@ -235,6 +261,8 @@ def baseline_key(cfg: TrialConfig) -> str:
     """Content hash of what determines the dense baseline: data, model, optimisation and seed."""
     ident = {"data": cfg.data.model_dump(exclude={"data_dir", "download"}), "model": cfg.model.model_dump(),
              "optim": cfg.optim.model_dump(), "seed": cfg.seed}
+    if cfg.amp or cfg.channels_last:  # only then, so existing baselines keep their keys
+        ident["precision"] = {"amp": cfg.amp, "channels_last": cfg.channels_last}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -76,7 +76,11 @@ def make_sampler(spec: StudySpec, seed_offset: int) -> optuna.samplers.BaseSampl
 
 
 def _check_same_study(spec: StudySpec, stored_json: str) -> None:
-    stored = json.loads(stored_json)
+    # Both through today's schema: a field added since the study was made counts with its default.
+    try:
+        stored = json.loads(StudySpec.model_validate_json(stored_json).model_dump_json())
+    except ValueError:
+        stored = json.loads(stored_json)
     mine = json.loads(spec.model_dump_json())
     for key in _IDENTITY:
         if stored.get(key) != mine.get(key):

@@ -85,3 +85,18 @@ def test_suggest_uses_per_mode_ranges_and_applies_dotted_params():
     assert starting_point(spec, {"mode": "finetune", "lam": 10, "droprate_init": 0.05}) == \
         {"mode": "finetune", "lam_finetune": 10}
     assert trial_config(spec, {"lam": 2.0, "mode": "scratch", "optim.lr": 0.5}).optim.lr == 0.5
+
+
+def test_a_study_made_before_a_new_setting_existed_still_resumes():
+    """A study's stored spec lacks settings added in later versions; they count with their defaults."""
+    import json
+
+    from sweeps.worker import _check_same_study
+
+    spec = load_spec(Path(__file__).parents[1] / "studies" / "default.yaml")
+    older = json.loads(spec.model_dump_json())
+    del older["trial"]["amp"], older["trial"]["channels_last"]
+    _check_same_study(spec, json.dumps(older))
+    older["trial"]["seed"] = 99
+    with pytest.raises(SpecError, match="different 'trial' section"):
+        _check_same_study(spec, json.dumps(older))

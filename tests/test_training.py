@@ -158,3 +158,15 @@ def test_large_lambda_trains_a_sparser_model(tmp_path):
     assert large.sparsity > small.sparsity + 0.15
     assert large.flops_ratio < small.flops_ratio
     assert small.val_accuracy > 0.95
+
+
+def test_amp_and_channels_last_train_a_gated_convnet(tmp_path):
+    """The GPU knobs on the CPU: bfloat16 autocast and NHWC tensors, fine-tuning LeNet-5 from its baseline."""
+    cfg = _cfg(tmp_path, data={"name": "synthetic", "kwargs": {"shape": [1, 28, 28], "n": 256}},
+               model={"name": "lenet5"}, optim={**FAST, "epochs": 2}, amp=True, channels_last=True,
+               mode="finetune", droprate_init=0.05, lam=0.5)
+    result = train_trial(cfg)
+    assert all(torch.isfinite(torch.tensor([m.train_task_loss, m.train_penalty])).all() for m in result.epochs)
+    assert 0.0 <= result.val_accuracy <= 1.0 and result.epochs[0].train_penalty > 0
+    assert baseline_key(cfg) != baseline_key(cfg.model_copy(update={"amp": False, "channels_last": False}))
+    assert all(p.dtype == torch.float32 for p in result.model.parameters())  # autocast, not a half model
