@@ -43,7 +43,6 @@ def _is_gate_hook(hook: Any) -> bool:
     return isinstance(hook, functools.partial) and hook.func in (_gate_output, _gate_input, _draw_gate, _forget_gate)
 
 
-
 def _scale_units_(module: nn.Module, z: torch.Tensor, dim: int) -> None:
     """Multiply ``module``'s parameters along unit dimension ``dim`` by ``z`` (exact folding of a gate)."""
     with torch.no_grad():

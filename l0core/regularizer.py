@@ -15,6 +15,7 @@ from typing import Literal
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .placement import GATE_ATTR, gates
 from .kinds import ParameterGate, UnitGate
@@ -45,7 +46,10 @@ def _governed_weights(model: nn.Module) -> dict[int, tuple[torch.Tensor, int | N
     for module in model.modules():
         gate = module._modules.get(GATE_ATTR)
         if isinstance(gate, UnitGate):
-            found[id(gate)] = (module.weight, 1 if gate.kind == "neuron" else 0)
+            # The stored weight, not ``module.weight``: a per-batch channel gate may scale that by z itself.
+            weight = module.parametrizations["weight"].original if parametrize.is_parametrized(module, "weight") \
+                else module.weight
+            found[id(gate)] = (weight, 1 if gate.kind == "neuron" else 0)
         for plist in getattr(module, "parametrizations", {}).values():
             for g in plist:
                 if isinstance(g, ParameterGate):

@@ -181,3 +181,17 @@ def test_per_sample_channel_gates_keep_multiplying_the_output():
     (gated,) = attach(net, "channel", per_sample=True)
     assert gated.applied_at == "output of 1"
     assert not torch.nn.utils.parametrize.is_parametrized(net[1])
+
+
+def test_paper_penalty_uses_the_stored_weights_whichever_way_a_gate_is_applied():
+    """Per-batch gates scale the conv's weight through parametrize; the paper's L2 term must still see the
+    weight itself (as it does with per-example gates, which leave the weight alone)."""
+    torch.manual_seed(0)
+    nets = []
+    for per_sample in (False, True):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 3))
+        attach(net, "channel", per_sample=per_sample, droprate_init=0.3)
+        nets.append(net)
+    by_param, by_hook = (penalty(n, lam=0.5, scale="paper", n_train=100, weight_decay=1e-2) for n in nets)
+    torch.testing.assert_close(by_param, by_hook)
