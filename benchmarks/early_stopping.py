@@ -9,19 +9,14 @@ hypervolume of the final (val accuracy, sparsity) front (reference point (0, 0))
 from __future__ import annotations
 
 import argparse
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-import optuna
 import yaml
 from optuna.trial import TrialState
 
-from benchmarks.results import append
+from benchmarks.results import append, timed_sweep
 from dashboards import hypervolume_history
-from sweeps.storage import open_storage
 
 
 def one(study_file: Path, enabled: bool, trials: int, workers: int, tmp: Path) -> dict:
@@ -29,12 +24,7 @@ def one(study_file: Path, enabled: bool, trials: int, workers: int, tmp: Path) -
     data["early_stopping"] = {**data.get("early_stopping", {}), "enabled": enabled}
     path = tmp / f"es-{enabled}.yaml"
     path.write_text(yaml.safe_dump(data))
-    out = tmp / f"out-{enabled}"
-    start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "sweeps.cli", "run", str(path), "--trials", str(trials), "--workers",
-                    str(workers), "--out", str(out)], check=True, stdin=subprocess.DEVNULL)
-    wall = time.perf_counter() - start
-    study = optuna.load_study(study_name=data["name"], storage=open_storage(str(out / "optuna.journal")))
+    wall, study = timed_sweep(path, tmp / f"out-{enabled}", "--trials", str(trials), "--workers", str(workers))
     finished = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
     epochs = sum(len(t.user_attrs.get("history", [])) for t in finished)
     pruned = sum(t.state == TrialState.PRUNED for t in finished)

@@ -15,21 +15,17 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
-import optuna
 import torch
 import yaml
 from optuna.trial import TrialState
 from torch.utils.data import TensorDataset
 
-from benchmarks.results import append
-from sweeps.storage import open_storage
+from benchmarks.results import append, timed_sweep
 
 PAPER = {  # Louizos et al. 2018, table 1 (kept units per layer, test error on full MNIST)
     "mlp": ("784-300-100 dense; L0 (lambda/N=0.1/N): 219-214-100, 1.4% error; L0-sep: 266-88-33, 1.8% error"),
@@ -100,13 +96,7 @@ def main() -> None:
         tmp = Path(tmp_name)
         for model in args.models:
             study_file = _study_file(model, args.data, args.trials, tmp)
-            start = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "sweeps.cli", "run", str(study_file), "--workers",
-                            str(args.workers), "--out", str(tmp / model)], check=True, stdin=subprocess.DEVNULL,
-                           stdout=subprocess.DEVNULL)
-            wall = time.perf_counter() - start
-            study = optuna.load_study(study_name=f"mnist10k-{model}",
-                                      storage=open_storage(str(tmp / model / "optuna.journal")))
+            wall, study = timed_sweep(study_file, tmp / model, "--workers", str(args.workers))
             dense = study.user_attrs["dense_baseline"]
             complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
             front = {t.number for t in study.best_trials}

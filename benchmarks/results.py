@@ -5,7 +5,7 @@ import datetime as _dt
 import os
 import platform
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -36,3 +36,22 @@ def append(title: str, command: str, headers: Sequence[str], rows: Sequence[Sequ
     with RESULTS.open("a") as fh:
         fh.write(text)
     return text
+
+
+def timed_sweep(study_file: Path, out: Path, *options: str) -> tuple[float, Any]:
+    """Run ``l0sweep run STUDY_FILE --out OUT OPTIONS`` as a user would; (wall seconds, the finished study)."""
+    import subprocess
+    import sys
+    import time
+
+    import optuna
+    import yaml
+
+    from sweeps.storage import open_storage
+
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "sweeps.cli", "run", str(study_file), "--out", str(out), *options],
+                   check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - start
+    name = yaml.safe_load(Path(study_file).read_text())["name"]
+    return wall, optuna.load_study(study_name=name, storage=open_storage(str(out / "optuna.journal")))

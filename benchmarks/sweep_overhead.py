@@ -22,15 +22,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import optuna
 import torch
 import yaml
 from optuna.trial import TrialState
 
-from benchmarks.results import append
+from benchmarks.results import append, timed_sweep
 from sweeps.search import trial_config
 from sweeps.spec import load_spec
-from sweeps.storage import open_storage
 from sweeps.training import dense_baseline, train_trial
 
 
@@ -48,13 +46,7 @@ def _phase(trials: list) -> float:
 
 
 def _sweep(study_file: Path, trials: int, workers: int, out: Path) -> tuple[float, list]:
-    start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "sweeps.cli", "run", str(study_file), "--trials", str(trials),
-                    "--workers", str(workers), "--threads", "1", "--out", str(out)], check=True,
-                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-    wall = time.perf_counter() - start
-    name = yaml.safe_load(study_file.read_text())["name"]
-    study = optuna.load_study(study_name=name, storage=open_storage(str(out / "optuna.journal")))
+    wall, study = timed_sweep(study_file, out, "--trials", str(trials), "--workers", str(workers), "--threads", "1")
     return wall, study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
 
 

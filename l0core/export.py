@@ -22,7 +22,7 @@ import torch_pruning as tp
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .placement import GATE_ATTR, ScaleUnits, _draw_gate, _forget_gate, _gate_input, _gate_output, gates
+from .placement import GATE_ATTR, _draw_gate, _forget_gate, _gate_input, _gate_output, gates
 from .kinds import UnitGate
 
 _LINEAR_LIKE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -64,26 +64,22 @@ def fold(model: nn.Module) -> tuple[nn.Module, list[_Site]]:
     sites: list[_Site] = []
     # Remove gate hooks first, remembering which module each gate's output hook sits on.
     hooked_at: dict[int, nn.Module] = {}
+    # Gates applied through their target's parameters: unparametrizing it below (in eval mode) bakes z in.
+    by_parameters: set[int] = set()
     for module in plain.modules():
         for hooks in (module._forward_hooks, module._forward_pre_hooks):
             for key, hook in list(hooks.items()):
                 if _is_gate_hook(hook):
                     hooked_at[id(hook.args[0])] = module
+                    if hook.func is _draw_gate:
+                        by_parameters.add(id(hook.args[0]))
                     del hooks[key]
                     module._forward_hooks_always_called.pop(key, None)
-    # Gates applied through parameters: in eval mode the parametrized value is already weight * z.
-    folded: set[int] = set()
-    for module in list(plain.modules()):
-        if parametrize.is_parametrized(module):
-            scales = [p for plist in module.parametrizations.values() for p in plist if isinstance(p, ScaleUnits)]
-            if scales:
-                folded.update(id(p.gate) for p in scales)
-                _unparametrize(module)
     for name, module in list(plain.named_modules()):
         gate = module._modules.get(GATE_ATTR)
         if isinstance(gate, UnitGate):
             target = module if gate.kind == "neuron" else hooked_at.get(id(gate), module)
-            if id(gate) not in folded:
+            if id(gate) not in by_parameters:
                 _scale_units_(target, gate.deterministic().detach(), dim=1 if gate.kind == "neuron" else 0)
             del module._modules[GATE_ATTR]
             sites.append(_Site(name, module, target, gate.kind))

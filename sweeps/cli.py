@@ -1,7 +1,8 @@
 """The ``l0sweep`` command line: run, create, worker, status, report, pick, dashboard, ui.
 
 Every command takes ``--out DIR`` (default ``l0sweep-out``); without ``--storage``/``--tracking-uri`` (or
-``$L0SWEEP_STORAGE``/``$MLFLOW_TRACKING_URI``) it uses the embedded stores there: a journal file ``DIR/optuna.journal`` and ``sqlite:///DIR/mlflow.db``.
+``$L0SWEEP_STORAGE``/``$MLFLOW_TRACKING_URI``) it uses the embedded stores there: a journal file
+``DIR/optuna.journal`` and ``sqlite:///DIR/mlflow.db``.
 Errors are one line on stderr and a non-zero exit.
 """
 from __future__ import annotations

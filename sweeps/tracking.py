@@ -13,7 +13,7 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import mlflow
 import optuna
@@ -153,9 +153,9 @@ class TrialRun:
             self._pending = self._pending[1000:]
         self._flushed = time.monotonic()
 
-    def finish(self, result: TrialResult, log_model: bool, alphas: dict[str, list[float]]) -> None:
-        """Final metrics, the log_alpha values and histogram (``alphas``: gate -> values), the kept units, and
-        (``log_model``) the exported model."""
+    def finish(self, result: TrialResult, log_model: bool, alphas: dict[str, list[float]], hist: dict) -> None:
+        """Final metrics, the log_alpha values (``alphas``: gate -> values) and their histogram (``hist``, from
+        :func:`log_alpha_histogram`), the kept units, and (``log_model``) the exported model."""
         self.flush()
         step = result.epochs[-1].epoch if result.epochs else 0
         final = {"val_accuracy": result.val_accuracy, "test_accuracy": result.test_accuracy,
@@ -167,7 +167,7 @@ class TrialRun:
         if result.model is not None:
             self.client.log_dict(self.run_id, {k: [round(x, 3) for x in v] for k, v in alphas.items()},
                                  "log_alpha.json")
-            png = log_alpha_histogram_png(alphas)
+            png = log_alpha_histogram_png(hist)
             if png is not None:
                 self.client.log_image(self.run_id, png, "log_alpha_hist.png")
             if log_model:
@@ -200,8 +200,20 @@ def log_alpha_by_gate(model: torch.nn.Module) -> dict[str, list[float]]:
     return {name: gate.log_alpha.detach().flatten().cpu().tolist() for name, gate in l0core.gates(model)}
 
 
-def log_alpha_histogram_png(alphas: dict[str, list[float]]) -> Any:
-    """A PIL image of the log_alpha histogram per gate (None without matplotlib)."""
+def log_alpha_histogram(alphas: dict[str, list[float]],
+                        edges: Sequence[float] = tuple(x / 2 for x in range(-20, 21))) -> dict:
+    """Counts of each gate's log_alpha on fixed bins (values beyond the edges go to the end bins)."""
+    import numpy as np
+
+    counts_by_gate = {}
+    for name, values in alphas.items():
+        clipped = np.clip(values, edges[0], edges[-1])
+        counts_by_gate[name.removesuffix(".l0_gate")] = np.histogram(clipped, bins=edges)[0].tolist()
+    return {"edges": list(edges), "counts": counts_by_gate}
+
+
+def log_alpha_histogram_png(hist: dict) -> Any:
+    """A PIL image of a :func:`log_alpha_histogram` (None without matplotlib, or with no gates)."""
     try:
         import matplotlib
 
@@ -210,21 +222,16 @@ def log_alpha_histogram_png(alphas: dict[str, list[float]]) -> Any:
         from PIL import Image
     except ImportError:
         return None
-    import numpy as np
-
-    filled = {name: np.asarray(values) for name, values in alphas.items() if len(values)}
-    if not filled:
+    if not hist["counts"]:
         return None
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=80)
-    # numpy counts drawn as stairs, with a fixed layout: a third of the time of ax.hist + tight_layout.
-    edges = np.histogram_bin_edges(np.concatenate(list(filled.values())), bins=40)
-    for name, values in filled.items():
-        ax.stairs(np.histogram(values, bins=edges)[0], edges, fill=True, alpha=0.5,
-                  label=name.replace(".l0_gate", ""))
+    # Counts drawn as stairs, with a fixed layout: a third of the time of ax.hist + tight_layout.
+    for name, counts in hist["counts"].items():
+        ax.stairs(counts, hist["edges"], fill=True, alpha=0.5, label=name)
     ax.axvline(0.0, color="k", lw=0.5)
     ax.set_xlabel("log_alpha")
     ax.set_ylabel("units")
-    if len(filled) <= 12:
+    if len(hist["counts"]) <= 12:
         ax.legend(fontsize=6)
     fig.subplots_adjust(left=0.11, right=0.98, top=0.96, bottom=0.15)
     buf = io.BytesIO()

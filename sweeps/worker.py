@@ -25,7 +25,7 @@ from .search import starting_point, suggest
 from .spec import SpecError, StudySpec
 from .storage import open_storage
 from .tracking import (TrialRun, check_tracking, end_run_of, end_study_run, ensure_study_run, log_alpha_by_gate,
-                       worker_tag)
+                       log_alpha_histogram, worker_tag)
 from .training import EpochMetrics, StopTrial, dense_baseline, train_trial
 
 _log = logging.getLogger(__name__)
@@ -178,11 +178,12 @@ class Objective:
             for key in ("test_accuracy", "flops_ratio", "total_params", "removed_params", "kept_units"):
                 trial.set_user_attr(key, getattr(result, key))
             alphas = log_alpha_by_gate(result.model)
-            trial.set_user_attr("log_alpha_hist", log_alpha_histogram(alphas))
+            hist = log_alpha_histogram(alphas)
+            trial.set_user_attr("log_alpha_hist", hist)
             front = trial.study.best_trials
             log_model = spec.mlflow.log_models == "all" or (
                 spec.mlflow.log_models == "front" and not _dominated(objectives, front))
-            run.finish(result, log_model, alphas)
+            run.finish(result, log_model, alphas, hist)
             trial.set_user_attr("model_logged", log_model)
             self._record_baseline(trial.study, cfg)
         except StopTrial as stop:
@@ -195,7 +196,6 @@ class Objective:
             raise
         return objectives
 
-
     def _record_baseline(self, study: optuna.Study, cfg) -> None:
         """The dense model's accuracy, once per study: the report's reference line and ``pick``'s yardstick."""
         if BASELINE_ATTR in study.user_attrs:
@@ -205,18 +205,6 @@ class Objective:
         saved = torch.load(dense_baseline(cfg), map_location="cpu")
         study.set_user_attr(BASELINE_ATTR, {"val_accuracy": saved["val_accuracy"],
                                             "test_accuracy": saved["test_accuracy"]})
-
-
-def log_alpha_histogram(alphas: dict[str, list[float]],
-                        edges: Sequence[float] = tuple(x / 2 for x in range(-20, 21))) -> dict:
-    """Counts of each gate's log_alpha on fixed bins (values beyond the edges go to the end bins)."""
-    import numpy as np
-
-    counts_by_gate = {}
-    for name, values in alphas.items():
-        clipped = np.clip(values, edges[0], edges[-1])
-        counts_by_gate[name.removesuffix(".l0_gate")] = np.histogram(clipped, bins=edges)[0].tolist()
-    return {"edges": list(edges), "counts": counts_by_gate}
 
 
 def stop_on_sigterm() -> None:

@@ -5,6 +5,7 @@ The same topology as docker-compose.yml, without a container engine. Every start
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -60,8 +61,6 @@ class _Process:
 
     def stop(self) -> None:
         if self.proc.poll() is None:
-            import os
-
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
                 self.proc.wait(timeout=20)

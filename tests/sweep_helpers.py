@@ -29,10 +29,15 @@ def write_study(path: Path, **overrides) -> Path:
     return path
 
 
-def l0sweep(*args: str, timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, "-m", "sweeps.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd, env=env, stdin=subprocess.DEVNULL)
+def l0sweep(*args: str, timeout: float = 300, cwd: Path | None = None, env: dict | None = None,
+            log=None) -> subprocess.CompletedProcess | subprocess.Popen:
+    """Run ``l0sweep ARGS`` to completion; with ``log`` (a file), start it and return the process instead."""
+    cmd = [sys.executable, "-m", "sweeps.cli", *map(str, args)]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
+    if log is not None:
+        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env,
+                          stdin=subprocess.DEVNULL)
 
 
 def runs_of(tracking_uri: str, experiment: str) -> list:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,7 +22,7 @@ from optuna.trial import TrialState
 from sweeps.storage import open_storage
 from tests.postgres import PostgresServer
 from tests.servers import MlflowServer, OptunaDashboard, get_json
-from tests.sweep_helpers import TINY, write_study
+from tests.sweep_helpers import TINY, l0sweep, write_study
 
 pytestmark = pytest.mark.slow
 
@@ -45,13 +43,6 @@ def service(tmp_path):
             part.stop() if part is not postgres else postgres.cleanup()
 
 
-def _l0sweep(*args, env, log=None, wait=True):
-    cmd = [sys.executable, "-m", "sweeps.cli", *map(str, args)]
-    if wait:
-        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
-    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-
-
 def _wait(predicate, timeout: float, what: str, step: float = 0.1):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -68,10 +59,10 @@ def test_service_topology_with_a_killed_worker_and_a_database_restart(tmp_path, 
     study_file = write_study(tmp_path / "tiny.yaml", trials=budget,
                              trial={**TINY["trial"], "optim": {**TINY["trial"]["optim"], "epochs": 12}})
     # What compose gives every l0sweep container: the stores by environment, never the MLflow database.
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "L0SWEEP_STORAGE": url,
+    env = {"L0SWEEP_STORAGE": url,
            "MLFLOW_TRACKING_URI": mlflow_server.url, "L0SWEEP_OUT": str(tmp_path / "out")}
 
-    created = _l0sweep("create", study_file, env=env)
+    created = l0sweep("create", study_file, env=env)
     assert created.returncode == 0, created.stderr
     dashboard = OptunaDashboard(url, tmp_path / "dashboard.log")
     started.append(dashboard)
@@ -80,7 +71,7 @@ def test_service_topology_with_a_killed_worker_and_a_database_restart(tmp_path, 
                     if s["study_name"] == "tiny")
 
     logs = [open(tmp_path / f"w{i}.log", "wb") for i in range(2)]
-    victim, survivor = (_l0sweep("worker", study_file, env=env, log=logs[i], wait=False) for i in range(2))
+    victim, survivor = (l0sweep("worker", study_file, env=env, log=logs[i]) for i in range(2))
     study = optuna.load_study(study_name="tiny", storage=open_storage(url))
 
     def mid_trial(worker):  # running, with at least one epoch done
@@ -131,7 +122,7 @@ def test_service_topology_with_a_killed_worker_and_a_database_restart(tmp_path, 
     # optuna-dashboard shows the study; the report job writes the report and logs it to the parent run.
     detail = get_json(f"{dashboard.url}/api/studies/{study_id}")
     assert sum(t["state"] == "Complete" for t in detail["trials"]) == len(complete)
-    reported = _l0sweep("report", "tiny", env=env)
+    reported = l0sweep("report", "tiny", env=env)
     assert reported.returncode == 0, reported.stderr
     report = tmp_path / "out" / "reports" / "tiny" / "report.html"
     assert report.is_file() and report.stat().st_size > 10_000
@@ -163,23 +154,23 @@ def test_basic_auth_and_allowed_hosts_refusals_are_one_clear_line(tmp_path):
         server.wait_ready()  # /health needs no login: the compose health check works with auth on
         study_file = write_study(tmp_path / "tiny.yaml")
         journal = tmp_path / "optuna.journal"
-        env = {**os.environ, "PYTHONWARNINGS": "ignore", "L0SWEEP_STORAGE": str(journal),
+        env = {"L0SWEEP_STORAGE": str(journal),
                "MLFLOW_TRACKING_URI": server.url, "L0SWEEP_OUT": str(tmp_path / "out")}
 
-        refused = _l0sweep("create", study_file, env=env)
+        refused = l0sweep("create", study_file, env=env)
         assert refused.returncode == 1
         assert refused.stderr.strip().splitlines() == [
             f"l0sweep create: error: --tracking-uri {server.url}: the MLflow server wants a login (HTTP 401); "
             "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"]
         assert not journal.exists() or not optuna.get_all_study_names(open_storage(str(journal)))
 
-        wrong_host = _l0sweep("create", study_file, env={**env, "MLFLOW_TRACKING_URI": f"http://0.0.0.0:{server.port}",
+        wrong_host = l0sweep("create", study_file, env={**env, "MLFLOW_TRACKING_URI": f"http://0.0.0.0:{server.port}",
                                                           "MLFLOW_TRACKING_USERNAME": "sweeper",
                                                           "MLFLOW_TRACKING_PASSWORD": "pw-from-env-file"})
         assert wrong_host.returncode == 1 and "does not list '0.0.0.0:" in wrong_host.stderr, wrong_host.stderr
 
         login = {"MLFLOW_TRACKING_USERNAME": "sweeper", "MLFLOW_TRACKING_PASSWORD": "pw-from-env-file"}
-        created = _l0sweep("create", study_file, env={**env, **login})
+        created = l0sweep("create", study_file, env={**env, **login})
         assert created.returncode == 0, created.stderr
         os.environ.update(login)
         try:

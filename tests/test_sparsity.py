@@ -4,7 +4,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 import l0core
-from l0core import attach, gates, sparsity
+from l0core import attach, sparsity
 
 
 def _close(gate, idx):
