@@ -22,7 +22,7 @@ import torch_pruning as tp
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .placement import GATE_ATTR, _draw_gate, _forget_gate, _gate_input, _gate_output, gates
+from .placement import GATE_ATTR, _draw_gate, _forget_gate, _gate_after_relu, _gate_input, _gate_output, gates
 from .kinds import UnitGate
 
 _LINEAR_LIKE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -40,7 +40,7 @@ class _Site:
 
 
 def _is_gate_hook(hook: Any) -> bool:
-    return isinstance(hook, functools.partial) and hook.func in (_gate_output, _gate_input, _draw_gate, _forget_gate)
+    return isinstance(hook, functools.partial) and hook.func in (_gate_output, _gate_input, _gate_after_relu, _draw_gate, _forget_gate)
 
 
 def _scale_units_(module: nn.Module, z: torch.Tensor, dim: int) -> None:
@@ -70,7 +70,8 @@ def fold(model: nn.Module) -> tuple[nn.Module, list[_Site]]:
         for hooks in (module._forward_hooks, module._forward_pre_hooks):
             for key, hook in list(hooks.items()):
                 if _is_gate_hook(hook):
-                    hooked_at[id(hook.args[0])] = module
+                    # A gate fused with a ReLU is folded into the layer before that ReLU.
+                    hooked_at[id(hook.args[0])] = hook.args[1] if hook.func is _gate_after_relu else module
                     if hook.func is _draw_gate:
                         by_parameters.add(id(hook.args[0]))
                     del hooks[key]

@@ -36,19 +36,65 @@ class UnitGate(HardConcrete):
         self.current: torch.Tensor | None = None  # this forward pass's z, when applied through parameters
         self.register_buffer("unit_cost", torch.full((num_units,), float(unit_cost)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _z_for(self, x: torch.Tensor) -> torch.Tensor:
+        """This pass's ``z``, shaped to broadcast over ``x``: ``(N, C, 1, ...)`` per example, else ``(C, 1, ...)``."""
         if x.dim() < 2 or x.shape[1] != self.n:
             raise ValueError(f"{type(self).__name__}({self.n}) got an input of shape {tuple(x.shape)}: "
                              f"dim 1 must have {self.n} units")
         trailing = (1,) * (x.dim() - 2)
         if self.training and self.per_sample:
-            z = self.sample((x.shape[0],)).view(x.shape[0], self.n, *trailing)
-        else:
-            z = self.gate().view(self.n, *trailing)
-        return x * z.to(x.dtype)
+            return self.sample((x.shape[0],)).view(x.shape[0], self.n, *trailing).to(x.dtype)
+        return self.gate().view(self.n, *trailing).to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self._z_for(x)
+
+    def relu_then_gate(self, x: torch.Tensor, relu_x: torch.Tensor | None = None) -> torch.Tensor:
+        """``relu(x) * z``, which equals ``relu(x * z)`` because ``z >= 0``: the gate fused with the ReLU after it.
+
+        Per-example gates keep only the output for backward (the ReLU's own saved output, in effect), so
+        they cost no second copy of the activation. ``relu_x``: ``relu(x)`` when already computed (by the ReLU
+        module this gate is fused with), to spare a pass.
+
+        >>> ChannelGate(3, per_sample=True).relu_then_gate(-torch.ones(2, 3, 4, 4)).abs().sum().item()
+        0.0
+        """
+        z = self._z_for(x)
+        if z.dim() == x.dim():  # per example
+            return _ReluThenScale.apply(x, z, torch.relu(x.detach()) if relu_x is None else relu_x.detach())
+        return (torch.relu(x) if relu_x is None else relu_x) * z
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", per_sample={self.per_sample}"
+
+
+class _ReluThenScale(torch.autograd.Function):
+    """``y = relu(x) * z`` with ``z >= 0`` of shape ``(N, C, 1, ...)``, saving only ``y`` and ``z``.
+
+    Takes ``relu(x)`` ready-made (detached: its gradient is computed here, from ``y``) and scales it in
+    place: the ReLU that made it is dropped from the graph, so nothing else reads it.
+
+    Where ``z > 0``, ``relu(x) = y / z`` and ``x > 0`` exactly where ``y > 0``. Where ``z == 0`` the input
+    gets no gradient either way, and ``z``'s own gradient is never used: the clamp that made it 0 passes
+    none back to ``log_alpha``.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, z: torch.Tensor, relu_x: torch.Tensor) -> torch.Tensor:
+        y = relu_x.mul_(z)
+        ctx.save_for_backward(y, z)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        y, z = ctx.saved_tensors
+        # Per (example, unit): sum over positions of grad * y, as a batched dot (no full-size temporary).
+        n, c = y.shape[:2]
+        dot = torch.bmm(grad.reshape(n * c, 1, -1), y.reshape(n * c, -1, 1)).view_as(z)
+        is_open = z > 0
+        grad_z = torch.where(is_open, dot / torch.where(is_open, z, torch.ones_like(z)), torch.zeros_like(z))
+        grad_x = torch.ops.aten.threshold_backward(grad, y, 0).mul_(z)  # ReLU's own backward kernel
+        return grad_x, grad_z, None
 
 
 class ChannelGate(UnitGate):

@@ -4,8 +4,10 @@ Structured gates live on the module whose units they govern (``conv.l0_gate``, `
 they travel with its state dict. A channel gate acts where the unit leaves the layer (after the BatchNorm
 that follows a conv). With one draw per batch it scales that layer's weight and bias instead of its output
 (``torch.nn.utils.parametrize``): the same function, at the cost of a few hundred multiplications instead of
-a pass over the activation and a second copy of it kept for backward. Per-example channel gates and neuron
-gates (where features enter a dense layer) multiply the activation through a forward hook.
+a pass over the activation and a second copy of it kept for backward. Per-example channel gates multiply
+the activation through a forward hook; followed by a ReLU, they fuse with it (``relu(x) * z``), keeping for
+backward only the output the ReLU would have kept. Neuron gates (where features enter a dense layer)
+multiply the activation through a forward hook.
 Parameter gates use ``torch.nn.utils.parametrize`` and keep the existing weights untouched.
 """
 from __future__ import annotations
@@ -67,6 +69,11 @@ def _gate_input(gate: UnitGate, module: nn.Module, args: tuple) -> tuple:
     return (gate(args[0]), *args[1:])
 
 
+def _gate_after_relu(gate: UnitGate, target: nn.Module, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    # Connected to the graph through the ReLU's input, so the ReLU's node (and the output it saved) is dropped.
+    return gate.relu_then_gate(args[0], output)
+
+
 def _draw_gate(gate: UnitGate, module: nn.Module, args: tuple) -> None:
     gate.current = gate.gate()  # one draw for the whole forward pass, shared by weight and bias
 
@@ -120,6 +127,23 @@ def _following_norm(parent: nn.Module, child_name: str, conv: nn.Module) -> tupl
         if isinstance(nxt, _NORM) and nxt.num_features == conv.out_channels:
             return names[i + 1], nxt
     return None
+
+
+def _fusable_relu(model: nn.Module, parent: nn.Module, child_name: str) -> nn.ReLU | None:
+    """The ReLU that alone consumes ``parent.child_name``'s output, if that is certain without tracing.
+
+    Certain only inside a stock ``nn.Sequential`` (each child feeds the next and nothing else), for a
+    ReLU module used once in the model and not in place (an in-place ReLU has already overwritten its input).
+    """
+    if type(parent).forward is not nn.Sequential.forward:
+        return None
+    names = list(parent._modules)
+    i = names.index(child_name)
+    nxt = parent._modules[names[i + 1]] if i + 1 < len(names) else None
+    if type(nxt) is not nn.ReLU or nxt.inplace or nxt._forward_hooks:
+        return None
+    uses = sum(1 for _, m in model.named_modules(remove_duplicate=False) if m is nxt)
+    return nxt if uses == 1 else None
 
 
 def _local_unit_cost(module: nn.Module, dim: int, norm: nn.Module | None = None) -> float:
@@ -187,8 +211,12 @@ def _attach_units(model, kind, include, exclude, droprate_init, per_sample) -> l
                 norm = _following_norm(parent, child_name, child)
                 gate = ChannelGate(child.out_channels, droprate_init, per_sample, _local_unit_cost(child, 0, norm and norm[1]))
                 target_name, target = (f"{parent_name}.{norm[0]}" if parent_name else norm[0], norm[1]) if norm else (name, child)
+                relu = _fusable_relu(model, parent, norm[0] if norm else child_name)
                 if not per_sample and _scale_parameters(gate, target):
                     applied = f"output of {target_name} (scaling its weight and bias)"
+                elif relu is not None:
+                    relu.register_forward_hook(functools.partial(_gate_after_relu, gate, target))
+                    applied = f"output of {target_name} (fused with the ReLU after it)"
                 else:
                     target.register_forward_hook(functools.partial(_gate_output, gate))
                     applied = f"output of {target_name}"

@@ -1,4 +1,5 @@
 import copy
+import weakref
 
 import pytest
 import torch
@@ -181,6 +182,72 @@ def test_per_sample_channel_gates_keep_multiplying_the_output():
     (gated,) = attach(net, "channel", per_sample=True)
     assert gated.applied_at == "output of 1"
     assert not torch.nn.utils.parametrize.is_parametrized(net[1])
+
+
+def _conv_net(relu_inplace: bool) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(inplace=relu_inplace),
+                         nn.Conv2d(6, 5, 3), nn.ReLU(inplace=relu_inplace), nn.Flatten(), nn.LazyLinear(3))
+
+
+def test_per_sample_gates_fused_with_the_next_relu_compute_the_same_values_and_gradients():
+    """relu(x) * z saving only its output gives what x * z then ReLU gives: outputs, and the gradients of
+    every weight and of log_alpha (exact zeros of z included: the clamp passes them no gradient)."""
+    torch.manual_seed(0)
+    fused, plain = _conv_net(False), _conv_net(True)  # an in-place ReLU is never fused
+    x = torch.randn(8, 3, 9, 9)
+    fused(x), plain.load_state_dict(fused.state_dict())
+    applied = [attach(n, "channel", per_sample=True, droprate_init=0.4) for n in (fused, plain)]
+    assert [g.applied_at for g in applied[0]] == ["output of 1 (fused with the ReLU after it)",
+                                                  "output of 3 (fused with the ReLU after it)"]
+    assert [g.applied_at for g in applied[1]] == ["output of 1", "output of 3"]
+    plain.load_state_dict(fused.state_dict())
+    with torch.no_grad():
+        for net in (fused, plain):  # gates closed, fractional and open in every draw
+            net[0].l0_gate.log_alpha.copy_(torch.tensor([-3.0, -0.5, 0.0, 0.5, 1.0, 3.0]))
+    outs = []
+    for net in (fused, plain):
+        torch.manual_seed(1)
+        out = net.train()(x)
+        (out * torch.arange(3.0)).sum().backward()
+        outs.append(out)
+    torch.testing.assert_close(outs[0], outs[1])
+    grads = [{n: p.grad for n, p in net.named_parameters()} for net in (fused, plain)]
+    assert grads[0].keys() == grads[1].keys() and "0.l0_gate.log_alpha" in grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], msg=name)
+    assert fused[0].l0_gate.log_alpha.grad.abs().sum() > 0
+    fused.eval(), plain.eval()  # evaluation: the deterministic gate, the same function
+    torch.testing.assert_close(fused(x), plain(x))
+
+
+def _saved_bytes(net: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of distinct storages autograd still keeps for backward at the end of a forward pass."""
+    saved: list[weakref.ref] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        kept = t.detach()  # not t: a saved output would hold its own grad_fn, a cycle that outlives the graph
+        saved.append(weakref.ref(kept))
+        return kept
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = net.train()(x)  # noqa: F841 - keeps the graph (and what it saved) alive
+        alive = [t for t in (ref() for ref in saved) if t is not None]
+        return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in alive}.values())
+
+
+def test_per_sample_gates_fused_with_a_relu_keep_no_second_copy_of_the_activation():
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 20, 20)
+    nets = {name: _conv_net(inplace) for name, inplace in (("dense", False), ("fused", False), ("plain", True))}
+    for net in nets.values():
+        net(x)
+    for name in ("fused", "plain"):
+        attach(nets[name], "channel", per_sample=True)
+    saved = {name: _saved_bytes(net, x) for name, net in nets.items()}
+    activation = 16 * 6 * 18 * 18 * 4  # the first layer's output, in bytes
+    gate_noise = 16 * (6 + 5) * 4 * 4  # per-example z and the sampling's own saved tensors, per gate
+    assert saved["fused"] <= saved["dense"] + gate_noise
+    assert saved["plain"] >= saved["dense"] + activation  # what the fusion saves
 
 
 def test_paper_penalty_uses_the_stored_weights_whichever_way_a_gate_is_applied():

@@ -15,6 +15,9 @@ CASES = {
     "mlp": (lambda: build_model("mlp", (1, 28, 28), 10), (4, 1, 28, 28)),
     "lenet5": (lambda: build_model("lenet5", (1, 28, 28), 10), (4, 1, 28, 28)),
     "googlenet": (lambda: build_model("googlenet", (3, 32, 32), 10), (4, 3, 32, 32)),
+    # per-example gates: fused with the ReLU after their layer, folded into the layer before it
+    "lenet5-per-sample": (lambda: build_model("lenet5", (1, 28, 28), 10, per_sample=True), (4, 1, 28, 28)),
+    "googlenet-per-sample": (lambda: build_model("googlenet", (3, 32, 32), 10, per_sample=True), (4, 3, 32, 32)),
     "resnet18": (lambda: build_model("torchvision:resnet18", (3, 64, 64), 10), (2, 3, 64, 64)),
     "mobilenet_v2": (lambda: build_model("torchvision:mobilenet_v2", (3, 64, 64), 10), (2, 3, 64, 64)),
 }
