@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed-offset", type=int, default=None, metavar="I",
                    help="sampler seed offset (default: from the process id, distinct per worker)")
     p.add_argument("--threads", type=int, metavar="T")
+    # Set by `l0sweep run` for its workers: wait for this file while the launcher (this pid) lives.
+    p.add_argument("--start-after", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--launcher-pid", type=int, help=argparse.SUPPRESS)
     _common(p)
 
     p = sub.add_parser("status", help="trials by state and the current Pareto front")
@@ -87,8 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace, seed_offset: int = 0):
-    from .tracking import default_tracking_uri
-    from .worker import settings_from
+    from .settings import default_tracking_uri, settings_from
 
     out = Path(args.out)
     storage = args.storage or str((out / "optuna.journal").resolve())
@@ -139,7 +141,8 @@ def dispatch(args: argparse.Namespace) -> int:
         from .worker import run_worker
 
         offset = args.seed_offset if args.seed_offset is not None else os.getpid() % 100_000
-        return run_worker(spec, _settings(args, seed_offset=offset))
+        return run_worker(spec, _settings(args, seed_offset=offset), 
+                          start_after=(args.start_after, args.launcher_pid) if args.start_after else None)
     if args.command == "status":
         from .status import print_status
 

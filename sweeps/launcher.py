@@ -1,8 +1,10 @@
 """``l0sweep run``: create or resume a study, run K local worker processes to its budget, then the report.
 
-Workers are separate processes (``l0sweep worker``), each with its own log under ``OUT/logs``. A worker that
-dies (killed, out of memory) has its running trial failed, its MLflow run closed KILLED and the trial retried
-here, since a journal file has no heartbeats; on PostgreSQL the heartbeats do the same for remote workers.
+Workers are separate processes (``l0sweep worker``), each with its own log under ``OUT/logs``. They start
+first and wait for the study, so their imports (torch, MLflow: seconds) overlap the launcher's own and the
+study's creation. A worker that dies (killed, out of memory) has its running trial failed, its MLflow run
+closed KILLED and the trial retried here, since a journal file has no heartbeats; on PostgreSQL the heartbeats
+do the same for remote workers.
 """
 from __future__ import annotations
 
@@ -11,22 +13,22 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import optuna
-from optuna.trial import TrialState
-from tqdm import tqdm
-
+from .settings import Settings
 from .spec import StudySpec
 from .storage import check_url, redact
-from .tracking import end_study_run
-from .worker import BUDGET_ATTR, Settings, counts, create_or_resume, stale_trial_callback
+
+if TYPE_CHECKING:
+    import optuna
 
 MAX_RESTARTS = 3
 
 
-def _spawn(study_file: Path, settings: Settings, index: int, log_dir: Path) -> subprocess.Popen:
+def _spawn(study_file: Path, settings: Settings, index: int, log_dir: Path, ready: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "sweeps.cli", "worker", str(study_file), "--storage", settings.storage,
-           "--tracking-uri", settings.tracking_uri, "--out", str(settings.out), "--seed-offset", str(index)]
+           "--tracking-uri", settings.tracking_uri, "--out", str(settings.out), "--seed-offset", str(index),
+           "--start-after", str(ready), "--launcher-pid", str(os.getpid())]
     if settings.threads:
         cmd += ["--threads", str(settings.threads)]
     with open(log_dir / f"worker-{index}.log", "ab") as log:  # the child keeps its own copy
@@ -36,6 +38,10 @@ def _spawn(study_file: Path, settings: Settings, index: int, log_dir: Path) -> s
 def _recover(study: optuna.Study, pid: int, spec: StudySpec, settings: Settings) -> int:
     """Fail the RUNNING trials of dead worker ``pid``, close their runs and retry them; returns how many."""
     import socket
+
+    from optuna.trial import TrialState
+
+    from .worker import stale_trial_callback
 
     tag = f"{socket.gethostname()}:{pid}"
     callback = stale_trial_callback(settings.tracking_uri, spec.workers.max_retry)
@@ -59,16 +65,44 @@ def run_sweep(study_file: Path, spec: StudySpec, settings: Settings, workers: in
               report: bool = True) -> int:
     """The whole local sweep; returns the exit status (0 when the study reached its budget)."""
     check_url(settings.storage, workers)
-    study = create_or_resume(spec, settings, trials)
-    budget = int(study.user_attrs[BUDGET_ATTR])
     log_dir = settings.out / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     if settings.threads is None and spec.trial.threads is None:
         settings.threads = max(1, (os.cpu_count() or 1) // workers)
+    ready = log_dir / f".study-ready-{os.getpid()}"
+    ready.unlink(missing_ok=True)
+    procs = {i: _spawn(study_file, settings, i, log_dir, ready) for i in range(workers)}
+    try:
+        return _run(study_file, spec, settings, workers, trials, report, procs, ready)
+    finally:
+        ready.unlink(missing_ok=True)
+
+
+def _stop(procs: dict[int, subprocess.Popen]) -> None:
+    for proc in procs.values():
+        proc.terminate()
+    for proc in procs.values():
+        proc.wait(timeout=60)
+
+
+def _run(study_file: Path, spec: StudySpec, settings: Settings, workers: int, trials: int | None, report: bool,
+         procs: dict[int, subprocess.Popen], ready: Path) -> int:
+    try:
+        from tqdm import tqdm
+
+        from .tracking import end_study_run
+        from .worker import BUDGET_ATTR, counts, create_or_resume
+
+        study = create_or_resume(spec, settings, trials)
+    except BaseException:
+        _stop(procs)  # they were waiting for this study; nothing of theirs to clean up
+        raise
+    ready.touch()
+    budget = int(study.user_attrs[BUDGET_ATTR])
+    log_dir = ready.parent
     print(f"l0sweep: study {spec.name!r}: {budget} complete trials wanted, {workers} workers; "
           f"storage {redact(settings.storage)}; runs in {redact(settings.tracking_uri)}; logs in {log_dir}",
           file=sys.stderr)
-    procs = {i: _spawn(study_file, settings, i, log_dir) for i in range(workers)}
     restarts = 0
     status = "FINISHED"
     bar = tqdm(total=budget, desc="complete trials", unit="trial", disable=None, file=sys.stderr)
@@ -92,13 +126,10 @@ def run_sweep(study_file: Path, spec: StudySpec, settings: Settings, workers: in
                     # A worker killed by a signal is replaced; one that gave up (failing trials) is not.
                     if code < 0 and counts(study)["COMPLETE"] < budget and restarts < MAX_RESTARTS:
                         restarts += 1
-                        procs[i] = _spawn(study_file, settings, i + workers * restarts, log_dir)
+                        procs[i] = _spawn(study_file, settings, i + workers * restarts, log_dir, ready)
     except KeyboardInterrupt:
         status = "KILLED"
-        for proc in procs.values():
-            proc.terminate()
-        for proc in procs.values():
-            proc.wait(timeout=60)
+        _stop(procs)
         # Anything still RUNNING belongs to a worker that did not get to close it.
         for proc in procs.values():
             _recover(study, proc.pid, spec, settings)

@@ -31,11 +31,6 @@ RUN_ATTR = "mlflow_run_id"
 TRACKING_ATTR = "mlflow_tracking_uri"
 
 
-def default_tracking_uri(out: str | Path) -> str:
-    """The embedded tracking store of a local sweep: a SQLite file under the output folder."""
-    return f"sqlite:///{Path(out).resolve() / 'mlflow.db'}"
-
-
 class TrackingError(RuntimeError):
     """An MLflow tracking URI that cannot be used; one line."""
 

@@ -13,7 +13,6 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -22,6 +21,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from .early_stopping import HISTORY_ATTR, ParetoStopper
 from .search import starting_point, suggest
+from .settings import Settings
 from .spec import SpecError, StudySpec
 from .storage import open_storage
 from .tracking import (TrialRun, check_tracking, end_run_of, end_study_run, ensure_study_run, log_alpha_by_gate,
@@ -34,17 +34,6 @@ BUDGET_ATTR = "n_trials"
 BASELINE_ATTR = "dense_baseline"
 # Settings that define what a trial is: resuming a study with any of them changed would mix two studies.
 _IDENTITY = ("trial", "search", "objectives")
-
-
-@dataclass
-class Settings:
-    """Where a worker finds the study, logs its runs and keeps its files."""
-
-    storage: str
-    tracking_uri: str
-    out: Path
-    seed_offset: int = 0
-    threads: int | None = None
 
 
 def stale_trial_callback(tracking_uri: str, max_retry: int):
@@ -216,9 +205,31 @@ def stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def run_worker(spec: StudySpec, settings: Settings, poll: float = 1.0) -> int:
-    """Run trials until the study has its budget of complete trials; returns the exit status."""
+def wait_for_launcher(ready: Path, launcher: int, poll: float = 0.05) -> bool:
+    """Block until the launcher (this process's parent, pid ``launcher``) says the study is ready by creating
+    ``ready``; False if the launcher is gone first. Workers start before the study exists so that their
+    imports overlap the launcher's own start-up and study creation."""
+    while not ready.exists():
+        if os.getppid() != launcher:
+            return False
+        time.sleep(poll)
+    return True
+
+
+def run_worker(spec: StudySpec, settings: Settings, poll: float = 1.0,
+               start_after: tuple[Path, int] | None = None) -> int:
+    """Run trials until the study has its budget of complete trials; returns the exit status.
+
+    ``start_after``: (a file the launcher creates once the study is ready, the launcher's pid); see
+    :func:`wait_for_launcher`.
+    """
     stop_on_sigterm()  # a stopped worker ends its trial FAIL and its run KILLED, then exits
+    try:
+        if start_after is not None and not wait_for_launcher(*start_after):
+            print("l0sweep worker: the launcher exited before the study was ready", file=sys.stderr)
+            return 1
+    except KeyboardInterrupt:  # the launcher stopped us: it could not create the study
+        return 130
     if settings.threads:
         import torch
 
@@ -248,8 +259,4 @@ def run_worker(spec: StudySpec, settings: Settings, poll: float = 1.0) -> int:
                 return 1
     except KeyboardInterrupt:
         return 130
-
-
-def settings_from(storage: str, tracking_uri: str, out: str | os.PathLike, **kw: Any) -> Settings:
-    return Settings(storage=storage, tracking_uri=tracking_uri, out=Path(out).resolve(), **kw)
 

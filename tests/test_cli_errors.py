@@ -1,13 +1,31 @@
 """Bad input: one clear line, a non-zero exit, and no study or MLflow run left behind."""
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import optuna
 import pytest
 
 from sweeps.storage import open_storage
 from tests.sweep_helpers import TINY, l0sweep, runs_of, write_study
+
+
+def _processes_naming(text: str) -> list[str]:
+    """Command lines of live processes that mention ``text`` (Linux /proc)."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(cmdline)
+    return found
 
 
 def _free_port() -> int:
@@ -51,3 +69,22 @@ def test_bad_input(case, tmp_path):
         assert optuna.get_all_study_names(open_storage(str(journal))) == []
     if (out / "mlflow.db").exists():
         assert runs_of(f"sqlite:///{out / 'mlflow.db'}", "tiny") == []
+    # Workers start before the study is created (to overlap their imports); a failed creation stops them.
+    assert _processes_naming(str(out)) == []
+
+
+def test_workers_wait_for_the_study_and_leave_when_the_launcher_does(tmp_path):
+    """A worker started by ``l0sweep run`` waits for the study to be ready; if its launcher dies first
+    (here: exits right after starting it), it exits instead of lingering."""
+    ready, result = tmp_path / "ready", tmp_path / "result"
+    worker = (f"import os, sys; from pathlib import Path; from sweeps.worker import wait_for_launcher; "
+              f"Path({str(result)!r}).write_text(str(wait_for_launcher(Path({str(ready)!r}), int(sys.argv[1]))))")
+    launcher = f"import os, subprocess, sys; subprocess.Popen([sys.executable, '-c', {worker!r}, str(os.getpid())])"
+    subprocess.run([sys.executable, "-c", launcher], check=True, timeout=60)
+    deadline = time.monotonic() + 60
+    while not result.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert result.read_text() == "False"
+    while _processes_naming(str(ready)) and time.monotonic() < deadline:  # it is on its way out
+        time.sleep(0.1)
+    assert _processes_naming(str(ready)) == []

@@ -1,0 +1,28 @@
+"""Where a sweep's processes find the study, log their runs and keep their files (no heavy imports here:
+the launcher starts its workers before it imports MLflow)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class Settings:
+    """Where a worker finds the study, logs its runs and keeps its files."""
+
+    storage: str
+    tracking_uri: str
+    out: Path
+    seed_offset: int = 0
+    threads: int | None = None
+
+
+def default_tracking_uri(out: str | Path) -> str:
+    """The embedded tracking store of a local sweep: a SQLite file under the output folder."""
+    return f"sqlite:///{Path(out).resolve() / 'mlflow.db'}"
+
+
+def settings_from(storage: str, tracking_uri: str, out: str | os.PathLike, **kw: Any) -> Settings:
+    return Settings(storage=storage, tracking_uri=tracking_uri, out=Path(out).resolve(), **kw)
