@@ -141,7 +141,7 @@ def dispatch(args: argparse.Namespace) -> int:
         from .worker import run_worker
 
         offset = args.seed_offset if args.seed_offset is not None else os.getpid() % 100_000
-        return run_worker(spec, _settings(args, seed_offset=offset), 
+        return run_worker(spec, _settings(args, seed_offset=offset),
                           start_after=(args.start_after, args.launcher_pid) if args.start_after else None)
     if args.command == "status":
         from .status import print_status

@@ -1,7 +1,6 @@
 """Bad input: one clear line, a non-zero exit, and no study or MLflow run left behind."""
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
