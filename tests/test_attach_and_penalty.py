@@ -220,6 +220,30 @@ def test_per_sample_gates_fused_with_the_next_relu_compute_the_same_values_and_g
     torch.testing.assert_close(fused(x), plain(x))
 
 
+def test_fused_per_sample_gates_under_bfloat16_autocast_and_channels_last():
+    """The GPU knobs (autocast, NHWC) on the fused path: same values as the plain path, finite gradients."""
+    torch.manual_seed(0)
+    fused, plain = _conv_net(False), _conv_net(True)
+    x = torch.randn(8, 3, 9, 9).contiguous(memory_format=torch.channels_last)
+    fused(x), plain.load_state_dict(fused.state_dict())
+    for net in (fused, plain):
+        attach(net, "channel", per_sample=True, droprate_init=0.4)
+        net.to(memory_format=torch.channels_last)
+    plain.load_state_dict(fused.state_dict())
+    outs = []
+    for net in (fused, plain):
+        torch.manual_seed(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = net.train()(x)
+        out.float().sum().backward()
+        outs.append(out)
+    assert outs[0].dtype == torch.bfloat16
+    torch.testing.assert_close(outs[0], outs[1])
+    for (name, p), (_, q) in zip(fused.named_parameters(), plain.named_parameters()):
+        assert torch.isfinite(p.grad).all(), name
+        torch.testing.assert_close(p.grad, q.grad, rtol=0.05, atol=0.05, msg=name)
+
+
 def _saved_bytes(net: nn.Module, x: torch.Tensor) -> int:
     """Bytes of distinct storages autograd still keeps for backward at the end of a forward pass."""
     saved: list[weakref.ref] = []
