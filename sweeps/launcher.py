@@ -107,13 +107,17 @@ def _run(study_file: Path, spec: StudySpec, settings: Settings, workers: int, tr
     status = "FINISHED"
     bar = tqdm(total=budget, desc="complete trials", unit="trial", disable=None, file=sys.stderr)
     done_before = 0
+    last_count = 0.0
     try:
         while procs:
-            time.sleep(1.0)
-            n = counts(study)
-            bar.update(max(0, min(n["COMPLETE"], budget) - done_before))
-            done_before = min(n["COMPLETE"], budget)
-            bar.set_postfix(running=n["RUNNING"], pruned=n["PRUNED"], failed=n["FAIL"], refresh=False)
+            # Notice a worker's exit within 0.2 s (the last one's ends the sweep); read the study once a second.
+            time.sleep(0.2)
+            if time.monotonic() - last_count >= 1.0:
+                last_count = time.monotonic()
+                n = counts(study)
+                bar.update(max(0, min(n["COMPLETE"], budget) - done_before))
+                done_before = min(n["COMPLETE"], budget)
+                bar.set_postfix(running=n["RUNNING"], pruned=n["PRUNED"], failed=n["FAIL"], refresh=False)
             for i, proc in list(procs.items()):
                 code = proc.poll()
                 if code is None:
