@@ -107,7 +107,7 @@ def _study_name(ref: str) -> str:
 
 def _open_study(args: argparse.Namespace):
     from .storage import open_storage
-    from .worker import load_existing
+    from .study import load_existing
 
     settings = _settings(args)
     if not args.storage and not Path(settings.storage).exists():
@@ -132,7 +132,7 @@ def dispatch(args: argparse.Namespace) -> int:
 
         return run_sweep(args.study_file, spec, _settings(args), args.workers, args.trials)
     if args.command == "create":
-        from .worker import create_or_resume
+        from .study import create_or_resume
 
         study = create_or_resume(spec, _settings(args), args.trials)
         print(f"study {study.study_name!r} ready: budget {study.user_attrs['n_trials']} complete trials")

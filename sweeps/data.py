@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
+from .config import check_dataset
 from .imports import import_object
 
 
@@ -92,19 +93,6 @@ def _torchvision(name: str, data_dir: str | None, seed: int, val_fraction: float
                              "run where the internet is reachable") from None
     train_idx, val_idx = _split_indices(len(train_aug), val_fraction, seed)
     return Splits(Subset(train_aug, train_idx), Subset(train_plain, val_idx), test, shape, 10)
-
-
-DATASETS = ("digits", "synthetic", *_TORCHVISION)
-
-
-def check_dataset(name: str) -> None:
-    """Raise one clear ValueError if ``name`` names no dataset, without loading it."""
-    if name in DATASETS:
-        return
-    if ":" in name:
-        import_object(name, "dataset")
-        return
-    raise ValueError(f"dataset {name!r} is unknown: use one of {', '.join(DATASETS)} or 'package.module:factory'")
 
 
 def load_data(name: str, data_dir: str | None = None, seed: int = 0, val_fraction: float = 0.15,

@@ -41,7 +41,7 @@ def _recover(study: optuna.Study, pid: int, spec: StudySpec, settings: Settings)
 
     from optuna.trial import TrialState
 
-    from .worker import stale_trial_callback
+    from .study import stale_trial_callback
 
     tag = f"{socket.gethostname()}:{pid}"
     callback = stale_trial_callback(settings.tracking_uri, spec.workers.max_retry)
@@ -91,7 +91,7 @@ def _run(study_file: Path, spec: StudySpec, settings: Settings, workers: int, tr
         from tqdm import tqdm
 
         from .tracking import end_study_run
-        from .worker import BUDGET_ATTR, counts, create_or_resume
+        from .study import BUDGET_ATTR, counts, create_or_resume
 
         study = create_or_resume(spec, settings, trials)
     except BaseException:

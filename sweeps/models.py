@@ -15,6 +15,7 @@ from torch import nn
 
 import l0core
 
+from .config import check_model
 from .imports import import_object
 
 
@@ -97,26 +98,6 @@ def _gate_lenet5(model: nn.Module, droprate_init: float, per_sample: bool) -> No
     """The paper's L0LeNet5: conv output channels and dense-layer inputs."""
     _gate_convnet(model, droprate_init, per_sample)
     _gate_mlp(model, droprate_init, per_sample)
-
-
-BUILTIN = ("mlp", "lenet5", "googlenet")
-
-
-def check_model(name: str) -> None:
-    """Raise one clear ValueError if ``name`` names no model, without building it (cheap, for validation)."""
-    if name in BUILTIN:
-        return
-    if name.startswith("torchvision:"):
-        import torchvision
-
-        arch = name.split(":", 1)[1]
-        if arch not in torchvision.models.list_models(module=torchvision.models):
-            raise ValueError(f"model {name!r}: torchvision has no classification model {arch!r}")
-    elif ":" in name:
-        import_object(name, "model")
-    else:
-        raise ValueError(f"model {name!r} is unknown: use one of {', '.join(BUILTIN)}, "
-                         "'torchvision:NAME' or 'package.module:factory'")
 
 
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, gates: bool = True,

@@ -12,7 +12,7 @@ from typing import Any
 import optuna
 
 from .spec import Choices, Param, Range, StudySpec
-from .training import TrialConfig
+from .config import TrialConfig
 
 
 def _suggest(trial: optuna.Trial, name: str, param: Param) -> Any:

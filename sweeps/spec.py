@@ -17,9 +17,7 @@ from typing import Annotated, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .data import check_dataset
-from .models import check_model
-from .training import TrialConfig
+from .config import TrialConfig, check_dataset, check_model
 
 MODES = ("scratch", "finetune")
 # What each objective reads from a finished trial; all three are maximised.

@@ -5,7 +5,7 @@ import optuna
 
 from dashboards import front_table
 
-from .worker import BUDGET_ATTR, counts
+from .study import BUDGET_ATTR, counts
 
 
 def print_status(study: optuna.Study) -> None:

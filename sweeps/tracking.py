@@ -13,17 +13,19 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import mlflow
 import optuna
-import torch
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
-import l0core
 
-from .training import EpochMetrics, TrialConfig, TrialResult
+if TYPE_CHECKING:  # torch stays out of the launcher, which creates the study's run while its workers import it
+    import torch
+
+    from .config import TrialConfig
+    from .training import EpochMetrics, TrialResult
 
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 EXPERIMENT_ATTR = "mlflow_experiment_id"
@@ -166,6 +168,10 @@ class TrialRun:
             if png is not None:
                 self.client.log_image(self.run_id, png, "log_alpha_hist.png")
             if log_model:
+                import torch
+
+                import l0core
+
                 small = l0core.compact(result.model.cpu(), result.example_inputs.cpu())
                 # A batch of two keeps the exported program's batch dimension dynamic (one would specialise it).
                 example = result.example_inputs.cpu().expand(2, *result.example_inputs.shape[1:])
@@ -192,6 +198,8 @@ def _now_ms() -> int:
 
 def log_alpha_by_gate(model: torch.nn.Module) -> dict[str, list[float]]:
     """Every gate's log_alpha values, by gate name."""
+    import l0core
+
     return {name: gate.log_alpha.detach().flatten().cpu().tolist() for name, gate in l0core.gates(model)}
 
 

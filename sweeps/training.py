@@ -13,75 +13,17 @@ import json
 import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from torch.utils.data import DataLoader
 
 import l0core
 
+from .config import OptimConfig, TrialConfig
 from .data import Splits, load_data
 from .models import build_model
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class DataConfig(_Strict):
-    name: str = "digits"
-    data_dir: str | None = None
-    val_fraction: float = Field(0.15, gt=0, lt=1)
-    batch_size: int = Field(64, ge=1)
-    download: bool = True
-    kwargs: dict = Field(default_factory=dict)  # passed to the dataset (e.g. synthetic's shape) or your factory
-
-
-class ModelConfig(_Strict):
-    name: str = "mlp"
-    kwargs: dict = Field(default_factory=dict)
-    per_sample: bool = False
-
-
-class OptimConfig(_Strict):
-    name: Literal["adam", "adamw", "sgd"] = "adam"
-    lr: float = Field(1e-3, gt=0)
-    gate_lr: float | None = Field(None, gt=0)  # learning rate of log_alpha (default: lr)
-    weight_decay: float = Field(0.0, ge=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    nesterov: bool = True
-    schedule: Literal["none", "multistep", "cosine"] = "none"
-    milestones: list[int] = Field(default_factory=list)
-    gamma: float = Field(0.1, gt=0, le=1)
-    epochs: int = Field(10, ge=1)
-    baseline_epochs: int | None = Field(None, ge=1)
-
-
-class TrialConfig(_Strict):
-    """Everything one trial needs; the sweep fills lam, droprate_init and mode from the sampler."""
-
-    data: DataConfig = Field(default_factory=DataConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    optim: OptimConfig = Field(default_factory=OptimConfig)
-    lam: float = Field(0.1, ge=0)
-    penalty_scale: Literal["model", "paper"] = "model"
-    droprate_init: float = Field(0.5, gt=0, lt=1)
-    mode: Literal["scratch", "finetune"] = "scratch"
-    seed: int = 0
-    device: str = "auto"
-    amp: bool = False  # autocast: bfloat16 on CPU, float16 with a gradient scaler on CUDA
-    channels_last: bool = False  # NHWC memory format for convnets (faster convolutions on recent GPUs)
-    threads: int | None = Field(None, ge=1)
-    baseline_dir: str = "l0sweep-out/baselines"
-
-    @model_validator(mode="after")
-    def _check_milestones(self) -> "TrialConfig":
-        bad = [m for m in self.optim.milestones if not 0 < m < self.optim.epochs]
-        if bad:
-            raise ValueError(f"optim.milestones {bad} must lie between 0 and optim.epochs={self.optim.epochs}")
-        return self
 
 
 @dataclass

@@ -7,8 +7,6 @@ trained by ``train_trial``, logged to MLflow as a child run of the study's run, 
 """
 from __future__ import annotations
 
-import json
-import logging
 import os
 import signal
 import sys
@@ -17,44 +15,17 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import optuna
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FrozenTrial
 
 from .early_stopping import HISTORY_ATTR, ParetoStopper
-from .search import starting_point, suggest
+from .search import suggest
 from .settings import Settings
-from .spec import SpecError, StudySpec
-from .storage import open_storage
-from .tracking import (TrialRun, check_tracking, end_run_of, end_study_run, ensure_study_run, log_alpha_by_gate,
-                       log_alpha_histogram, worker_tag)
+from .spec import StudySpec
+from .study import BUDGET_ATTR, SPEC_ATTR, _check_same_study, counts, load_existing, storage_for
+from .tracking import TrialRun, end_study_run, log_alpha_by_gate, log_alpha_histogram, worker_tag
 from .training import EpochMetrics, StopTrial, dense_baseline, train_trial
 
-_log = logging.getLogger(__name__)
-SPEC_ATTR = "spec"
-BUDGET_ATTR = "n_trials"
 BASELINE_ATTR = "dense_baseline"
-# Settings that define what a trial is: resuming a study with any of them changed would mix two studies.
-_IDENTITY = ("trial", "search", "objectives")
-
-
-def stale_trial_callback(tracking_uri: str, max_retry: int):
-    """On a dead worker's trial: end its MLflow run KILLED, then retry it (Optuna's retry callback)."""
-    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
-
-    def callback(study: optuna.Study, trial: FrozenTrial) -> None:
-        try:
-            end_run_of(trial, tracking_uri, "KILLED")
-        except Exception as exc:  # the retry matters more than the log
-            _log.warning("could not close the MLflow run of trial %d: %s", trial.number, exc)
-        retry(study, trial)
-
-    return callback
-
-
-def storage_for(spec: StudySpec, settings: Settings) -> optuna.storages.BaseStorage:
-    w = spec.workers
-    return open_storage(settings.storage, heartbeat_interval=w.heartbeat_interval, grace_period=w.grace_period,
-                        stale_trial_callback=stale_trial_callback(settings.tracking_uri, w.max_retry),
-                        reconnect_patience=w.reconnect_patience)
 
 
 def make_sampler(spec: StudySpec, seed_offset: int) -> optuna.samplers.BaseSampler:
@@ -62,69 +33,6 @@ def make_sampler(spec: StudySpec, seed_offset: int) -> optuna.samplers.BaseSampl
     if spec.sampler.name == "nsgaii":
         return optuna.samplers.NSGAIISampler(population_size=spec.sampler.population_size, seed=seed)
     return optuna.samplers.TPESampler(n_startup_trials=spec.sampler.n_startup_trials, seed=seed)
-
-
-def _check_same_study(spec: StudySpec, stored_json: str) -> None:
-    # Both through today's schema: a field added since the study was made counts with its default.
-    try:
-        stored = json.loads(StudySpec.model_validate_json(stored_json).model_dump_json())
-    except ValueError:
-        stored = json.loads(stored_json)
-    mine = json.loads(spec.model_dump_json())
-    for key in _IDENTITY:
-        if stored.get(key) != mine.get(key):
-            raise SpecError(f"study {spec.name!r} already exists with a different '{key}' section; "
-                            "give the changed study a new name")
-
-
-def create_or_resume(spec: StudySpec, settings: Settings, trials: int | None = None) -> optuna.Study:
-    """Create the study (once: spec, budget, starting points, MLflow parent run) or check and resume it.
-
-    Run it from one launcher only (``l0sweep run`` or ``l0sweep create``): enqueueing is not race-free.
-    """
-    check_tracking(settings.tracking_uri)
-    storage = storage_for(spec, settings)
-    existed = spec.name in optuna.get_all_study_names(storage)
-    study = optuna.create_study(study_name=spec.name, storage=storage, load_if_exists=True,
-                                directions=["maximize"] * len(spec.objectives))
-    spec_json = spec.model_dump_json()
-    try:
-        if SPEC_ATTR in study.user_attrs:
-            _check_same_study(spec, study.user_attrs[SPEC_ATTR])
-        elif existed:
-            raise SpecError(f"study {spec.name!r} exists in the storage but was not made by l0sweep")
-        else:
-            study.set_metric_names(spec.metric_names)
-            study.set_user_attr(SPEC_ATTR, spec_json)
-            for point in spec.enqueue:
-                study.enqueue_trial(starting_point(spec, point), skip_if_exists=True)
-        if trials is not None or BUDGET_ATTR not in study.user_attrs:
-            study.set_user_attr(BUDGET_ATTR, trials or spec.trials)
-        ensure_study_run(study, settings.tracking_uri, spec.mlflow.experiment or spec.name,
-                         settings.out / "mlartifacts", spec_json)
-    except BaseException:
-        if not existed:  # nothing half-written: a study without its spec or MLflow run is no study
-            optuna.delete_study(study_name=spec.name, storage=storage)
-        raise
-    return study
-
-
-def load_existing(name: str, storage: optuna.storages.BaseStorage, sampler=None) -> optuna.Study:
-    try:
-        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
-    except KeyError:
-        raise SpecError(f"study {name!r} does not exist in this storage: create it with "
-                        "'l0sweep create' or 'l0sweep run'") from None
-    if SPEC_ATTR not in study.user_attrs:
-        raise SpecError(f"study {name!r} was not made by l0sweep (it has no spec)")
-    return study
-
-
-def counts(study: optuna.Study) -> dict[str, int]:
-    result = {s.name: 0 for s in TrialState}
-    for t in study.get_trials(deepcopy=False):
-        result[t.state.name] += 1
-    return result
 
 
 def _dominated(values: Sequence[float], front: list[FrozenTrial]) -> bool:

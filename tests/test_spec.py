@@ -1,6 +1,8 @@
 """Study files: every shipped study validates; every mistake is one line naming the field."""
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import optuna
@@ -91,7 +93,7 @@ def test_a_study_made_before_a_new_setting_existed_still_resumes():
     """A study's stored spec lacks settings added in later versions; they count with their defaults."""
     import json
 
-    from sweeps.worker import _check_same_study
+    from sweeps.study import _check_same_study
 
     spec = load_spec(Path(__file__).parents[1] / "studies" / "default.yaml")
     older = json.loads(spec.model_dump_json())
@@ -100,3 +102,19 @@ def test_a_study_made_before_a_new_setting_existed_still_resumes():
     older["trial"]["seed"] = 99
     with pytest.raises(SpecError, match="different 'trial' section"):
         _check_same_study(spec, json.dumps(older))
+
+
+def test_study_files_validate_without_importing_torch():
+    """``l0sweep run`` starts its workers right after validating the study file, then creates the study while
+    they import torch: keep both steps free of torch."""
+    code = ("import sys; from pathlib import Path; from sweeps.spec import load_spec; "
+            "[load_spec(f) for f in Path('studies').glob('*.yaml')]; import sweeps.launcher; "
+            "heavy = [m for m in ('torch', 'mlflow') if m in sys.modules]; assert not heavy, heavy; "
+            "import sweeps.study; assert 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1], timeout=120)
+
+
+def test_dataset_names_match_the_loaders():
+    from sweeps import config, data
+
+    assert set(data._TORCHVISION) == set(config.TORCHVISION_DATASETS)
