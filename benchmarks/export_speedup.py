@@ -81,10 +81,10 @@ def main() -> None:
         opened.load_state_dict(gated.state_dict())
         _close_fraction(opened, 0.0, seed=0)
         dense = l0core.fold(opened)[0]
-        if len(shape) == 3:
-            dense, small = dense.to(memory_format=fmt), small.to(memory_format=fmt)
+        layout = fmt if len(shape) == 3 else torch.contiguous_format  # channels_last needs (N, C, H, W)
+        dense, small = dense.to(memory_format=layout), small.to(memory_format=layout)
         for batch in (1, 64):
-            x = torch.randn(batch, *shape).contiguous(memory_format=fmt if len(shape) == 3 else torch.contiguous_format)
+            x = torch.randn(batch, *shape).contiguous(memory_format=layout)
             flops_dense, flops_small = l0core.count_flops(dense, x), l0core.count_flops(small, x)
             for m in (dense, small):  # warm-up
                 _median_ms(m, x, 3)

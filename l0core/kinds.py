@@ -60,9 +60,10 @@ class UnitGate(HardConcrete):
         0.0
         """
         z = self._z_for(x)
+        relu_x = torch.relu(x) if relu_x is None else relu_x
         if z.dim() == x.dim():  # per example
-            return _ReluThenScale.apply(x, z, torch.relu(x.detach()) if relu_x is None else relu_x.detach())
-        return (torch.relu(x) if relu_x is None else relu_x) * z
+            return _ReluThenScale.apply(x, z, relu_x.detach())
+        return relu_x * z
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", per_sample={self.per_sample}"
@@ -91,8 +92,7 @@ class _ReluThenScale(torch.autograd.Function):
         # Per (example, unit): sum over positions of grad * y, as a batched dot (no full-size temporary).
         n, c = y.shape[:2]
         dot = torch.bmm(grad.reshape(n * c, 1, -1), y.reshape(n * c, -1, 1)).view_as(z)
-        is_open = z > 0
-        grad_z = torch.where(is_open, dot / torch.where(is_open, z, torch.ones_like(z)), torch.zeros_like(z))
+        grad_z = torch.where(z > 0, dot / z, 0.0)
         grad_x = torch.ops.aten.threshold_backward(grad, y, 0).mul_(z)  # ReLU's own backward kernel
         return grad_x, grad_z, None
 

@@ -211,10 +211,9 @@ def _attach_units(model, kind, include, exclude, droprate_init, per_sample) -> l
                 norm = _following_norm(parent, child_name, child)
                 gate = ChannelGate(child.out_channels, droprate_init, per_sample, _local_unit_cost(child, 0, norm and norm[1]))
                 target_name, target = (f"{parent_name}.{norm[0]}" if parent_name else norm[0], norm[1]) if norm else (name, child)
-                relu = _fusable_relu(model, parent, norm[0] if norm else child_name)
                 if not per_sample and _scale_parameters(gate, target):
                     applied = f"output of {target_name} (scaling its weight and bias)"
-                elif relu is not None:
+                elif (relu := _fusable_relu(model, parent, norm[0] if norm else child_name)) is not None:
                     relu.register_forward_hook(functools.partial(_gate_after_relu, gate, target))
                     applied = f"output of {target_name} (fused with the ReLU after it)"
                 else:

@@ -1,8 +1,9 @@
-"""Where a sweep's processes find the study, log their runs and keep their files (no heavy imports here:
-the launcher starts its workers before it imports MLflow)."""
+"""Where a sweep's processes find the study, log their runs and keep their files, and how they stop (no
+heavy imports here: the launcher starts its workers before it imports MLflow, and the dashboard needs no torch)."""
 from __future__ import annotations
 
 import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,3 +27,12 @@ def default_tracking_uri(out: str | Path) -> str:
 
 def settings_from(storage: str, tracking_uri: str, out: str | os.PathLike, **kw: Any) -> Settings:
     return Settings(storage=storage, tracking_uri=tracking_uri, out=Path(out).resolve(), **kw)
+
+
+def stop_on_sigterm() -> None:
+    """Treat SIGTERM as Ctrl-C, so ``finally``/``except KeyboardInterrupt`` close trials, runs and children."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)

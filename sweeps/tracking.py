@@ -20,7 +20,6 @@ import optuna
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
-
 if TYPE_CHECKING:  # torch stays out of the launcher, which creates the study's run while its workers import it
     import torch
 

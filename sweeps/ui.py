@@ -10,8 +10,7 @@ import sys
 import time
 import urllib.request
 
-from .settings import Settings
-from .worker import stop_on_sigterm
+from .settings import Settings, stop_on_sigterm
 
 
 def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 90.0) -> bool:

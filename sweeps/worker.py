@@ -8,18 +8,17 @@ trained by ``train_trial``, logged to MLflow as a child run of the study's run, 
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import optuna
 from optuna.trial import FrozenTrial
 
 from .early_stopping import HISTORY_ATTR, ParetoStopper
 from .search import suggest
-from .settings import Settings
+from .settings import Settings, stop_on_sigterm
 from .spec import StudySpec
 from .study import BUDGET_ATTR, SPEC_ATTR, _check_same_study, counts, load_existing, storage_for
 from .tracking import TrialRun, end_study_run, log_alpha_by_gate, log_alpha_histogram, worker_tag
@@ -102,15 +101,6 @@ class Objective:
         saved = torch.load(dense_baseline(cfg), map_location="cpu")
         study.set_user_attr(BASELINE_ATTR, {"val_accuracy": saved["val_accuracy"],
                                             "test_accuracy": saved["test_accuracy"]})
-
-
-def stop_on_sigterm() -> None:
-    """Treat SIGTERM as Ctrl-C, so ``finally``/``except KeyboardInterrupt`` close trials, runs and children."""
-
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, handler)
 
 
 def wait_for_launcher(ready: Path, launcher: int, poll: float = 0.05) -> bool:

@@ -1,7 +1,6 @@
 """Bad input: one clear line, a non-zero exit, and no study or MLflow run left behind."""
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -11,6 +10,7 @@ import optuna
 import pytest
 
 from sweeps.storage import open_storage
+from tests.servers import free_port
 from tests.sweep_helpers import TINY, l0sweep, runs_of, write_study
 
 
@@ -25,12 +25,6 @@ def _processes_naming(text: str) -> list[str]:
         if text in cmdline:
             found.append(cmdline)
     return found
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 CASES = {
@@ -57,7 +51,7 @@ def test_bad_input(case, tmp_path):
         write_study(path, **{k: ({**TINY[k], **v} if isinstance(v, dict) and k in TINY else v)
                              for k, v in content.items()})
     out = tmp_path / "out"
-    args = [a.format(port=_free_port(), tmp=tmp_path) for a in extra]
+    args = [a.format(port=free_port(), tmp=tmp_path) for a in extra]
     result = l0sweep("run", path, "--out", out, *args, timeout=120)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode != 0
