@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 BETA = 2.0 / 3.0
@@ -57,14 +58,16 @@ class HardConcrete(nn.Module):
         nn.init.normal_(self.log_alpha, math.log(1.0 - d) - math.log(d), 1e-2)
 
     def _stretch(self, s: torch.Tensor) -> torch.Tensor:
-        return torch.clamp(s * (self.zeta - self.gamma) + self.gamma, 0.0, 1.0)
+        # hardtanh is clamp to [0, 1] with a one-kernel backward (clamp's takes three passes over a
+        # per-example (N, n) sample); they differ only at exactly 0 or 1, where hardtanh passes no gradient.
+        return F.hardtanh(s.mul(self.zeta - self.gamma).add_(self.gamma), 0.0, 1.0)
 
     def sample(self, batch_shape: tuple[int, ...] | torch.Size = ()) -> torch.Tensor:
         """Reparameterised training sample of shape ``(*batch_shape, n)``, noise drawn on log_alpha's device."""
         la = self.log_alpha
         u = torch.rand(*batch_shape, self.n, device=la.device, dtype=la.dtype)
-        # logit(u) = log u - log(1-u): logistic noise in one kernel.
-        s = torch.sigmoid((torch.logit(u, eps=_EPS) + la) / self.beta)
+        # logit(u) = log u - log(1-u): logistic noise in one kernel; in place, no temporaries of the sample's size.
+        s = torch.sigmoid(torch.logit(u, eps=_EPS).add_(la).div_(self.beta))
         return self._stretch(s)
 
     def deterministic(self) -> torch.Tensor:

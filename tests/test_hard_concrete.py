@@ -65,6 +65,27 @@ def test_no_floor_on_prob_nonzero():
     assert gate.log_alpha.item() < math.log(0.01)
 
 
+def test_sample_and_its_gradient_follow_the_reparameterisation():
+    """z = clamp(sigmoid((logit(u) + log_alpha) / beta) * (zeta - gamma) + gamma, 0, 1) with the same u, and
+    dz/dlog_alpha = (zeta - gamma) * s * (1 - s) / beta where 0 < z < 1, else 0 (summed over the batch)."""
+    gate = HardConcrete(64).double()
+    with torch.no_grad():
+        gate.log_alpha.copy_(torch.linspace(-6, 6, 64, dtype=torch.float64))
+    torch.manual_seed(3)
+    z = gate.sample((50,))
+    torch.manual_seed(3)
+    u = torch.rand(50, 64, dtype=torch.float64)
+    s = torch.sigmoid((torch.logit(u, eps=1e-6) + gate.log_alpha.detach()) / BETA)
+    pre = s * (ZETA - GAMMA) + GAMMA
+    assert torch.allclose(z.detach(), pre.clamp(0, 1), atol=1e-12)
+    assert ((z == 0).any() and (z == 1).any() and ((z > 0) & (z < 1)).any())  # all three regions exercised
+    weights = torch.randn(50, 64, dtype=torch.float64)
+    (z * weights).sum().backward()
+    inside = ((pre > 0) & (pre < 1)).double()
+    expected = (weights * (ZETA - GAMMA) * s * (1 - s) / BETA * inside).sum(0)
+    assert torch.allclose(gate.log_alpha.grad, expected, atol=1e-10)
+
+
 def test_gradients_reach_log_alpha_and_weights():
     lin = torch.nn.Linear(6, 3)
     gate = NeuronGate(6).train()
