@@ -4,9 +4,9 @@
 
 Three variants of each model: dense (no gates, no penalty), gated with one gate draw per batch, gated with
 one draw per example. Each takes the real training step (``sweeps.training.train_step``: forward,
-cross-entropy, the L0 penalty, backward, Adam). Timing is interleaved: every round runs ``--steps`` steps
-of each variant in turn, so machine noise hits them alike; the ratio is taken per round, and the median
-over rounds is reported. Goals: time ratio <= 1.05 per-batch, <= 1.15 per-sample; peak memory <= 1.10.
+cross-entropy, the L0 penalty, backward, Adam as trials build it). Timing is interleaved: every round runs
+``--steps`` steps of each variant in turn, so machine noise hits them alike; the ratio is taken per round,
+and the median over rounds is reported. Goals: time ratio <= 1.05 per-batch, <= 1.15 per-sample; peak memory <= 1.10.
 
 Peak memory of a step: ``torch.cuda.max_memory_allocated`` on a GPU; on the CPU, the peak of the torch
 profiler's memory timeline (every tensor the step allocates: activations, gradients, optimizer state).
@@ -25,7 +25,8 @@ import torch
 
 from benchmarks.results import append
 from sweeps.models import build_model
-from sweeps.training import resolve_device, train_step
+from sweeps.config import OptimConfig
+from sweeps.training import build_optimizer, resolve_device, train_step
 
 MODELS = [("googlenet", (3, 32, 32), 128), ("lenet5", (1, 28, 28), 128)]
 VARIANTS = ("dense", "per-batch", "per-sample")
@@ -44,7 +45,7 @@ class Setup:
         if channels_last and self.x.dim() == 4:
             self.model = self.model.to(memory_format=torch.channels_last)
             self.x = self.x.contiguous(memory_format=torch.channels_last)
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-3)
+        self.opt = build_optimizer(self.model, OptimConfig(name="adam", lr=1e-3))[0]  # as a trial's
         self.lam = None if variant == "dense" else 0.1
         self.device = device
         # As a trial with amp: true runs: bfloat16 on CPU, float16 with a gradient scaler on CUDA.

@@ -72,17 +72,29 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _optimizer(model: nn.Module, cfg: OptimConfig) -> tuple[torch.optim.Optimizer, object | None]:
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> tuple[torch.optim.Optimizer, object | None]:
+    """The optimizer and learning-rate schedule (or None) a trial trains ``model`` with: the weights at
+    ``cfg.lr`` with ``cfg.weight_decay``, the gates' log_alpha at ``cfg.gate_lr`` without decay.
+
+    >>> opt, schedule = build_optimizer(nn.Linear(4, 2), OptimConfig(name="sgd", lr=0.1))
+    >>> type(opt).__name__, schedule
+    ('SGD', None)
+    """
     groups = l0core.param_groups(model, cfg.weight_decay) if l0core.gates(model) else \
         [{"params": list(model.parameters()), "weight_decay": cfg.weight_decay}]
     if len(groups) == 2 and cfg.gate_lr is not None:
         groups[1]["lr"] = cfg.gate_lr
+    # The fused step updates every parameter in one kernel. The default loops over the parameters in Python
+    # on a CPU, which cost a quarter of a step of the default study's MLP; on CUDA it takes fewer launches.
+    params = [p for g in groups for p in g["params"]]
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params) or None
     if cfg.name == "sgd":
-        opt: torch.optim.Optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+        opt: torch.optim.Optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                                                     fused=fused)
     elif cfg.name == "adamw":
-        opt = torch.optim.AdamW(groups, lr=cfg.lr)
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, fused=fused)
     else:
-        opt = torch.optim.Adam(groups, lr=cfg.lr)
+        opt = torch.optim.Adam(groups, lr=cfg.lr, fused=fused)
     if cfg.schedule == "multistep":
         return opt, torch.optim.lr_scheduler.MultiStepLR(opt, cfg.milestones, cfg.gamma)
     if cfg.schedule == "cosine":
@@ -158,7 +170,7 @@ def _run_epochs(model: nn.Module, cfg: TrialConfig, splits: Splits, device: torc
                 ) -> tuple[list[EpochMetrics], l0core.SparsityReport | None]:
     """Train for ``epochs``; returns the per-epoch metrics and the last epoch's sparsity report (gated models)."""
     train, val, _ = _loaders(splits, cfg, device)
-    opt, sched = _optimizer(model, cfg.optim.model_copy(update={"epochs": epochs}))
+    opt, sched = build_optimizer(model, cfg.optim.model_copy(update={"epochs": epochs}))
     example = next(iter(val))[0][:1].to(device)
     penalty_kw = {"scale": cfg.penalty_scale, "n_train": len(splits.train),
                   "weight_decay": cfg.optim.weight_decay if cfg.penalty_scale == "paper" else 0.0}

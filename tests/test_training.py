@@ -9,7 +9,8 @@ from pydantic import ValidationError
 
 from sweeps.data import load_data
 from sweeps.models import build_model
-from sweeps.training import StopTrial, TrialConfig, baseline_key, dense_baseline, train_trial
+from sweeps.config import OptimConfig
+from sweeps.training import StopTrial, TrialConfig, baseline_key, build_optimizer, dense_baseline, train_trial
 
 FAST = {"lr": 3e-3, "gate_lr": 0.05, "epochs": 4}
 
@@ -34,6 +35,21 @@ def test_trial_is_deterministic_for_a_seed(tmp_path):
     a = train_trial(_cfg(tmp_path, lam=0.1, optim={**FAST, "epochs": 2}))
     b = train_trial(_cfg(tmp_path, lam=0.1, optim={**FAST, "epochs": 2}))
     assert a.as_dict() == b.as_dict()
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
+def test_optimizer_is_fused_with_the_gates_in_their_own_group(name):
+    model = build_model("lenet5", (1, 28, 28), 10, gates=True)
+    opt, _ = build_optimizer(model, OptimConfig(name=name, lr=0.01, gate_lr=0.1, weight_decay=1e-4))
+    assert opt.defaults["fused"] is True  # one kernel per step, not a Python loop over the parameters
+    weights, gates = opt.param_groups
+    assert (weights["lr"], weights["weight_decay"]) == (0.01, 1e-4)
+    assert (gates["lr"], gates["weight_decay"]) == (0.1, 0.0)
+    x, y = torch.randn(4, 1, 28, 28), torch.tensor([0, 1, 2, 3])
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()
+    assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()) if p.grad is not None)
 
 
 def test_hook_stops_a_trial(tmp_path):
