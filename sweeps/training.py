@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 import l0core
 
 from .config import OptimConfig, TrialConfig
-from .data import Splits, load_data
+from .data import Splits, data_loader, load_data
 from .models import build_model
 
 
@@ -116,9 +116,9 @@ def accuracy(model: nn.Module, loader: DataLoader, device: torch.device) -> floa
 def _loaders(splits: Splits, cfg: TrialConfig, device: torch.device) -> tuple[DataLoader, DataLoader, DataLoader]:
     pin = device.type == "cuda"
     g = torch.Generator().manual_seed(cfg.seed)
-    train = DataLoader(splits.train, batch_size=cfg.data.batch_size, shuffle=True, generator=g, pin_memory=pin)
-    val = DataLoader(splits.val, batch_size=512, pin_memory=pin)
-    test = DataLoader(splits.test, batch_size=512, pin_memory=pin)
+    train = data_loader(splits.train, cfg.data.batch_size, shuffle=True, generator=g, pin_memory=pin)
+    val = data_loader(splits.val, 512, pin_memory=pin)
+    test = data_loader(splits.test, 512, pin_memory=pin)
     return train, val, test
 
 
@@ -268,7 +268,7 @@ def train_trial(cfg: TrialConfig, on_epoch: Callable[[EpochMetrics], bool] | Non
             raise
         raise RuntimeError(f"baseline {baseline} does not fit the model: {str(exc).splitlines()[0]}") from None
     model.to(device)
-    example = next(iter(DataLoader(splits.val, batch_size=1)))[0].to(device)
+    example = next(iter(data_loader(splits.val, 1)))[0].to(device)
     l0core.measure_unit_costs(model, example)
     history, report = _run_epochs(model, cfg, splits, device, cfg.lam, on_epoch, cfg.optim.epochs)
     test_loader = _loaders(splits, cfg, device)[2]

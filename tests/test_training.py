@@ -52,6 +52,25 @@ def test_optimizer_is_fused_with_the_gates_in_their_own_group(name):
     assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()) if p.grad is not None)
 
 
+@pytest.mark.parametrize("name", ["digits", "tests.helpers:tiny_dataset"])
+def test_in_memory_data_is_read_a_batch_at_a_time_in_the_same_order(name):
+    from torch.utils.data import DataLoader, Subset, TensorDataset
+
+    from sweeps.data import TensorBatches, data_loader
+
+    splits = load_data(name)
+    for dataset in (splits.train, splits.val, splits.test):
+        base = dataset.dataset if isinstance(dataset, Subset) else dataset
+        assert isinstance(base, TensorBatches)
+        # The stock loader on a plain TensorDataset of the same tensors reads example by example.
+        plain = TensorDataset(*base.tensors)
+        plain = Subset(plain, dataset.indices) if isinstance(dataset, Subset) else plain
+        stock = list(DataLoader(plain, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(5)))
+        fast = list(data_loader(dataset, 4, shuffle=True, generator=torch.Generator().manual_seed(5)))
+        assert len(fast) == len(stock) > 1
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(fast, stock))
+
+
 def test_hook_stops_a_trial(tmp_path):
     seen = []
     with pytest.raises(StopTrial) as stop:
