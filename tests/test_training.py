@@ -10,7 +10,8 @@ from pydantic import ValidationError
 from sweeps.data import load_data
 from sweeps.models import build_model
 from sweeps.config import OptimConfig
-from sweeps.training import StopTrial, TrialConfig, baseline_key, build_optimizer, dense_baseline, train_trial
+from sweeps.training import (StopTrial, TrialConfig, baseline_key, build_optimizer, dense_baseline, train_step,
+                             train_trial)
 
 FAST = {"lr": 3e-3, "gate_lr": 0.05, "epochs": 4}
 
@@ -69,6 +70,23 @@ def test_in_memory_data_is_read_a_batch_at_a_time_in_the_same_order(name):
         fast = list(data_loader(dataset, 4, shuffle=True, generator=torch.Generator().manual_seed(5)))
         assert len(fast) == len(stock) > 1
         assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(fast, stock))
+
+
+def test_fused_optimizer_honours_the_gradient_scaler():
+    """The float16 path of a CUDA trial (autocast + GradScaler + the fused step), run on the CPU: a step
+    updates every parameter, and a step whose scaled gradients overflow is skipped and lowers the scale."""
+    torch.manual_seed(0)
+    model = build_model("lenet5", (1, 28, 28), 10, gates=True)
+    opt, _ = build_optimizer(model, OptimConfig(name="adam", lr=1e-3))
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    for scale, updates in ((2.0 ** 10, True), (2.0 ** 60, False)):
+        scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+        before = [p.detach().clone() for p in model.parameters()]
+        train_step(model, opt, x, y, 0.1, autocast=torch.float16, scaler=scaler)
+        changed = [not torch.equal(b, p) for b, p in zip(before, model.parameters())]
+        assert all(changed) if updates else not any(changed)
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+        assert (scaler.get_scale() == scale) == updates
 
 
 def test_hook_stops_a_trial(tmp_path):
