@@ -7,9 +7,9 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from sweeps.config import OptimConfig
 from sweeps.data import load_data
 from sweeps.models import build_model
-from sweeps.config import OptimConfig
 from sweeps.training import (StopTrial, TrialConfig, baseline_key, build_optimizer, dense_baseline, train_step,
                              train_trial)
 
