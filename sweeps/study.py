@@ -46,7 +46,8 @@ def storage_for(spec: StudySpec, settings: Settings) -> optuna.storages.BaseStor
                         reconnect_patience=w.reconnect_patience)
 
 
-def _check_same_study(spec: StudySpec, stored_json: str) -> None:
+def check_same_study(spec: StudySpec, stored_json: str) -> None:
+    """Raise SpecError if ``spec`` differs from the study's stored spec in what defines a trial."""
     # Both through today's schema: a field added since the study was made counts with its default.
     try:
         stored = json.loads(StudySpec.model_validate_json(stored_json).model_dump_json())
@@ -72,7 +73,7 @@ def create_or_resume(spec: StudySpec, settings: Settings, trials: int | None = N
     spec_json = spec.model_dump_json()
     try:
         if SPEC_ATTR in study.user_attrs:
-            _check_same_study(spec, study.user_attrs[SPEC_ATTR])
+            check_same_study(spec, study.user_attrs[SPEC_ATTR])
         elif existed:
             raise SpecError(f"study {spec.name!r} exists in the storage but was not made by l0sweep")
         else:

@@ -86,8 +86,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> tuple[torch.optim.Opt
         groups[1]["lr"] = cfg.gate_lr
     # The fused step updates every parameter in one kernel. The default loops over the parameters in Python
     # on a CPU, which cost a quarter of a step of the default study's MLP; on CUDA it takes fewer launches.
-    params = [p for g in groups for p in g["params"]]
-    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params) or None
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in model.parameters()) or None
     if cfg.name == "sgd":
         opt: torch.optim.Optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                                      fused=fused)
@@ -166,12 +165,12 @@ def _to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> to
 
 
 def _run_epochs(model: nn.Module, cfg: TrialConfig, splits: Splits, device: torch.device, lam: float | None,
-                on_epoch: Callable[[EpochMetrics], bool] | None, epochs: int,
+                example: torch.Tensor | None, on_epoch: Callable[[EpochMetrics], bool] | None, epochs: int,
                 ) -> tuple[list[EpochMetrics], l0core.SparsityReport | None]:
-    """Train for ``epochs``; returns the per-epoch metrics and the last epoch's sparsity report (gated models)."""
+    """Train for ``epochs``; returns the per-epoch metrics and the last epoch's sparsity report (gated models:
+    ``lam`` given, and ``example``, one input on ``device``, to measure the report on)."""
     train, val, _ = _loaders(splits, cfg, device)
     opt, sched = build_optimizer(model, cfg.optim.model_copy(update={"epochs": epochs}))
-    example = next(iter(val))[0][:1].to(device)
     penalty_kw = {"scale": cfg.penalty_scale, "n_train": len(splits.train),
                   "weight_decay": cfg.optim.weight_decay if cfg.penalty_scale == "paper" else 0.0}
     autocast, scaler = _precision(cfg, device)
@@ -238,7 +237,7 @@ def dense_baseline(cfg: TrialConfig, splits: Splits | None = None) -> Path:
             dense = build_model(cfg.model.name, splits.input_shape, splits.num_classes, gates=False,
                                 **cfg.model.kwargs).to(device)
             epochs = cfg.optim.baseline_epochs or cfg.optim.epochs
-            history, _ = _run_epochs(dense, cfg, splits, device, None, None, epochs)
+            history, _ = _run_epochs(dense, cfg, splits, device, None, None, None, epochs)
             tmp = path.with_suffix(f".tmp{os.getpid()}")
             torch.save({"state_dict": dense.state_dict(), "val_accuracy": history[-1].val_accuracy,
                         "test_accuracy": accuracy(dense, _loaders(splits, cfg, device)[2], device),
@@ -270,7 +269,7 @@ def train_trial(cfg: TrialConfig, on_epoch: Callable[[EpochMetrics], bool] | Non
     model.to(device)
     example = next(iter(data_loader(splits.val, 1)))[0].to(device)
     l0core.measure_unit_costs(model, example)
-    history, report = _run_epochs(model, cfg, splits, device, cfg.lam, on_epoch, cfg.optim.epochs)
+    history, report = _run_epochs(model, cfg, splits, device, cfg.lam, example, on_epoch, cfg.optim.epochs)
     test_loader = _loaders(splits, cfg, device)[2]
     # The last epoch already evaluated the final model: its validation accuracy and report are the final ones.
     return TrialResult(

@@ -20,7 +20,7 @@ from .early_stopping import HISTORY_ATTR, ParetoStopper
 from .search import suggest
 from .settings import Settings, stop_on_sigterm
 from .spec import StudySpec
-from .study import BUDGET_ATTR, SPEC_ATTR, _check_same_study, counts, load_existing, storage_for
+from .study import BUDGET_ATTR, SPEC_ATTR, check_same_study, counts, load_existing, storage_for
 from .tracking import TrialRun, end_study_run, log_alpha_by_gate, log_alpha_histogram, worker_tag
 from .training import EpochMetrics, StopTrial, dense_baseline, train_trial
 
@@ -133,7 +133,7 @@ def run_worker(spec: StudySpec, settings: Settings, poll: float = 1.0,
 
         torch.set_num_threads(settings.threads)
     study = load_existing(spec.name, storage_for(spec, settings), make_sampler(spec, settings.seed_offset))
-    _check_same_study(spec, study.user_attrs[SPEC_ATTR])
+    check_same_study(spec, study.user_attrs[SPEC_ATTR])
     objective = Objective(spec, settings)
     failures = 0
     try:

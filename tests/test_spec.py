@@ -93,15 +93,15 @@ def test_a_study_made_before_a_new_setting_existed_still_resumes():
     """A study's stored spec lacks settings added in later versions; they count with their defaults."""
     import json
 
-    from sweeps.study import _check_same_study
+    from sweeps.study import check_same_study
 
     spec = load_spec(Path(__file__).parents[1] / "studies" / "default.yaml")
     older = json.loads(spec.model_dump_json())
     del older["trial"]["amp"], older["trial"]["channels_last"]
-    _check_same_study(spec, json.dumps(older))
+    check_same_study(spec, json.dumps(older))
     older["trial"]["seed"] = 99
     with pytest.raises(SpecError, match="different 'trial' section"):
-        _check_same_study(spec, json.dumps(older))
+        check_same_study(spec, json.dumps(older))
 
 
 def test_study_files_validate_without_importing_torch():
