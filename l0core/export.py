@@ -207,8 +207,18 @@ def _prune_dead(plain: nn.Module, sites: list[_Site], example_inputs: Any) -> No
             if len(dead) >= units:
                 dead = dead[1:]  # keep one (dead) unit: torch-pruning cannot leave a layer empty
             if dead:
-                graph.group(site, dead).prune()
+                _prune(graph.group(site, dead))
                 changed = True
+
+
+def _prune(group) -> None:
+    """``group.prune()`` with each layer's indices listed once. A flatten maps each of a channel's features
+    to that channel, and torch-pruning (1.6) keeps the repeats: the weights come out right but the layer's
+    ``out_channels`` drops once per repeat, so the exported conv misreports its width and the next pruning
+    step reads channel indices off the wrong width (an IndexError for a mostly closed LeNet-5)."""
+    for k, item in enumerate(group.items):
+        group[k] = type(item)(item.dep, list(dict.fromkeys(item.idxs)))
+    group.prune()
 
 
 def _run(model: nn.Module, example_inputs: Any) -> Any:

@@ -27,6 +27,17 @@ def _params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _widths_agree_with_weights(model: nn.Module) -> None:
+    """Every exported layer says the widths its weights have (its repr, and code that reads them, rely on it)."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.conv._ConvNd):
+            assert (m.out_channels, m.in_channels // m.groups) == tuple(m.weight.shape[:2]), name
+        elif isinstance(m, nn.Linear):
+            assert (m.out_features, m.in_features) == tuple(m.weight.shape), name
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            assert m.num_features == m.running_mean.numel(), name
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_exported_model_computes_the_same_and_is_smaller(name):
     make, shape = CASES[name]
@@ -37,6 +48,7 @@ def test_exported_model_computes_the_same_and_is_smaller(name):
     x = torch.randn(*shape)
     small = compact(model, x, check=False)
     assert not list(gates(small)), "the exported model has no gates"
+    _widths_agree_with_weights(small)
     expected, got = model(x), small(x)
     scale = expected.abs().max().clamp_min(1.0)
     assert (expected - got).abs().max() <= 1e-5 * scale
@@ -78,6 +90,40 @@ def test_residual_channels_go_only_when_every_coupled_gate_is_off():
     assert small.conv1.out_channels == 60  # only the 4 channels closed everywhere go
     assert small.layer1[0].conv1.in_channels == 60 and small.layer1[0].conv2.out_channels == 60
     assert torch.allclose(small(x), model(x), atol=1e-5)
+
+
+def test_features_after_a_flatten_go_a_whole_channel_at_a_time():
+    # LeNet-5: conv2 (50 channels of 4x4) is flattened into fc1's 800 input features, 16 per channel.
+    model = build_model("lenet5", (1, 28, 28), 10).eval()
+    conv2, fc1 = model[3], model[7]
+    with torch.no_grad():
+        for _, g in gates(model):
+            g.log_alpha.fill_(5.0)
+        conv2.l0_gate.log_alpha[[0, 1, 2]] = -5.0  # three channels closed at the conv
+        features = fc1.l0_gate.log_alpha.view(50, 16)
+        features[5] = -5.0  # every feature of channel 5 closed at fc1: nothing reads the channel
+        features[6, :8] = -5.0  # half of channel 6's: the other half is read, so the channel stays
+        features[1, :3] = -5.0  # some of a channel already closed at the conv
+    x = torch.randn(2, 1, 28, 28)
+    small = compact(model, x)
+    assert small[3].weight.shape[0] == 46 and small[7].in_features == 46 * 16
+    _widths_agree_with_weights(small)
+    assert int((small[7].weight == 0).all(dim=0).sum()) == 8  # channel 6's closed half: zeros, in place
+    assert sparsity(model, x).removed_params == l0core.count_parameters(model) - _params(small) + 8 * 500
+    assert torch.allclose(small(x), model(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_mostly_closed_lenet5_exports(seed):
+    # As trained LeNet-5s end (the paper keeps 20-25-45-462 of 20-50-800-500): most fc1 features closed,
+    # often all of an open channel's; the widths must stay right through every pruning step.
+    model = build_model("lenet5", (1, 28, 28), 10).eval()
+    set_gate_states(model, p_off=0.85, p_frac=0.05, seed=seed)
+    x = torch.randn(2, 1, 28, 28)
+    small = compact(model, x)
+    _widths_agree_with_weights(small)
+    assert torch.allclose(small(x), model(x), atol=1e-5)
+    assert sparsity(model, x).effective_flops == count_flops(small, x)
 
 
 def test_concatenated_branches_export():
