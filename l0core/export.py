@@ -166,6 +166,19 @@ class _Graph:
         fn = tp.prune_linear_in_channels if site.kind == "neuron" else self.dg.get_pruner_of_module(site.owner).prune_out_channels
         return self.dg.get_pruning_group(site.owner, fn, idxs=idxs)
 
+    @staticmethod
+    def own_units(group, site: _Site) -> list[int]:
+        """The units of ``site`` itself in ``group``: those coupled to the ones it was built for."""
+        handler = "prune_in_channels" if site.kind == "neuron" else "prune_out_channels"
+        return [int(i) for item in group.items if item.dep.target.module is site.owner
+                and item.dep.handler.__name__ == handler for i in item.idxs]
+
+    @staticmethod
+    def has_producer(group) -> bool:
+        """Whether a parameterised layer in ``group`` produces the channels (else they are a model input)."""
+        return any(_has_params(item.dep.target.module) and item.dep.handler.__name__ == "prune_out_channels"
+                   for item in group.items)
+
     def removable(self, group) -> bool:
         producers, consumers = [], []
         for item in group.items:
@@ -191,6 +204,28 @@ def _closed_units(site: _Site) -> list[int]:
     return [] if mask is None else torch.nonzero(mask).flatten().tolist()
 
 
+def _dead_units(graph: _Graph, site: _Site, closed: list[int]) -> list[int]:
+    """Which of ``site``'s closed units can go: usually all of them, decided by one group check."""
+    whole = graph.group(site, closed)
+    if graph.removable(whole):
+        return closed
+    if not graph.has_producer(whole):
+        return []  # fed by the model's input, which stays whatever subset is asked
+    # Unit by unit, but one verdict per coupled block: the units a group ties together (e.g. the features a
+    # flatten makes of one channel) form the same group whichever of them asks, so each block is checked once.
+    # A LeNet-5 with 150 closed features after its flatten took ~200 ms a report unit by unit.
+    closed_set, decided, dead = set(closed), set(), []
+    for i in closed:
+        if i in decided:
+            continue
+        group = graph.group(site, [i])
+        block = graph.own_units(group, site) or [i]
+        decided.update(block)
+        if graph.removable(group):
+            dead += sorted(j for j in block if j in closed_set)
+    return dead
+
+
 def _prune_dead(plain: nn.Module, sites: list[_Site], example_inputs: Any) -> None:
     graph = _Graph(plain, example_inputs)
     changed = True
@@ -201,9 +236,7 @@ def _prune_dead(plain: nn.Module, sites: list[_Site], example_inputs: Any) -> No
             closed = _closed_units(site)
             if not closed:
                 continue
-            # Usually every closed unit can go: one group check; otherwise decide unit by unit.
-            dead = closed if graph.removable(graph.group(site, closed)) else [
-                i for i in closed if graph.removable(graph.group(site, [i]))]
+            dead = _dead_units(graph, site, closed)
             if len(dead) >= units:
                 dead = dead[1:]  # keep one (dead) unit: torch-pruning cannot leave a layer empty
             if dead:
