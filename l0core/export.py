@@ -179,6 +179,18 @@ class _Graph:
         return any(_has_params(item.dep.target.module) and item.dep.handler.__name__ == "prune_out_channels"
                    for item in group.items)
 
+    def empties_a_layer(self, group) -> bool:
+        """Whether pruning ``group`` would remove every output (or input) unit of one of its layers."""
+        for item in group.items:
+            module = item.dep.target.module
+            if not _has_params(module):
+                continue
+            out = item.dep.handler.__name__ == "prune_out_channels"
+            width = self.dg.get_out_channels(module) if out else self.dg.get_in_channels(module)
+            if width is not None and len(set(item.idxs)) >= width:
+                return True
+        return False
+
     def removable(self, group) -> bool:
         producers, consumers = [], []
         for item in group.items:
@@ -232,15 +244,19 @@ def _prune_dead(plain: nn.Module, sites: list[_Site], example_inputs: Any) -> No
     while changed:
         changed = False
         for site in sites:
-            units = site.owner.weight.shape[1 if site.kind == "neuron" else 0]
             closed = _closed_units(site)
             if not closed:
                 continue
             dead = _dead_units(graph, site, closed)
-            if len(dead) >= units:
-                dead = dead[1:]  # keep one (dead) unit: torch-pruning cannot leave a layer empty
-            if dead:
-                _prune(graph.group(site, dead))
+            group = graph.group(site, dead) if dead else None
+            while group is not None and graph.empties_a_layer(group):
+                # torch-pruning cannot leave a layer empty: keep the last dead block (its zeros stay). The
+                # emptied layer need not be this site's own (the conv before a flatten, for a neuron site).
+                keep = set(graph.own_units(graph.group(site, dead[-1:]), site)) | {dead[-1]}
+                dead = [i for i in dead if i not in keep]
+                group = graph.group(site, dead) if dead else None
+            if group is not None:
+                _prune(group)
                 changed = True
 
 
