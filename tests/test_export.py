@@ -60,6 +60,22 @@ def test_exported_model_computes_the_same_and_is_smaller(name):
     assert zeroed >= 0  # zeros written into kept shapes (neuron gates after a flatten), never negative
 
 
+@pytest.mark.parametrize("name", ["mlp", "lenet5", "googlenet", "resnet18", "mobilenet_v2"])
+def test_a_model_with_every_gate_closed_exports(name):
+    # What a large lambda can leave: every layer keeps one (dead) unit, and the output is the constant the
+    # gated model computes.
+    make, shape = CASES[name]
+    model = make()
+    randomize_batchnorm(model)
+    set_gate_states(model, p_off=1.0, p_frac=0.0)
+    model.eval()
+    x = torch.randn(*shape)
+    small = compact(model, x)
+    _widths_agree_with_weights(small)
+    assert torch.allclose(small(x), model(x), atol=1e-5)
+    assert sparsity(model, x).effective_flops == count_flops(small, x)
+
+
 def test_fractional_gates_are_folded_not_dropped():
     mlp = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
     attach(mlp, "neuron")
