@@ -41,7 +41,8 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
                      "removed_params": a.get("removed_params"), "total_params": a.get("total_params"),
                      "mlflow_run_id": a.get("mlflow_run_id"), "state": t.state.name,
                      "on_front": t.number in front})
-    return pd.DataFrame(rows, columns=COLUMNS)
+    # bool even with no rows: an empty object column would select columns, not rows, in table[table.on_front]
+    return pd.DataFrame(rows, columns=COLUMNS).astype({"on_front": bool})
 
 
 def front_table(study: optuna.Study) -> pd.DataFrame:

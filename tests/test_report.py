@@ -52,6 +52,23 @@ def test_front_table_and_pick_known_answers():
     assert knee(front.iloc[:2]) == 0
 
 
+def test_a_study_whose_trials_all_failed_still_reports(tmp_path, capsys):
+    # What a user meets when every trial of a new study crashes: status, report and pick say so, none crash.
+    from sweeps.status import print_status
+
+    study = optuna.create_study(study_name="broken", directions=["maximize", "maximize"])
+    study.set_metric_names(["val_accuracy", "sparsity"])
+    for _ in range(3):
+        study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL))
+    assert front_table(study).empty
+    print_status(study)
+    assert "0/? complete (fail 3)" in capsys.readouterr().out
+    page = write_report(study, tmp_path).read_text()
+    assert "0 complete trials, 0 stopped early, 3 failed" in page and "No complete trial yet." in page
+    with pytest.raises(PickError, match="no complete trial"):
+        pick(study)
+
+
 def _chromium() -> str:
     exe = shutil.which("chromium") or shutil.which("chromium-browser")
     if exe is None:
