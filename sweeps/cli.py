@@ -132,9 +132,12 @@ def dispatch(args: argparse.Namespace) -> int:
 
         return run_sweep(args.study_file, spec, _settings(args), args.workers, args.trials)
     if args.command == "create":
+        from .search import first_point, trial_config
         from .study import create_or_resume
+        from .training import check_fits
 
-        study = create_or_resume(spec, _settings(args), args.trials)
+        check_fits(trial_config(spec, first_point(spec)))  # a study whose trials cannot run is not created
+        study, _ = create_or_resume(spec, _settings(args), args.trials)
         print(f"study {study.study_name!r} ready: budget {study.user_attrs['n_trials']} complete trials")
         return 0
     if args.command == "worker":

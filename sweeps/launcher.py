@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .settings import Settings
-from .spec import StudySpec
+from .settings import CONFIG_ERROR, ERROR_PREFIX, Settings
+from .spec import SpecError, StudySpec
 from .storage import check_url, redact
 
 if TYPE_CHECKING:
@@ -52,6 +52,19 @@ def _recover(study: optuna.Study, pid: int, spec: StudySpec, settings: Settings)
             callback(study, study._storage.get_trial(t._trial_id))
             n += 1
     return n
+
+
+def _trials_started(study: optuna.Study) -> bool:
+    """Whether any trial got past WAITING (the starting points are enqueued as WAITING trials)."""
+    from optuna.trial import TrialState
+
+    return bool(study.get_trials(deepcopy=False, states=tuple(s for s in TrialState if s != TrialState.WAITING)))
+
+
+def _last_error(path: Path, prefix: str) -> str:
+    """The last line of a worker's log that starts with ``prefix``, without it."""
+    found = [line[len(prefix):] for line in _tail(path, 50).splitlines() if line.startswith(prefix)]
+    return found[-1] if found else f"a worker could not start (see {path})"
 
 
 def _tail(path: Path, lines: int = 5) -> str:
@@ -91,9 +104,9 @@ def _run(study_file: Path, spec: StudySpec, settings: Settings, workers: int, tr
         from tqdm import tqdm
 
         from .tracking import end_study_run
-        from .study import BUDGET_ATTR, counts, create_or_resume
+        from .study import BUDGET_ATTR, counts, create_or_resume, discard_new_study
 
-        study = create_or_resume(spec, settings, trials)
+        study, created = create_or_resume(spec, settings, trials)
     except BaseException:
         _stop(procs)  # they were waiting for this study; nothing of theirs to clean up
         raise
@@ -123,6 +136,14 @@ def _run(study_file: Path, spec: StudySpec, settings: Settings, workers: int, tr
                 if code is None:
                     continue
                 del procs[i]
+                if code == CONFIG_ERROR:  # the trials cannot run at all: one line, and no study left to fix
+                    _stop(procs)
+                    message = _last_error(log_dir / f"worker-{i}.log", ERROR_PREFIX)
+                    if created and not _trials_started(study):
+                        discard_new_study(study, settings.tracking_uri)
+                        raise SpecError(f"{message} (the study was not kept: fix the file and run it again)")
+                    end_study_run(study, settings.tracking_uri, "FAILED")
+                    raise SpecError(message)
                 if code != 0:
                     recovered = _recover(study, proc.pid, spec, settings)
                     tqdm.write(f"l0sweep: worker {i} exited with status {code} ({recovered} trial(s) retried); "

@@ -55,6 +55,23 @@ def trial_config(spec: StudySpec, values: dict[str, Any]) -> TrialConfig:
     return TrialConfig.model_validate(data)
 
 
+def first_point(spec: StudySpec) -> dict[str, Any]:
+    """The values of one trial the study would run: its first starting point, completed with each range's low
+    end (or first choice). Enough to check, before a sweep starts, that a trial's model fits its data."""
+    point = spec.enqueue[0] if spec.enqueue else {}
+    mode = str(point.get("mode", spec.search.mode[0]))
+
+    def example(param: Param) -> Any:
+        return param.low if isinstance(param, Range) else param.choices[0] if isinstance(param, Choices) else param
+
+    values: dict[str, Any] = {"mode": mode}
+    for field in ("lam", "droprate_init"):
+        values[field] = point.get(field, example(_per_mode(getattr(spec.search, field), mode)))
+    for path, param in spec.search.params.items():
+        values[path] = point.get(path, example(param))
+    return values
+
+
 def starting_point(spec: StudySpec, point: dict[str, Any]) -> dict[str, Any]:
     """A study file's ``enqueue`` entry in the sampler's parameter names (for ``study.enqueue_trial``)."""
     modes = spec.search.mode

@@ -8,6 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# A worker's exit status when the study's trials cannot run at all (the model does not fit the data, the data
+# does not load); its last line starting ERROR_PREFIX says why, and the launcher removes a study it just created.
+CONFIG_ERROR = 3
+ERROR_PREFIX = "l0sweep worker: error: "
 
 @dataclass
 class Settings:

@@ -16,7 +16,7 @@ from .search import starting_point
 from .settings import Settings
 from .spec import SpecError, StudySpec
 from .storage import open_storage
-from .tracking import check_tracking, end_run_of, ensure_study_run
+from .tracking import check_tracking, delete_study_run, end_run_of, ensure_study_run
 
 _log = logging.getLogger(__name__)
 SPEC_ATTR = "spec"
@@ -60,8 +60,9 @@ def check_same_study(spec: StudySpec, stored_json: str) -> None:
                             "give the changed study a new name")
 
 
-def create_or_resume(spec: StudySpec, settings: Settings, trials: int | None = None) -> optuna.Study:
-    """Create the study (once: spec, budget, starting points, MLflow parent run) or check and resume it.
+def create_or_resume(spec: StudySpec, settings: Settings, trials: int | None = None) -> tuple[optuna.Study, bool]:
+    """Create the study (once: spec, budget, starting points, MLflow parent run) or check and resume it;
+    returns the study and whether this call created it.
 
     Run it from one launcher only (``l0sweep run`` or ``l0sweep create``): enqueueing is not race-free.
     """
@@ -89,7 +90,14 @@ def create_or_resume(spec: StudySpec, settings: Settings, trials: int | None = N
         if not existed:  # nothing half-written: a study without its spec or MLflow run is no study
             optuna.delete_study(study_name=spec.name, storage=storage)
         raise
-    return study
+    return study, not existed
+
+
+def discard_new_study(study: optuna.Study, tracking_uri: str) -> None:
+    """Delete a study no trial ever ran in, with its MLflow run: for a launcher whose fresh study turned out
+    unusable, so that the corrected study file can be run under the same name."""
+    delete_study_run(study, tracking_uri)
+    optuna.delete_study(study_name=study.study_name, storage=study._storage)
 
 
 def load_existing(name: str, storage: optuna.storages.BaseStorage, sampler=None) -> optuna.Study:

@@ -101,6 +101,15 @@ def end_study_run(study: optuna.Study, tracking_uri: str, status: str = "FINISHE
         MlflowClient(tracking_uri).set_terminated(run_id, status)
 
 
+def delete_study_run(study: optuna.Study, tracking_uri: str) -> None:
+    """End the study's run FAILED and delete it: for a study discarded before any trial ran."""
+    run_id = study.user_attrs.get(PARENT_RUN_ATTR)
+    if run_id:
+        client = MlflowClient(tracking_uri)
+        client.set_terminated(run_id, "FAILED")
+        client.delete_run(run_id)
+
+
 def _flatten(prefix: str, data: Any, out: dict[str, Any]) -> dict[str, Any]:
     if isinstance(data, dict):
         for k, v in data.items():

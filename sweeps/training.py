@@ -24,6 +24,7 @@ import l0core
 from .config import OptimConfig, TrialConfig
 from .data import Splits, data_loader, load_data
 from .models import build_model
+from .spec import SpecError
 
 
 @dataclass
@@ -244,6 +245,36 @@ def dense_baseline(cfg: TrialConfig, splits: Splits | None = None) -> Path:
                         "config": json.loads(cfg.model_dump_json())}, tmp)
             os.replace(tmp, path)  # atomic: a reader never sees half a file
     return path
+
+
+def check_fits(cfg: TrialConfig) -> None:
+    """Raise :class:`SpecError` (one line) unless ``cfg``'s data loads and its gated model computes class scores
+    for two of its examples: the mistakes that would otherwise fail every trial of a sweep. Runs on the CPU.
+
+    >>> check_fits(TrialConfig.model_validate({"data": {"name": "digits"}, "model": {"name": "lenet5"}}))
+    Traceback (most recent call last):
+    ...
+    sweeps.spec.SpecError: trial.model 'lenet5' does not fit trial.data 'digits' (inputs (1, 8, 8)): lenet5 needs images of at least 16x16 pixels, got 8x8
+    """
+    def first_line(exc: Exception) -> str:
+        return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+    try:
+        splits = _load(cfg)
+    except Exception as exc:
+        raise SpecError(f"trial.data {cfg.data.name!r} cannot be loaded: {first_line(exc)}") from None
+    try:
+        model = build_model(cfg.model.name, splits.input_shape, splits.num_classes, gates=True,
+                            droprate_init=cfg.droprate_init, per_sample=cfg.model.per_sample, **cfg.model.kwargs)
+        x = next(iter(data_loader(splits.val, 2)))[0]
+        with torch.no_grad():
+            out = model.eval()(x)
+        if tuple(out.shape) != (len(x), splits.num_classes):
+            raise ValueError(f"it outputs shape {tuple(out.shape)} for {len(x)} examples of {splits.num_classes} "
+                             "classes")
+    except Exception as exc:
+        raise SpecError(f"trial.model {cfg.model.name!r} does not fit trial.data {cfg.data.name!r} (inputs "
+                        f"{tuple(splits.input_shape)}): {first_line(exc)}") from None
 
 
 def train_trial(cfg: TrialConfig, on_epoch: Callable[[EpochMetrics], bool] | None = None) -> TrialResult:

@@ -17,12 +17,12 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from .early_stopping import HISTORY_ATTR, ParetoStopper
-from .search import suggest
-from .settings import Settings, stop_on_sigterm
-from .spec import StudySpec
+from .search import first_point, suggest, trial_config
+from .settings import CONFIG_ERROR, ERROR_PREFIX, Settings, stop_on_sigterm
+from .spec import SpecError, StudySpec
 from .study import BUDGET_ATTR, SPEC_ATTR, check_same_study, counts, load_existing, storage_for
 from .tracking import TrialRun, end_study_run, log_alpha_by_gate, log_alpha_histogram, worker_tag
-from .training import EpochMetrics, StopTrial, dense_baseline, train_trial
+from .training import EpochMetrics, StopTrial, check_fits, dense_baseline, train_trial
 
 BASELINE_ATTR = "dense_baseline"
 
@@ -122,6 +122,15 @@ def run_worker(spec: StudySpec, settings: Settings, poll: float = 1.0,
     :func:`wait_for_launcher`.
     """
     stop_on_sigterm()  # a stopped worker ends its trial FAIL and its run KILLED, then exits
+    try:
+        # Before any trial (and while the launcher creates the study): a model that does not fit its data
+        # would fail every trial, so say so once and leave.
+        check_fits(trial_config(spec, first_point(spec)))
+    except SpecError as exc:
+        print(f"{ERROR_PREFIX}{exc}", file=sys.stderr, flush=True)
+        return CONFIG_ERROR
+    except KeyboardInterrupt:
+        return 130
     try:
         if start_after is not None and not wait_for_launcher(*start_after):
             print("l0sweep worker: the launcher exited before the study was ready", file=sys.stderr)

@@ -66,6 +66,27 @@ def test_bad_input(case, tmp_path):
     assert _processes_naming(str(out)) == []
 
 
+def test_a_model_that_does_not_fit_its_data_is_one_line_and_leaves_no_study(tmp_path):
+    """Every trial would fail (LeNet-5 needs 16x16 images; digits are 8x8): the workers check one trial's model
+    on its data before training, the launcher stops them and removes the study it had just created, so the
+    corrected file runs under the same name. ``create`` checks the same before it creates anything."""
+    path = write_study(tmp_path / "study.yaml", trial={**TINY["trial"], "model": {"name": "lenet5"}})
+    expected = ("trial.model 'lenet5' does not fit trial.data 'digits' (inputs (1, 8, 8)): lenet5 needs images "
+                "of at least 16x16 pixels, got 8x8")
+    out = tmp_path / "out"
+    result = l0sweep("run", path, "--out", out, "--workers", "2", timeout=180)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (f"l0sweep run: error: {expected} (the study was not kept: "
+                                                      "fix the file and run it again)")
+    assert "Traceback" not in result.stderr
+    assert optuna.get_all_study_names(open_storage(str(out / "optuna.journal"))) == []
+    assert runs_of(f"sqlite:///{out / 'mlflow.db'}", "tiny") == []  # the study's run is deleted, not left
+    assert _processes_naming(str(out)) == []
+    created = l0sweep("create", path, "--out", tmp_path / "created", timeout=120)
+    assert created.returncode == 1 and created.stderr.strip() == f"l0sweep create: error: {expected}"
+    assert not (tmp_path / "created").exists()
+
+
 def test_workers_wait_for_the_study_and_leave_when_the_launcher_does(tmp_path):
     """A worker started by ``l0sweep run`` waits for the study to be ready; if its launcher dies first
     (here: exits right after starting it), it exits instead of lingering."""
