@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -191,6 +192,11 @@ def _run_epochs(model: nn.Module, cfg: TrialConfig, splits: Splits, device: torc
             pen_sum += pen
             batches += 1
         task_mean, pen_mean = float(task_sum) / batches, float(pen_sum) / batches
+        if not math.isfinite(task_mean + pen_mean):
+            # Fail the trial: the epochs left would train nothing, and its figures (chance accuracy, gates
+            # read from NaN) would count as a complete trial of the budget.
+            raise FloatingPointError(f"the training loss is {task_mean + pen_mean} in epoch {epoch}: the trial "
+                                     "diverged (lower optim.lr or optim.gate_lr)")
         if sched is not None:
             sched.step()
         val_acc = accuracy(model, val, device)

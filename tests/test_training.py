@@ -96,6 +96,16 @@ def test_hook_stops_a_trial(tmp_path):
     assert seen == [1, 2] and stop.value.metrics.epoch == 2
 
 
+def test_a_diverged_trial_fails_instead_of_completing(tmp_path):
+    # SGD at lr 50 turns the MLP's loss to NaN in its first epoch; it used to complete at chance accuracy
+    # with gates read from NaN, a trial of the budget like any other.
+    seen = []
+    with pytest.raises(FloatingPointError, match=r"training loss is nan in epoch 1: the trial diverged"):
+        train_trial(_cfg(tmp_path, optim={"name": "sgd", "lr": 50.0, "epochs": 3}),
+                    on_epoch=lambda m: seen.append(m.epoch))
+    assert seen == []  # stopped before the epoch was reported
+
+
 def test_finetune_starts_from_the_baseline(tmp_path):
     cfg = _cfg(tmp_path, mode="finetune", droprate_init=0.05, lam=0.1)
     path = dense_baseline(cfg)
