@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import traceback
 from dataclasses import dataclass
 from typing import Any
 
@@ -137,7 +138,17 @@ class _Graph:
     """torch-pruning's dependency graph of a plain model, plus which producers are terminal."""
 
     def __init__(self, model: nn.Module, example_inputs: Any) -> None:
-        self.dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+        try:
+            self.dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+        except Exception as exc:
+            where = traceback.extract_tb(exc.__traceback__)[-1]
+            if "torch_pruning" not in where.filename:
+                raise  # the model's own forward failed (e.g. inputs of the wrong shape): its error says why
+            # e.g. ShuffleNetV2's channel shuffle: a ZeroDivisionError deep in torch-pruning's reshape mapping
+            raise ValueError(f"torch-pruning {tp.__version__} cannot trace how the channels of "
+                             f"{type(model).__name__} depend on each other ({type(exc).__name__} in {where.name}), "
+                             "so its channel and neuron gates can be neither costed nor exported; parameter gates "
+                             "(kind='parameter') need no such graph") from exc
         self._reach: dict[int, tuple[set[int], bool]] = {}
 
     def reach(self, module: nn.Module) -> tuple[set[int], bool]:
@@ -214,6 +225,12 @@ def _closed_units(site: _Site) -> list[int]:
         return torch.nonzero((site.owner.weight == 0).all(dim=0)).flatten().tolist()
     mask = _zero_output_mask(site.target)
     return [] if mask is None else torch.nonzero(mask).flatten().tolist()
+
+
+def check_traceable(model: nn.Module, example_inputs: Any) -> None:
+    """Raise ValueError if torch-pruning cannot build ``model``'s dependency graph, which structured gates
+    need to cost and export their units. Traces a copy in eval mode: ``model`` is left untouched."""
+    _Graph(copy.deepcopy(model).eval(), example_inputs)
 
 
 def _dead_units(graph: _Graph, site: _Site, closed: list[int]) -> list[int]:

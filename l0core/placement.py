@@ -182,6 +182,10 @@ def attach(
     """
     if kind not in ("channel", "neuron", "parameter"):
         raise ValueError(f"kind must be 'channel', 'neuron' or 'parameter', got {kind!r}")
+    if example_inputs is not None and kind != "parameter":
+        from .export import check_traceable
+
+        check_traceable(model, example_inputs)  # before any gate goes on: a model it refuses stays as it was
     if kind == "parameter":
         result = _attach_parameters(model, include, exclude, droprate_init)
     else:

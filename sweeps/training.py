@@ -254,14 +254,15 @@ def dense_baseline(cfg: TrialConfig, splits: Splits | None = None) -> Path:
 
 
 def check_fits(cfg: TrialConfig) -> None:
-    """Raise :class:`SpecError` (one line) unless ``cfg``'s data loads and its gated model computes class scores
-    for two of its examples: the mistakes that would otherwise fail every trial of a sweep. Runs on the CPU.
+    """Raise :class:`SpecError` (one line) unless ``cfg``'s data loads and its gated model can be costed (its
+    dependency graph traced) and computes class scores for two of its examples: the mistakes that would otherwise
+    fail every trial of a sweep. Runs on the CPU.
 
     >>> lenet5_on_digits = {"data": {"name": "digits"}, "model": {"name": "lenet5"}}
     >>> check_fits(TrialConfig.model_validate(lenet5_on_digits))  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    sweeps.spec.SpecError: trial.model 'lenet5' does not fit trial.data 'digits' (inputs (1, 8, 8)): lenet5 needs...
+    sweeps.spec.SpecError: trial.model 'lenet5' cannot train on trial.data 'digits' (inputs (1, 8, 8)): lenet5 needs...
     """
     def first_line(exc: Exception) -> str:
         return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -274,13 +275,14 @@ def check_fits(cfg: TrialConfig) -> None:
         model = build_model(cfg.model.name, splits.input_shape, splits.num_classes, gates=True,
                             droprate_init=cfg.droprate_init, per_sample=cfg.model.per_sample, **cfg.model.kwargs)
         x = next(iter(data_loader(splits.val, 2)))[0]
+        l0core.measure_unit_costs(model, x[:1])  # what a trial does first: needs the model's dependency graph
         with torch.no_grad():
             out = model.eval()(x)
         if tuple(out.shape) != (len(x), splits.num_classes):
             raise ValueError(f"it outputs shape {tuple(out.shape)} for {len(x)} examples of {splits.num_classes} "
                              "classes")
     except Exception as exc:
-        raise SpecError(f"trial.model {cfg.model.name!r} does not fit trial.data {cfg.data.name!r} (inputs "
+        raise SpecError(f"trial.model {cfg.model.name!r} cannot train on trial.data {cfg.data.name!r} (inputs "
                         f"{tuple(splits.input_shape)}): {first_line(exc)}") from None
 
 

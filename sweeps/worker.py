@@ -123,7 +123,7 @@ def run_worker(spec: StudySpec, settings: Settings, poll: float = 1.0,
     """
     stop_on_sigterm()  # a stopped worker ends its trial FAIL and its run KILLED, then exits
     try:
-        # Before any trial (and while the launcher creates the study): a model that does not fit its data
+        # Before any trial (and while the launcher creates the study): a model that cannot train on its data
         # would fail every trial, so say so once and leave.
         check_fits(trial_config(spec, first_point(spec)))
     except SpecError as exc:

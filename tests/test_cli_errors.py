@@ -71,7 +71,7 @@ def test_a_model_that_does_not_fit_its_data_is_one_line_and_leaves_no_study(tmp_
     on its data before training, the launcher stops them and removes the study it had just created, so the
     corrected file runs under the same name. ``create`` checks the same before it creates anything."""
     path = write_study(tmp_path / "study.yaml", trial={**TINY["trial"], "model": {"name": "lenet5"}})
-    expected = ("trial.model 'lenet5' does not fit trial.data 'digits' (inputs (1, 8, 8)): lenet5 needs images "
+    expected = ("trial.model 'lenet5' cannot train on trial.data 'digits' (inputs (1, 8, 8)): lenet5 needs images "
                 "of at least 16x16 pixels, got 8x8")
     out = tmp_path / "out"
     result = l0sweep("run", path, "--out", out, "--workers", "2", timeout=180)

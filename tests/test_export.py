@@ -194,6 +194,22 @@ def test_exported_model_saves_loads_and_exports():
     assert torch.allclose(exported.module()(x), expected, atol=1e-6)
 
 
+def test_a_model_torch_pruning_cannot_trace_is_a_clear_error_and_stays_ungated():
+    # ShuffleNetV2's channel shuffle (a reshape torch-pruning 1.6 cannot map) used to surface as a bare
+    # ZeroDivisionError from deep inside torch-pruning, after the gates were already on.
+    model = torchvision.models.shufflenet_v2_x0_5(num_classes=10)
+    x = torch.randn(1, 3, 64, 64)
+    with pytest.raises(ValueError, match=r"cannot trace how the channels of ShuffleNetV2 depend on each other "
+                                         r"\(ZeroDivisionError in .*\).*parameter gates"):
+        attach(model, "channel", example_inputs=x)
+    assert gates(model) == []
+    attach(model, "channel")  # without example inputs nothing is traced yet; export needs the graph
+    with pytest.raises(ValueError, match="cannot trace"):
+        compact(model.eval(), x)
+    with pytest.raises(RuntimeError, match="expected input"):  # the model's own errors pass through as they are
+        sparsity(build_model("lenet5", (1, 28, 28), 10), torch.randn(1, 3, 28, 28))
+
+
 def test_hand_placed_gates_cannot_be_folded():
     net = nn.Sequential(nn.Linear(4, 4), l0core.NeuronGate(4), nn.Linear(4, 2))
     with pytest.raises(ValueError, match="place them with l0core.attach"):

@@ -7,11 +7,12 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from sweeps.config import OptimConfig
+from sweeps.config import ModelConfig, OptimConfig
 from sweeps.data import load_data
 from sweeps.models import build_model
-from sweeps.training import (StopTrial, TrialConfig, baseline_key, build_optimizer, dense_baseline, train_step,
-                             train_trial)
+from sweeps.spec import SpecError
+from sweeps.training import (StopTrial, TrialConfig, baseline_key, build_optimizer, check_fits, dense_baseline,
+                             train_step, train_trial)
 
 FAST = {"lr": 3e-3, "gate_lr": 0.05, "epochs": 4}
 
@@ -167,6 +168,18 @@ def test_convnets_run_an_epoch_on_cifar_shaped_data(tmp_path, model):
 def test_bad_configs_name_the_field(bad, field):
     with pytest.raises(ValidationError, match=field.replace(".", r"\.?.*")):
         TrialConfig(**bad)
+
+
+@pytest.mark.parametrize("model, data, why", [
+    ("lenet5", {"name": "digits"}, r"\(inputs \(1, 8, 8\)\): lenet5 needs images of at least 16x16 pixels"),
+    ("torchvision:shufflenet_v2_x0_5", {"name": "synthetic", "kwargs": {"shape": [3, 32, 32], "n": 16}},
+     "torch-pruning .* cannot trace how the channels of ShuffleNetV2"),
+])
+def test_a_model_that_cannot_train_on_its_data_is_found_before_training(model, data, why):
+    cfg = TrialConfig(data=data, model={"name": model})
+    with pytest.raises(SpecError, match=rf"^trial.model '{model}' cannot train on trial.data '{data['name']}' .*{why}"):
+        check_fits(cfg)
+    check_fits(cfg.model_copy(update={"model": ModelConfig(name="mlp")}))  # the MLP takes any input shape
 
 
 def test_unknown_model_and_dataset_are_clear_errors():
