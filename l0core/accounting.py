@@ -181,8 +181,8 @@ def _params_on_units(module: nn.Module, k: int, out: bool) -> float:
     for p in module.parameters(recurse=False):
         if out and p.dim() >= 1:
             total += p.numel() / p.shape[0] * k
-        elif not out and p.dim() >= 2:
-            total += p.numel() / p.shape[1] * k
+        elif not out and p.dim() >= 2:  # one input channel of a grouped conv feeds only its group's filters
+            total += p.numel() / (p.shape[1] * getattr(module, "groups", 1)) * k
     return total
 
 

@@ -7,8 +7,9 @@ other branches of a residual addition or a concatenation) is removed when either
 - every *terminal* producer of those channels (the last layer before they are consumed) outputs exactly
   zero on them, or
 - every consumer ignores them (its input columns are zero, as neuron gates leave them),
-and no channel of the group is a model input or output. A residual channel therefore goes only when every branch
-feeding the addition is closed; fractional gates are folded, never dropped.
+and no channel of the group is a model input or output or belongs to a grouped (not depthwise) convolution. A
+residual channel therefore goes only when every branch feeding the addition is closed; fractional gates are folded,
+never dropped.
 """
 from __future__ import annotations
 
@@ -106,6 +107,13 @@ def _unparametrize(module: nn.Module) -> None:
     del module._modules["parametrizations"]
     for name, value in values.items():
         module.register_parameter(name, nn.Parameter(value))
+
+
+def _grouped(module: Any) -> bool:
+    """A grouped convolution other than a depthwise one (ResNeXt, RegNet): torch-pruning 1.6 removes single
+    channels of it unevenly across its groups and breaks the weight."""
+    return isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and not (
+        module.groups == module.in_channels == module.out_channels)
 
 
 def _has_params(module: Any) -> bool:
@@ -212,6 +220,8 @@ class _Graph:
             (producers if is_out else consumers).append((module, list(item.idxs)))
         if not producers or any(self.reach(m)[1] for m, _ in producers):
             return False  # the model's inputs or outputs: never removed, the interface stays
+        if any(_grouped(m) for m, _ in producers + consumers):
+            return False  # a grouped conv's channels stay: its groups must keep equal widths
         in_group = {id(m) for m, _ in producers}
         terminal = [(m, i) for m, i in producers if not self.reach(m)[0] <= in_group]
         if terminal and all(_outputs_zero(m, i) for m, i in terminal):

@@ -158,6 +158,30 @@ def test_concatenated_branches_export():
     assert torch.allclose(small(x), model(x), atol=1e-5)
 
 
+def test_channels_of_a_grouped_conv_stay_and_the_rest_export():
+    # ResNeXt/RegNet-style grouped convolution: torch-pruning 1.6 cut single channels of it unevenly across its
+    # groups and broke its weight (ResNeXt-50 failed to export). Its channels stay (closed ones as zeros).
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1, groups=4), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 6, 1), nn.BatchNorm2d(6), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 5))
+    x = torch.randn(2, 3, 8, 8)
+    attach(model, "channel", example_inputs=x)
+    # conv0's channel: its filter and bias 28, BatchNorm 2, and the 2 grouped filters it feeds, 2 * 3 * 3
+    assert [float(g.unit_cost[0]) for _, g in gates(model)] == [28 + 2 + 18, 19 + 2 + 6, 9 + 2 + 5]
+    randomize_batchnorm(model)
+    with torch.no_grad():
+        for _, g in gates(model):
+            g.log_alpha.fill_(5.0)
+            g.log_alpha[:2] = -5.0  # two channels closed in every gated layer
+    model.eval()
+    small = compact(model, x)
+    _widths_agree_with_weights(small)
+    assert [small[i].out_channels for i in (0, 3, 6)] == [8, 8, 4]  # only the plain conv after the groups shrinks
+    assert torch.allclose(small(x), model(x), atol=1e-5)
+    assert sparsity(model, x).effective_flops == count_flops(small, x)
+
+
 def test_parameter_gates_export_zeros_in_dense_shape():
     lin = nn.Linear(6, 4)
     l0core.gate_parameters(lin, ["weight"])
