@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .placement import GATE_ATTR, gates
-from .export import _compact_folded, _Graph, _run, fold
+from .export import _compact_folded, _Graph, _prunes_outputs, _run, fold
 from .kinds import ParameterGate, UnitGate
 from .regularizer import count_parameters, expected_kept
 
@@ -167,7 +167,7 @@ def measure_unit_costs(model: nn.Module, example_inputs: Any) -> None:
             if not isinstance(module, nn.Module):
                 continue
             one_to_one &= len(idxs) == 1
-            is_out = item.dep.handler.__name__ == "prune_out_channels"
+            is_out = _prunes_outputs(item)
             if is_out and id(module) in owners and site.kind == "channel":
                 coupled += 1
             cost += _params_on_units(module, len(idxs), is_out)

@@ -116,6 +116,11 @@ def _grouped(module: Any) -> bool:
         module.groups == module.in_channels == module.out_channels)
 
 
+def _prunes_outputs(item: Any) -> bool:
+    """Whether a pruning-group item removes output channels of its layer (else its input channels)."""
+    return item.dep.handler.__name__ == "prune_out_channels"
+
+
 def _has_params(module: Any) -> bool:
     return isinstance(module, nn.Module) and next(module.parameters(recurse=False), None) is not None
 
@@ -188,15 +193,14 @@ class _Graph:
     @staticmethod
     def own_units(group, site: _Site) -> list[int]:
         """The units of ``site`` itself in ``group``: those coupled to the ones it was built for."""
-        handler = "prune_in_channels" if site.kind == "neuron" else "prune_out_channels"
+        outputs = site.kind != "neuron"  # a neuron site's units are its layer's inputs
         return [int(i) for item in group.items if item.dep.target.module is site.owner
-                and item.dep.handler.__name__ == handler for i in item.idxs]
+                and _prunes_outputs(item) == outputs for i in item.idxs]
 
     @staticmethod
     def has_producer(group) -> bool:
         """Whether a parameterised layer in ``group`` produces the channels (else they are a model input)."""
-        return any(_has_params(item.dep.target.module) and item.dep.handler.__name__ == "prune_out_channels"
-                   for item in group.items)
+        return any(_has_params(item.dep.target.module) and _prunes_outputs(item) for item in group.items)
 
     def empties_a_layer(self, group) -> bool:
         """Whether pruning ``group`` would remove every output (or input) unit of one of its layers."""
@@ -204,8 +208,7 @@ class _Graph:
             module = item.dep.target.module
             if not _has_params(module):
                 continue
-            out = item.dep.handler.__name__ == "prune_out_channels"
-            width = self.dg.get_out_channels(module) if out else self.dg.get_in_channels(module)
+            width = self.dg.get_out_channels(module) if _prunes_outputs(item) else self.dg.get_in_channels(module)
             if width is not None and len(set(item.idxs)) >= width:
                 return True
         return False
@@ -216,8 +219,7 @@ class _Graph:
             module = item.dep.target.module
             if not _has_params(module):
                 continue
-            is_out = item.dep.handler.__name__ == "prune_out_channels"
-            (producers if is_out else consumers).append((module, list(item.idxs)))
+            (producers if _prunes_outputs(item) else consumers).append((module, list(item.idxs)))
         if not producers or any(self.reach(m)[1] for m, _ in producers):
             return False  # the model's inputs or outputs: never removed, the interface stays
         if any(_grouped(m) for m, _ in producers + consumers):
@@ -243,13 +245,14 @@ def check_traceable(model: nn.Module, example_inputs: Any) -> None:
     _Graph(copy.deepcopy(model).eval(), example_inputs)
 
 
-def _dead_units(graph: _Graph, site: _Site, closed: list[int]) -> list[int]:
-    """Which of ``site``'s closed units can go: usually all of them, decided by one group check."""
+def _dead_units(graph: _Graph, site: _Site, closed: list[int]) -> tuple[list[int], Any]:
+    """Which of ``site``'s closed units can go, and their pruning group when it is already built: usually all
+    of them, decided by one group check."""
     whole = graph.group(site, closed)
     if graph.removable(whole):
-        return closed
+        return closed, whole
     if not graph.has_producer(whole):
-        return []  # fed by the model's input, which stays whatever subset is asked
+        return [], None  # fed by the model's input, which stays whatever subset is asked
     # Unit by unit, but one verdict per coupled block: the units a group ties together (e.g. the features a
     # flatten makes of one channel) form the same group whichever of them asks, so each block is checked once.
     # A LeNet-5 with 150 closed features after its flatten took ~200 ms a report unit by unit.
@@ -262,7 +265,7 @@ def _dead_units(graph: _Graph, site: _Site, closed: list[int]) -> list[int]:
         decided.update(block)
         if graph.removable(group):
             dead += sorted(j for j in block if j in closed_set)
-    return dead
+    return dead, None
 
 
 def _prune_dead(plain: nn.Module, sites: list[_Site], example_inputs: Any) -> None:
@@ -274,8 +277,9 @@ def _prune_dead(plain: nn.Module, sites: list[_Site], example_inputs: Any) -> No
             closed = _closed_units(site)
             if not closed:
                 continue
-            dead = _dead_units(graph, site, closed)
-            group = graph.group(site, dead) if dead else None
+            dead, group = _dead_units(graph, site, closed)
+            if dead and group is None:
+                group = graph.group(site, dead)
             while group is not None and graph.empties_a_layer(group):
                 # torch-pruning cannot leave a layer empty: keep the last dead block (its zeros stay). The
                 # emptied layer need not be this site's own (the conv before a flatten, for a neuron site).

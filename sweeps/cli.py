@@ -205,8 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # every expected failure carries a one-line message; keep it one line
         if os.environ.get("L0SWEEP_DEBUG"):
             raise
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"l0sweep {args.command}: error: {message}", file=sys.stderr)
+        from .spec import one_line
+
+        print(f"l0sweep {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return 1
 
 

@@ -13,6 +13,7 @@ from typing import Any
 CONFIG_ERROR = 3
 ERROR_PREFIX = "l0sweep worker: error: "
 
+
 @dataclass
 class Settings:
     """Where a worker finds the study, logs its runs and keeps its files."""

@@ -28,6 +28,12 @@ class SpecError(ValueError):
     """A study file that cannot be used; the message is one line naming the field or value."""
 
 
+def one_line(exc: BaseException) -> str:
+    """An exception's message as one line: its first, or its type's name when it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

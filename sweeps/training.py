@@ -25,7 +25,7 @@ import l0core
 from .config import OptimConfig, TrialConfig
 from .data import Splits, data_loader, load_data
 from .models import build_model
-from .spec import SpecError
+from .spec import SpecError, one_line
 
 
 @dataclass
@@ -264,13 +264,10 @@ def check_fits(cfg: TrialConfig) -> None:
     ...
     sweeps.spec.SpecError: trial.model 'lenet5' cannot train on trial.data 'digits' (inputs (1, 8, 8)): lenet5 needs...
     """
-    def first_line(exc: Exception) -> str:
-        return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-
     try:
         splits = _load(cfg)
     except Exception as exc:
-        raise SpecError(f"trial.data {cfg.data.name!r} cannot be loaded: {first_line(exc)}") from None
+        raise SpecError(f"trial.data {cfg.data.name!r} cannot be loaded: {one_line(exc)}") from None
     try:
         model = build_model(cfg.model.name, splits.input_shape, splits.num_classes, gates=True,
                             droprate_init=cfg.droprate_init, per_sample=cfg.model.per_sample, **cfg.model.kwargs)
@@ -283,7 +280,7 @@ def check_fits(cfg: TrialConfig) -> None:
                              "classes")
     except Exception as exc:
         raise SpecError(f"trial.model {cfg.model.name!r} cannot train on trial.data {cfg.data.name!r} (inputs "
-                        f"{tuple(splits.input_shape)}): {first_line(exc)}") from None
+                        f"{tuple(splits.input_shape)}): {one_line(exc)}") from None
 
 
 def train_trial(cfg: TrialConfig, on_epoch: Callable[[EpochMetrics], bool] | None = None) -> TrialResult:

@@ -126,15 +126,12 @@ def run_worker(spec: StudySpec, settings: Settings, poll: float = 1.0,
         # Before any trial (and while the launcher creates the study): a model that cannot train on its data
         # would fail every trial, so say so once and leave.
         check_fits(trial_config(spec, first_point(spec)))
-    except SpecError as exc:
-        print(f"{ERROR_PREFIX}{exc}", file=sys.stderr, flush=True)
-        return CONFIG_ERROR
-    except KeyboardInterrupt:
-        return 130
-    try:
         if start_after is not None and not wait_for_launcher(*start_after):
             print("l0sweep worker: the launcher exited before the study was ready", file=sys.stderr)
             return 1
+    except SpecError as exc:
+        print(f"{ERROR_PREFIX}{exc}", file=sys.stderr, flush=True)
+        return CONFIG_ERROR
     except KeyboardInterrupt:  # the launcher stopped us: it could not create the study
         return 130
     if settings.threads:

@@ -38,14 +38,27 @@ def _widths_agree_with_weights(model: nn.Module) -> None:
             assert m.num_features == m.running_mean.numel(), name
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_exported_model_computes_the_same_and_is_smaller(name):
+def _gated_case(name: str, p_off: float, p_frac: float) -> tuple[nn.Module, torch.Tensor]:
+    """A CASES model in eval mode with random BatchNorm and gate states, and an input for it."""
     make, shape = CASES[name]
     model = make()
     randomize_batchnorm(model)
-    set_gate_states(model, p_off=0.4, p_frac=0.2)
-    model.eval()
-    x = torch.randn(*shape)
+    set_gate_states(model, p_off=p_off, p_frac=p_frac)
+    return model.eval(), torch.randn(*shape)
+
+
+def _exported_and_checked(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """``compact(model, x)``, checked: widths match weights, outputs and FLOPs agree with the gated model's."""
+    small = compact(model, x)
+    _widths_agree_with_weights(small)
+    assert torch.allclose(small(x), model(x), atol=1e-5)
+    assert sparsity(model, x).effective_flops == count_flops(small, x)
+    return small
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_exported_model_computes_the_same_and_is_smaller(name):
+    model, x = _gated_case(name, p_off=0.4, p_frac=0.2)
     small = compact(model, x, check=False)
     assert not list(gates(small)), "the exported model has no gates"
     _widths_agree_with_weights(small)
@@ -64,16 +77,7 @@ def test_exported_model_computes_the_same_and_is_smaller(name):
 def test_a_model_with_every_gate_closed_exports(name):
     # What a large lambda can leave: every layer keeps one (dead) unit, and the output is the constant the
     # gated model computes.
-    make, shape = CASES[name]
-    model = make()
-    randomize_batchnorm(model)
-    set_gate_states(model, p_off=1.0, p_frac=0.0)
-    model.eval()
-    x = torch.randn(*shape)
-    small = compact(model, x)
-    _widths_agree_with_weights(small)
-    assert torch.allclose(small(x), model(x), atol=1e-5)
-    assert sparsity(model, x).effective_flops == count_flops(small, x)
+    _exported_and_checked(*_gated_case(name, p_off=1.0, p_frac=0.0))
 
 
 def test_fractional_gates_are_folded_not_dropped():
@@ -137,11 +141,8 @@ def test_a_mostly_closed_lenet5_exports(p_off, seed):
     model = build_model("lenet5", (1, 28, 28), 10).eval()
     set_gate_states(model, p_off=p_off, p_frac=0.05 if p_off < 1 else 0.0, seed=seed)
     x = torch.randn(2, 1, 28, 28)
-    small = compact(model, x)
-    _widths_agree_with_weights(small)
+    small = _exported_and_checked(model, x)
     assert all(m.weight.shape[0] >= 1 for m in small.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
-    assert torch.allclose(small(x), model(x), atol=1e-5)
-    assert sparsity(model, x).effective_flops == count_flops(small, x)
 
 
 def test_concatenated_branches_export():
@@ -175,11 +176,8 @@ def test_channels_of_a_grouped_conv_stay_and_the_rest_export():
             g.log_alpha.fill_(5.0)
             g.log_alpha[:2] = -5.0  # two channels closed in every gated layer
     model.eval()
-    small = compact(model, x)
-    _widths_agree_with_weights(small)
+    small = _exported_and_checked(model, x)
     assert [small[i].out_channels for i in (0, 3, 6)] == [8, 8, 4]  # only the plain conv after the groups shrinks
-    assert torch.allclose(small(x), model(x), atol=1e-5)
-    assert sparsity(model, x).effective_flops == count_flops(small, x)
 
 
 def test_parameter_gates_export_zeros_in_dense_shape():
