@@ -1,6 +1,6 @@
 """CPU latency of a dense model vs its exported (compacted) form, against the FLOPs reduction.
 
-    python -m benchmarks.export_speedup [--runs 30] [--closed 0.5] [--channels-last]
+    python -m benchmarks.export_speedup [--runs 30] [--closed 0.5] [--channels-last] [--compile]
 
 For each model, a random half of every gate's units is closed, the rest open; "dense" is the same network
 with every gate open and folded (a plain model of the original size). The figure of merit is
@@ -11,6 +11,9 @@ Where the ratio falls short, the time breakdown says why: the share of the dense
 operations FLOPs count (convolutions and matrix products, from the torch profiler), and how much faster
 those alone became, per FLOPs saved. Pooling, normalisation, activations and concatenation count no FLOPs,
 and shrink only with the channel count (2x for half the channels, where a convolution's FLOPs shrink 4x).
+
+``--compile`` times both models as deployed with ``torch.compile`` (inductor, with freezing: BatchNorm folded
+into the convolutions, weights pre-packed), which removes most per-operator overhead.
 """
 from __future__ import annotations
 
@@ -47,6 +50,9 @@ def _median_ms(model: torch.nn.Module, x: torch.Tensor, runs: int) -> list[float
     return times
 
 
+COMPILED_NOTE = (" Compiled: dense and exported each compiled for the batch size (inductor, freezing); the "
+                 "conv/matmul kernels then carry the BatchNorm and activations fused into them, so those two "
+                 "columns do not compare with eager runs.")
 _COUNTED = re.compile(r"conv|addmm|^aten::mm$|^aten::bmm$|matmul|linear")
 
 
@@ -68,7 +74,12 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--closed", type=float, default=0.5)
     parser.add_argument("--channels-last", action="store_true", help="both models and inputs in channels_last")
+    parser.add_argument("--compile", action="store_true", help="time both models compiled (torch.compile, freezing)")
     args = parser.parse_args()
+    if args.compile:
+        import torch._inductor.config
+
+        torch._inductor.config.freezing = True  # inference: fold BatchNorm and constants into the compiled graph
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     torch.manual_seed(0)
     rows = []
@@ -86,29 +97,35 @@ def main() -> None:
         for batch in (1, 64):
             x = torch.randn(batch, *shape).contiguous(memory_format=layout)
             flops_dense, flops_small = l0core.count_flops(dense, x), l0core.count_flops(small, x)
-            for m in (dense, small):  # warm-up
+            if args.compile:
+                torch._dynamo.reset()  # compile for this batch size only, not a dynamic-shape graph
+                run_dense, run_small = torch.compile(dense), torch.compile(small)
+            else:
+                run_dense, run_small = dense, small
+            for m in (run_dense, run_small):  # warm-up (and compilation)
                 _median_ms(m, x, 3)
             t_dense, t_small = [], []
             for _ in range(args.runs):  # interleaved
-                t_dense += _median_ms(dense, x, 1)
-                t_small += _median_ms(small, x, 1)
+                t_dense += _median_ms(run_dense, x, 1)
+                t_small += _median_ms(run_small, x, 1)
             md, ms = statistics.median(t_dense), statistics.median(t_small)
             speedup, reduction = md / ms, flops_dense / flops_small
-            (cd, td), (cs, _) = _counted_share(dense, x), _counted_share(small, x)
+            (cd, td), (cs, _) = _counted_share(run_dense, x), _counted_share(run_small, x)
             rows.append([name, batch, md, ms, speedup, reduction, speedup / reduction, f"{cd / td:.0%}",
                          (cd / cs) / reduction])
             print(f"{name:28s} batch {batch:3d}: dense {md:8.2f} ms, exported {ms:8.2f} ms, "
                   f"speed-up {speedup:.2f}x, FLOPs /{reduction:.2f}, ratio {speedup / reduction:.2f}; "
                   f"conv/matmul {cd / td:.0%} of dense time, their ratio {(cd / cs) / reduction:.2f}", flush=True)
-    flag = " --channels-last" if args.channels_last else ""
-    append(f"Export: latency speed-up vs FLOPs reduction (CPU{', channels_last' if flag else ''})",
+    flag = (" --channels-last" if args.channels_last else "") + (" --compile" if args.compile else "")
+    how = ", ".join(["CPU"] + ["channels_last"] * args.channels_last + ["torch.compile"] * args.compile)
+    append(f"Export: latency speed-up vs FLOPs reduction ({how})",
            f"python -m benchmarks.export_speedup --runs {args.runs} --closed {args.closed}{flag}",
            ["model", "batch", "dense ms (median)", "exported ms (median)", "speed-up", "FLOPs reduction",
             "speed-up / FLOPs reduction (goal >= 0.8)", "dense time in conv/matmul",
             "conv/matmul alone: speed-up / FLOPs reduction"], rows,
            notes=f"{args.closed:.0%} of every gate's units closed at random; {args.runs} interleaved runs each. "
                  "Conv/matmul: self CPU time of convolution and matrix-product operators (torch profiler, "
-                 "5 forwards each), the only operators the FLOPs count.")
+                 "5 forwards each), the only operators the FLOPs count." + (COMPILED_NOTE if args.compile else ""))
 
 
 if __name__ == "__main__":
