@@ -95,7 +95,11 @@ def _stop(procs: dict[int, subprocess.Popen]) -> None:
     for proc in procs.values():
         proc.terminate()
     for proc in procs.values():
-        proc.wait(timeout=60)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # stuck closing its trial (an MLflow server gone?): its trial is
+            proc.kill()                    # then failed and retried by _recover, as a crashed worker's is
+            proc.wait()
 
 
 def _run(study_file: Path, spec: StudySpec, settings: Settings, workers: int, trials: int | None, report: bool,

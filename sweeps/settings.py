@@ -34,10 +34,19 @@ def settings_from(storage: str, tracking_uri: str, out: str | os.PathLike, **kw:
     return Settings(storage=storage, tracking_uri=tracking_uri, out=Path(out).resolve(), **kw)
 
 
-def stop_on_sigterm() -> None:
-    """Treat SIGTERM as Ctrl-C, so ``finally``/``except KeyboardInterrupt`` close trials, runs and children."""
+def stop_on_sigterm(once: bool = False) -> None:
+    """Treat SIGTERM as Ctrl-C, so ``finally``/``except KeyboardInterrupt`` close trials, runs and children.
+
+    ``once``: the first SIGINT or SIGTERM interrupts and later ones are ignored, so the closing that follows is
+    not cut short. A worker needs it: Ctrl-C in a terminal reaches it, then its launcher's SIGTERM does too.
+    """
 
     def handler(signum: int, frame: Any) -> None:
+        if once:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, handler)
+    if once:
+        signal.signal(signal.SIGINT, handler)

@@ -27,8 +27,15 @@ from .training import EpochMetrics, StopTrial, check_fits, dense_baseline, train
 BASELINE_ATTR = "dense_baseline"
 
 
-def make_sampler(spec: StudySpec, seed_offset: int) -> optuna.samplers.BaseSampler:
-    seed = spec.sampler.seed + seed_offset  # distinct per worker, or parallel workers propose the same trials
+def make_sampler(spec: StudySpec, seed_offset: int, trials_before: int = 0) -> optuna.samplers.BaseSampler:
+    """The study's sampler, seeded from (study seed, worker, trials in the study when the worker starts).
+
+    Parallel workers with one seed would propose the same trials, and so would a resumed sweep's workers,
+    which restart the random start-up phase from the seed (the study's first trials, proposed again).
+    """
+    import numpy as np
+
+    seed = int(np.random.SeedSequence([spec.sampler.seed, seed_offset, trials_before]).generate_state(1)[0])
     if spec.sampler.name == "nsgaii":
         return optuna.samplers.NSGAIISampler(population_size=spec.sampler.population_size, seed=seed)
     return optuna.samplers.TPESampler(n_startup_trials=spec.sampler.n_startup_trials, seed=seed)
@@ -46,6 +53,7 @@ class Objective:
         self.spec = spec
         self.settings = settings
         self.failed = False  # whether the last trial raised (stopped-early trials did not fail)
+        self.interrupted: int | None = None  # the trial a Ctrl-C or SIGTERM stopped (its Optuna trial id)
 
     def __call__(self, trial: optuna.Trial) -> list[float]:
         spec, settings = self.spec, self.settings
@@ -88,6 +96,8 @@ class Objective:
             raise optuna.TrialPruned(f"clearly dominated at epoch {stop.metrics.epoch}") from None
         except BaseException as exc:
             self.failed = True
+            if isinstance(exc, KeyboardInterrupt):
+                self.interrupted = trial._trial_id
             run.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
             raise
         return objectives
@@ -101,6 +111,14 @@ class Objective:
         saved = torch.load(dense_baseline(cfg), map_location="cpu")
         study.set_user_attr(BASELINE_ATTR, {"val_accuracy": saved["val_accuracy"],
                                             "test_accuracy": saved["test_accuracy"]})
+
+
+def retry_interrupted(study: optuna.Study, trial_id: int, max_retry: int) -> None:
+    """Queue an interrupted trial again (same values, first in line), as a dead worker's trial is: it never
+    finished, and a starting point the study file asked for would otherwise be lost to the resumed sweep."""
+    trial = study._storage.get_trial(trial_id)
+    if trial.state == optuna.trial.TrialState.FAIL:  # Optuna closes it FAIL on the way out of optimize
+        optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)(study, trial)
 
 
 def wait_for_launcher(ready: Path, launcher: int, poll: float = 0.05) -> bool:
@@ -121,7 +139,7 @@ def run_worker(spec: StudySpec, settings: Settings, poll: float = 1.0,
     ``start_after``: (a file the launcher creates once the study is ready, the launcher's pid); see
     :func:`wait_for_launcher`.
     """
-    stop_on_sigterm()  # a stopped worker ends its trial FAIL and its run KILLED, then exits
+    stop_on_sigterm(once=True)  # a stopped worker ends its trial FAIL, its run KILLED, queues the trial again
     try:
         # Before any trial (and while the launcher creates the study): a model that cannot train on its data
         # would fail every trial, so say so once and leave.
@@ -138,7 +156,8 @@ def run_worker(spec: StudySpec, settings: Settings, poll: float = 1.0,
         import torch
 
         torch.set_num_threads(settings.threads)
-    study = load_existing(spec.name, storage_for(spec, settings), make_sampler(spec, settings.seed_offset))
+    study = load_existing(spec.name, storage_for(spec, settings))
+    study.sampler = make_sampler(spec, settings.seed_offset, len(study.get_trials(deepcopy=False)))
     check_same_study(spec, study.user_attrs[SPEC_ATTR])
     objective = Objective(spec, settings)
     failures = 0
@@ -162,5 +181,7 @@ def run_worker(spec: StudySpec, settings: Settings, poll: float = 1.0,
                       file=sys.stderr)
                 return 1
     except KeyboardInterrupt:
+        if objective.interrupted is not None:
+            retry_interrupted(study, objective.interrupted, spec.workers.max_retry)
         return 130
 

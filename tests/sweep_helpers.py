@@ -30,12 +30,14 @@ def write_study(path: Path, **overrides) -> Path:
 
 
 def l0sweep(*args: str, timeout: float = 300, cwd: Path | None = None, env: dict | None = None,
-            log=None) -> subprocess.CompletedProcess | subprocess.Popen:
-    """Run ``l0sweep ARGS`` to completion; with ``log`` (a file), start it and return the process instead."""
+            log=None, start_new_session: bool = False) -> subprocess.CompletedProcess | subprocess.Popen:
+    """Run ``l0sweep ARGS`` to completion; with ``log`` (a file), start it and return the process instead
+    (``start_new_session``: in a process group of its own, as a terminal's foreground job is)."""
     cmd = [sys.executable, "-m", "sweeps.cli", *map(str, args)]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
     if log is not None:
-        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=start_new_session)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env,
                           stdin=subprocess.DEVNULL)
 

@@ -7,7 +7,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from sweeps.storage import open_storage
-from tests.sweep_helpers import l0sweep, runs_of, write_study
+from tests.sweep_helpers import TINY, l0sweep, runs_of, write_study
 
 pytestmark = pytest.mark.slow
 
@@ -72,3 +72,71 @@ def test_run_two_workers_then_resume(tmp_path):
     assert status.returncode == 0 and f"{len(after)}/5 complete" in status.stdout and "Pareto front" in status.stdout
     pick = l0sweep("pick", study_file, "--out", out)
     assert pick.returncode == 0 and "lambda" in pick.stdout and "MLflow run" in pick.stdout
+
+
+def _params(trials) -> list[tuple]:
+    return [tuple(sorted(t.params.items())) for t in trials]
+
+
+def test_ctrl_c_mid_trial_then_resume(tmp_path):
+    """Ctrl-C (SIGINT to the terminal's process group) while both workers train: exit 130, every trial and run
+    closed, the interrupted trials queued again; the next run trains exactly those values first."""
+    import os
+    import signal
+    import time
+
+    long = {**TINY["trial"], "optim": {**TINY["trial"]["optim"], "epochs": 40}}
+    study_file = write_study(tmp_path / "tiny.yaml", trial=long)
+    out = tmp_path / "out"
+    with open(tmp_path / "run.log", "w") as log:
+        proc = l0sweep("run", study_file, "--workers", "2", "--out", out, log=log, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:  # until both workers are past an epoch of their trials
+                time.sleep(0.5)
+                journal = out / "optuna.journal"
+                if journal.exists() and "tiny" in {s.study_name for s in optuna.get_all_study_summaries(
+                        open_storage(str(journal)))}:
+                    running = _study(out).get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                    if len([t for t in running if t.user_attrs.get("history")]) == 2:
+                        break
+            else:
+                pytest.fail("the workers never got a trial past its first epoch: " + (tmp_path / "run.log").read_text()[-2000:])
+            os.killpg(proc.pid, signal.SIGINT)
+            assert proc.wait(timeout=90) == 130, (tmp_path / "run.log").read_text()[-3000:]
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+    study = _study(out)
+    interrupted = study.get_trials(states=(TrialState.FAIL,))
+    assert len(interrupted) == 2 and not study.get_trials(states=(TrialState.RUNNING,))
+    queued = study.get_trials(states=(TrialState.WAITING,))
+    assert sorted(_params(queued)) == sorted(_params(interrupted))
+    tracking = f"sqlite:///{out.resolve() / 'mlflow.db'}"
+    runs = runs_of(tracking, "tiny")
+    status = {r.data.tags.get("l0sweep.role", "trial"): r.info.status for r in runs}
+    assert [r.info.status for r in runs if r.data.tags.get("l0sweep.role") != "study"] == ["KILLED", "KILLED"]
+    assert status["study"] == "KILLED"
+
+    # Resume with a budget of 2: the two interrupted trials are what runs, with their values.
+    again = l0sweep("run", study_file, "--workers", "2", "--trials", "2", "--out", out)
+    assert again.returncode == 0, again.stderr[-3000:]
+    study = _study(out)
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert sorted(_params(complete)) == sorted(_params(interrupted))
+    assert {t.system_attrs["failed_trial"] for t in complete} == {t.number for t in interrupted}
+    runs = runs_of(tracking, "tiny")
+    assert all(r.info.status != "RUNNING" for r in runs)
+    assert [r.info.status for r in runs if r.data.tags.get("l0sweep.role") == "study"] == ["FINISHED"]
+
+
+def test_resumed_sweep_proposes_new_trials(tmp_path):
+    """A resumed sweep's workers must not replay the random start-up proposals of the first run's."""
+    study_file = write_study(tmp_path / "tiny.yaml", sampler={"seed": 0, "n_startup_trials": 20}, enqueue=[])
+    out = tmp_path / "out"
+    for budget in (2, 4):
+        result = l0sweep("run", study_file, "--workers", "1", "--trials", budget, "--out", out)
+        assert result.returncode == 0, result.stderr[-3000:]
+    complete = _study(out).get_trials(states=(TrialState.COMPLETE,))
+    assert len(complete) == 4 and len(set(_params(complete))) == 4, _params(complete)
