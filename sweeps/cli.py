@@ -50,8 +50,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("worker", help="join an existing study and run trials until its budget is reached")
     p.add_argument("study_file", type=Path)
-    p.add_argument("--seed-offset", type=int, default=None, metavar="I",
-                   help="sampler seed offset (default: from the process id, distinct per worker)")
     p.add_argument("--threads", type=int, metavar="T")
     # Set by `l0sweep run` for its workers: wait for this file while the launcher (this pid) lives.
     p.add_argument("--start-after", type=Path, help=argparse.SUPPRESS)
@@ -89,13 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _settings(args: argparse.Namespace, seed_offset: int = 0):
+def _settings(args: argparse.Namespace):
     from .settings import default_tracking_uri, settings_from
 
     out = Path(args.out)
     storage = args.storage or str((out / "optuna.journal").resolve())
     tracking = args.tracking_uri or default_tracking_uri(out)
-    return settings_from(storage, tracking, out, seed_offset=seed_offset, threads=getattr(args, "threads", None))
+    return settings_from(storage, tracking, out, threads=getattr(args, "threads", None))
 
 
 def _study_name(ref: str) -> str:
@@ -143,8 +141,7 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "worker":
         from .worker import run_worker
 
-        offset = args.seed_offset if args.seed_offset is not None else os.getpid() % 100_000
-        return run_worker(spec, _settings(args, seed_offset=offset),
+        return run_worker(spec, _settings(args),
                           start_after=(args.start_after, args.launcher_pid) if args.start_after else None)
     if args.command == "status":
         from .status import print_status

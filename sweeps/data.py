@@ -6,7 +6,6 @@ read from ``data_dir``, else ``$L0SWEEP_DATA_DIR``, else ``~/.cache/l0sweep/data
 """
 from __future__ import annotations
 
-import fcntl
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from .config import check_dataset
 from .imports import import_object
+from .settings import file_lock
 
 
 @dataclass
@@ -109,8 +109,7 @@ def _torchvision(name: str, data_dir: str | None, seed: int, val_fraction: float
     train_tf = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(), plain]) \
         if augment else plain
     # Workers sharing a data folder (a compose volume) download one at a time, not into the same files at once.
-    with open(root / f".{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with file_lock(root / f".{name}.lock"):
         try:
             train_aug = cls(str(root), train=True, transform=train_tf, download=download)
             train_plain = cls(str(root), train=True, transform=plain, download=False)

@@ -27,7 +27,7 @@ MAX_RESTARTS = 3
 
 def _spawn(study_file: Path, settings: Settings, index: int, log_dir: Path, ready: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "sweeps.cli", "worker", str(study_file), "--storage", settings.storage,
-           "--tracking-uri", settings.tracking_uri, "--out", str(settings.out), "--seed-offset", str(index),
+           "--tracking-uri", settings.tracking_uri, "--out", str(settings.out),
            "--start-after", str(ready), "--launcher-pid", str(os.getpid())]
     if settings.threads:
         cmd += ["--threads", str(settings.threads)]

@@ -1,4 +1,4 @@
-"""The search space of a study: Optuna suggestions turned into one trial's ``TrialConfig``.
+"""The search space of a study and its sampler: Optuna suggestions turned into one trial's ``TrialConfig``.
 
 The sampler's parameter names are ``lam``, ``droprate_init``, ``mode`` and the dotted ``search.params`` paths;
 when a study gives ``lam`` (or ``droprate_init``) a range per mode, the names are ``lam_scratch`` /
@@ -7,9 +7,12 @@ used are kept on the trial as ``user_attrs["lam"]``, ``["droprate_init"]``, ``["
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
+import numpy as np
 import optuna
+from optuna.distributions import BaseDistribution
+from optuna.trial import FrozenTrial, TrialState
 
 from .spec import Choices, Param, Range, StudySpec
 from .config import TrialConfig
@@ -84,3 +87,56 @@ def starting_point(spec: StudySpec, point: dict[str, Any]) -> dict[str, Any]:
         if path in point:
             params[path] = point[path]
     return params
+
+
+class SeededPerTrial(optuna.samplers.BaseSampler):
+    """An Optuna sampler made afresh for each trial, seeded with (study seed, trial number).
+
+    Trial numbers are unique in a study whichever worker, machine or launch asks for one, so no two trials
+    share random draws: parallel workers, and the workers of a resumed sweep, do not propose the trials
+    proposed before (per-process seeds replayed them), and trial n's start-up draws are the same in every run
+    of a study file. Between trials the wrapped samplers (TPE, NSGA-II) keep no state but their generator.
+
+    >>> sampler = SeededPerTrial(lambda seed: optuna.samplers.RandomSampler(seed=seed), seed=0)
+    >>> study = optuna.create_study(sampler=sampler)
+    >>> study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    >>> study.trials[0].params != study.trials[1].params
+    True
+    """
+
+    def __init__(self, make: Callable[[int], optuna.samplers.BaseSampler], seed: int) -> None:
+        self._make, self._seed = make, seed
+        self._sampler = make(seed)
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        seed = int(np.random.SeedSequence([self._seed, trial.number]).generate_state(1)[0])
+        self._sampler = self._make(seed)
+        self._sampler.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
+        return self._sampler.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
+                        search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+        return self._sampler.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
+                           param_distribution: BaseDistribution) -> Any:
+        return self._sampler.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState,
+                    values: list[float] | None) -> None:
+        self._sampler.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self._sampler.reseed_rng()
+
+
+def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
+    """The study file's sampler (TPE or NSGA-II), its draws seeded per trial (:class:`SeededPerTrial`)."""
+    s = spec.sampler
+    if s.name == "nsgaii":
+        return SeededPerTrial(lambda seed: optuna.samplers.NSGAIISampler(population_size=s.population_size, seed=seed),
+                              s.seed)
+    return SeededPerTrial(lambda seed: optuna.samplers.TPESampler(n_startup_trials=s.n_startup_trials, seed=seed),
+                          s.seed)

@@ -2,11 +2,13 @@
 heavy imports here: the launcher starts its workers before it imports MLflow, and the dashboard needs no torch)."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 # A worker's exit status when the study's trials cannot run at all (the model does not fit the data, the data
 # does not load); its last line starting ERROR_PREFIX says why, and the launcher removes a study it just created.
@@ -21,7 +23,6 @@ class Settings:
     storage: str
     tracking_uri: str
     out: Path
-    seed_offset: int = 0
     threads: int | None = None
 
 
@@ -50,3 +51,12 @@ def stop_on_sigterm(once: bool = False) -> None:
     signal.signal(signal.SIGTERM, handler)
     if once:
         signal.signal(signal.SIGINT, handler)
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created if missing) for the block: processes of this machine, or
+    sharing the folder's volume, take turns. The OS releases it if the holder dies."""
+    with open(path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield

@@ -107,7 +107,7 @@ def _check_path(path: str) -> None:
 
 class SamplerSpec(_Strict):
     name: Literal["tpe", "nsgaii"] = "tpe"
-    seed: int = 0  # each worker's sampler is seeded from this, its index and the trials before it started
+    seed: int = 0  # trial n's random draws are seeded from (seed, n): no two trials share them
     n_startup_trials: int = Field(8, ge=0)  # TPE: random trials before the model
     population_size: int = Field(8, ge=2)  # NSGA-II
 

@@ -13,7 +13,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from .search import starting_point
-from .settings import Settings
+from .settings import Settings, file_lock
 from .spec import SpecError, StudySpec
 from .storage import open_storage
 from .tracking import check_tracking, delete_study_run, end_run_of, ensure_study_run
@@ -64,8 +64,16 @@ def create_or_resume(spec: StudySpec, settings: Settings, trials: int | None = N
     """Create the study (once: spec, budget, starting points, MLflow parent run) or check and resume it;
     returns the study and whether this call created it.
 
-    Run it from one launcher only (``l0sweep run`` or ``l0sweep create``): enqueueing is not race-free.
+    Launchers sharing ``settings.out`` take turns (two ``l0sweep run`` of one file at once: the second resumes
+    what the first created, and the embedded MLflow store is created once). Launchers on different machines
+    must not create the same study at the same moment: enqueueing is not race-free.
     """
+    settings.out.mkdir(parents=True, exist_ok=True)
+    with file_lock(settings.out / ".create.lock"):
+        return _create_or_resume(spec, settings, trials)
+
+
+def _create_or_resume(spec: StudySpec, settings: Settings, trials: int | None) -> tuple[optuna.Study, bool]:
     check_tracking(settings.tracking_uri)
     storage = storage_for(spec, settings)
     existed = spec.name in optuna.get_all_study_names(storage)

@@ -7,7 +7,6 @@ Selection metrics are validation accuracy and sparsity; test accuracy is only re
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import math
@@ -25,6 +24,7 @@ import l0core
 from .config import OptimConfig, TrialConfig
 from .data import Splits, data_loader, load_data
 from .models import build_model
+from .settings import file_lock
 from .spec import SpecError, one_line
 
 
@@ -235,8 +235,7 @@ def dense_baseline(cfg: TrialConfig, splits: Splits | None = None) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     key = baseline_key(cfg)
     path = directory / f"{key}.pt"
-    with open(directory / f"{key}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with file_lock(directory / f"{key}.lock"):
         if not path.exists():
             device = resolve_device(cfg.device)
             splits = splits or _load(cfg)

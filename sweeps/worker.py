@@ -17,7 +17,7 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from .early_stopping import HISTORY_ATTR, ParetoStopper
-from .search import first_point, suggest, trial_config
+from .search import first_point, make_sampler, suggest, trial_config
 from .settings import CONFIG_ERROR, ERROR_PREFIX, Settings, stop_on_sigterm
 from .spec import SpecError, StudySpec
 from .study import BUDGET_ATTR, SPEC_ATTR, check_same_study, counts, load_existing, storage_for
@@ -25,20 +25,6 @@ from .tracking import TrialRun, end_study_run, log_alpha_by_gate, log_alpha_hist
 from .training import EpochMetrics, StopTrial, check_fits, dense_baseline, train_trial
 
 BASELINE_ATTR = "dense_baseline"
-
-
-def make_sampler(spec: StudySpec, seed_offset: int, trials_before: int = 0) -> optuna.samplers.BaseSampler:
-    """The study's sampler, seeded from (study seed, worker, trials in the study when the worker starts).
-
-    Parallel workers with one seed would propose the same trials, and so would a resumed sweep's workers,
-    which restart the random start-up phase from the seed (the study's first trials, proposed again).
-    """
-    import numpy as np
-
-    seed = int(np.random.SeedSequence([spec.sampler.seed, seed_offset, trials_before]).generate_state(1)[0])
-    if spec.sampler.name == "nsgaii":
-        return optuna.samplers.NSGAIISampler(population_size=spec.sampler.population_size, seed=seed)
-    return optuna.samplers.TPESampler(n_startup_trials=spec.sampler.n_startup_trials, seed=seed)
 
 
 def _dominated(values: Sequence[float], front: list[FrozenTrial]) -> bool:
@@ -156,8 +142,7 @@ def run_worker(spec: StudySpec, settings: Settings, poll: float = 1.0,
         import torch
 
         torch.set_num_threads(settings.threads)
-    study = load_existing(spec.name, storage_for(spec, settings))
-    study.sampler = make_sampler(spec, settings.seed_offset, len(study.get_trials(deepcopy=False)))
+    study = load_existing(spec.name, storage_for(spec, settings), make_sampler(spec))
     check_same_study(spec, study.user_attrs[SPEC_ATTR])
     objective = Objective(spec, settings)
     failures = 0

@@ -140,3 +140,27 @@ def test_resumed_sweep_proposes_new_trials(tmp_path):
         assert result.returncode == 0, result.stderr[-3000:]
     complete = _study(out).get_trials(states=(TrialState.COMPLETE,))
     assert len(complete) == 4 and len(set(_params(complete))) == 4, _params(complete)
+
+
+def test_two_launches_of_one_file_at_once_share_the_study(tmp_path):
+    """Two `l0sweep run` of one file on one output folder at the same moment (two terminals): the first
+    creates the study and the embedded MLflow store, the second resumes it; their workers share the budget.
+    (The second used to die on MLflow's half-created SQLite schema, and both could create the study.)"""
+    study_file = write_study(tmp_path / "tiny.yaml")
+    out = tmp_path / "out"
+    logs = [open(tmp_path / f"run-{i}.log", "w") for i in range(2)]
+    procs = [l0sweep("run", study_file, "--trials", "3", "--out", out, log=log) for log in logs]
+    try:
+        codes = [p.wait(timeout=240) for p in procs]
+    finally:
+        for p, log in zip(procs, logs):
+            if p.poll() is None:
+                p.kill()
+            log.close()
+    assert codes == [0, 0], [(tmp_path / f"run-{i}.log").read_text()[-2000:] for i in range(2)]
+    study = _study(out)
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert 3 <= len(complete) <= 4 and len(set(_params(complete))) == len(complete)
+    runs = runs_of(f"sqlite:///{out.resolve() / 'mlflow.db'}", "tiny")
+    assert [r.info.status for r in runs if r.data.tags.get("l0sweep.role") == "study"] == ["FINISHED"]
+    assert all(r.info.status != "RUNNING" for r in runs)
