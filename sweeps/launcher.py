@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .settings import CONFIG_ERROR, ERROR_PREFIX, Settings
+from .settings import CONFIG_ERROR, ERROR_PREFIX, Settings, stop_on_signals
 from .spec import SpecError, StudySpec
 from .storage import check_url, redact
 
@@ -33,25 +33,6 @@ def _spawn(study_file: Path, settings: Settings, index: int, log_dir: Path, read
         cmd += ["--threads", str(settings.threads)]
     with open(log_dir / f"worker-{index}.log", "ab") as log:  # the child keeps its own copy
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-
-
-def _recover(study: optuna.Study, pid: int, spec: StudySpec, settings: Settings) -> int:
-    """Fail the RUNNING trials of dead worker ``pid``, close their runs and retry them; returns how many."""
-    import socket
-
-    from optuna.trial import TrialState
-
-    from .study import stale_trial_callback
-
-    tag = f"{socket.gethostname()}:{pid}"
-    callback = stale_trial_callback(settings.tracking_uri, spec.workers.max_retry)
-    n = 0
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if t.user_attrs.get("worker") == tag:
-            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-            callback(study, study._storage.get_trial(t._trial_id))
-            n += 1
-    return n
 
 
 def _trials_started(study: optuna.Study) -> bool:
@@ -77,6 +58,7 @@ def _tail(path: Path, lines: int = 5) -> str:
 def run_sweep(study_file: Path, spec: StudySpec, settings: Settings, workers: int, trials: int | None,
               report: bool = True) -> int:
     """The whole local sweep; returns the exit status (0 when the study reached its budget)."""
+    stop_on_signals(once=True)  # SIGTERM or a closed terminal: stop the workers as Ctrl-C does; finish closing
     check_url(settings.storage, workers)
     log_dir = settings.out / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -98,7 +80,7 @@ def _stop(procs: dict[int, subprocess.Popen]) -> None:
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:  # stuck closing its trial (an MLflow server gone?): its trial is
-            proc.kill()                    # then failed and retried by _recover, as a crashed worker's is
+            proc.kill()                    # then failed and retried, as a crashed worker's is
             proc.wait()
 
 
@@ -108,7 +90,7 @@ def _run(study_file: Path, spec: StudySpec, settings: Settings, workers: int, tr
         from tqdm import tqdm
 
         from .tracking import end_study_run
-        from .study import BUDGET_ATTR, counts, create_or_resume, discard_new_study
+        from .study import BUDGET_ATTR, counts, create_or_resume, discard_new_study, recover_orphaned_trials
 
         study, created = create_or_resume(spec, settings, trials)
     except BaseException:
@@ -149,7 +131,7 @@ def _run(study_file: Path, spec: StudySpec, settings: Settings, workers: int, tr
                     end_study_run(study, settings.tracking_uri, "FAILED")
                     raise SpecError(message)
                 if code != 0:
-                    recovered = _recover(study, proc.pid, spec, settings)
+                    recovered = recover_orphaned_trials(study, settings.tracking_uri, spec.workers.max_retry, proc.pid)
                     tqdm.write(f"l0sweep: worker {i} exited with status {code} ({recovered} trial(s) retried); "
                                f"its log ends:\n{_tail(log_dir / f'worker-{i}.log')}", file=sys.stderr)
                     # A worker killed by a signal is replaced; one that gave up (failing trials) is not.
@@ -161,7 +143,7 @@ def _run(study_file: Path, spec: StudySpec, settings: Settings, workers: int, tr
         _stop(procs)
         # Anything still RUNNING belongs to a worker that did not get to close it.
         for proc in procs.values():
-            _recover(study, proc.pid, spec, settings)
+            recover_orphaned_trials(study, settings.tracking_uri, spec.workers.max_retry, proc.pid)
     finally:
         bar.close()
     n = counts(study)

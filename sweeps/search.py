@@ -15,6 +15,8 @@ from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from .spec import Choices, Param, Range, StudySpec
+
+VALUE_ATTRS = ("lam", "droprate_init", "mode")  # a trial's values, kept on it as user attrs whatever their names
 from .config import TrialConfig
 
 

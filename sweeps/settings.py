@@ -35,22 +35,25 @@ def settings_from(storage: str, tracking_uri: str, out: str | os.PathLike, **kw:
     return Settings(storage=storage, tracking_uri=tracking_uri, out=Path(out).resolve(), **kw)
 
 
-def stop_on_sigterm(once: bool = False) -> None:
-    """Treat SIGTERM as Ctrl-C, so ``finally``/``except KeyboardInterrupt`` close trials, runs and children.
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # a process supervisor's stop; the terminal closing
 
-    ``once``: the first SIGINT or SIGTERM interrupts and later ones are ignored, so the closing that follows is
-    not cut short. A worker needs it: Ctrl-C in a terminal reaches it, then its launcher's SIGTERM does too.
+
+def stop_on_signals(once: bool = False) -> None:
+    """Treat SIGTERM and SIGHUP as Ctrl-C, so ``finally``/``except KeyboardInterrupt`` close trials, runs and
+    children (by default both kill at once: trials and runs would be left RUNNING).
+
+    ``once``: the first of them (or SIGINT) interrupts and later ones are ignored, so the closing that follows is
+    not cut short. A sweep needs it: Ctrl-C in a terminal reaches its workers, then the launcher's SIGTERM does.
     """
 
     def handler(signum: int, frame: Any) -> None:
         if once:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            for sig in (signal.SIGINT, *_STOP_SIGNALS):
+                signal.signal(sig, signal.SIG_IGN)
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, handler)
-    if once:
-        signal.signal(signal.SIGINT, handler)
+    for sig in (signal.SIGINT, *_STOP_SIGNALS) if once else _STOP_SIGNALS:
+        signal.signal(sig, handler)
 
 
 @contextlib.contextmanager

@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
+from pathlib import Path
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from .search import starting_point
+from .search import VALUE_ATTRS, starting_point
 from .settings import Settings, file_lock
 from .spec import SpecError, StudySpec
 from .storage import open_storage
-from .tracking import check_tracking, delete_study_run, end_run_of, ensure_study_run
+from .tracking import WORKER_ATTR, check_tracking, delete_study_run, end_run_of, ensure_study_run
 
 _log = logging.getLogger(__name__)
 SPEC_ATTR = "spec"
@@ -25,18 +28,80 @@ BUDGET_ATTR = "n_trials"
 _IDENTITY = ("trial", "search", "objectives")
 
 
+def retry_trial(study: optuna.Study, trial: FrozenTrial, max_retry: int | None) -> bool:
+    """Queue a trial that never finished (its worker died or was stopped) again, same values, first in line.
+
+    As Optuna's ``RetryHeartbeatStaleTrialCallback`` (the same ``failed_trial`` / ``retry_history`` system attrs,
+    at most ``max_retry`` retries of one original), but the copy does not carry the failed attempt's user attrs:
+    its worker's tag would make the retry look orphaned before its new worker tags it, and its MLflow run and
+    epoch history are the old attempt's.
+    """
+    history = [*trial.system_attrs.get("retry_history", []), trial.number]
+    if max_retry is not None and len(history) > max_retry:
+        return False
+    study.add_trial(optuna.create_trial(
+        state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
+        user_attrs={k: trial.user_attrs[k] for k in VALUE_ATTRS if k in trial.user_attrs},
+        system_attrs={**trial.system_attrs, "failed_trial": trial.system_attrs.get("failed_trial", trial.number),
+                      "retry_history": history}))
+    return True
+
+
 def stale_trial_callback(tracking_uri: str, max_retry: int):
-    """On a dead worker's trial: end its MLflow run KILLED, then retry it (Optuna's retry callback)."""
-    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+    """On a dead worker's trial: end its MLflow run KILLED, then retry it."""
 
     def callback(study: optuna.Study, trial: FrozenTrial) -> None:
         try:
             end_run_of(trial, tracking_uri, "KILLED")
         except Exception as exc:  # the retry matters more than the log
             _log.warning("could not close the MLflow run of trial %d: %s", trial.number, exc)
-        retry(study, trial)
+        retry_trial(study, trial, max_retry)
 
     return callback
+
+
+def _worker_gone(tag: str, pid: int | None) -> bool:
+    """Whether the worker ``host:pid`` that tagged a trial is known to be gone: only decidable on its own host."""
+    host, _, owner = tag.rpartition(":")
+    if host != socket.gethostname() or not owner.isdigit():
+        return False  # another machine's worker: the RDB heartbeats decide
+    owner_pid = int(owner)
+    if pid is not None:
+        return owner_pid == pid
+    if owner_pid == os.getpid():
+        return True  # asked between this process's trials: an earlier process with this pid (a restarted container)
+    try:
+        os.kill(owner_pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    try:
+        cmdline = Path(f"/proc/{owner_pid}/cmdline").read_bytes()
+    except OSError:
+        return False  # no /proc (macOS): the pid is alive, that is all we know
+    return b"worker" not in cmdline  # the pid now belongs to another program (or a dead, unreaped worker)
+
+
+def recover_orphaned_trials(study: optuna.Study, tracking_uri: str, max_retry: int, pid: int | None = None) -> int:
+    """Fail the RUNNING trials of dead workers on this machine (``pid``: of that worker), end their MLflow runs
+    KILLED and queue them again; returns how many.
+
+    On PostgreSQL, heartbeats do this for workers anywhere. An Optuna journal has no heartbeats: without this,
+    a sweep killed outright (SIGKILL, the OOM killer, a reboot) left its trials RUNNING for good, and the resumed
+    sweep counted them as running elsewhere and waited on them forever.
+    """
+    callback = stale_trial_callback(tracking_uri, max_retry)
+    n = 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if _worker_gone(t.user_attrs.get(WORKER_ATTR, ""), pid):
+            try:
+                study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue  # another worker recovered it first (and queued it again)
+            callback(study, study._storage.get_trial(t._trial_id))
+            n += 1
+    return n
 
 
 def storage_for(spec: StudySpec, settings: Settings) -> optuna.storages.BaseStorage:

@@ -261,5 +261,8 @@ def end_run_of(trial: optuna.trial.FrozenTrial, tracking_uri: str, status: str =
             client.set_terminated(run_id, status)
 
 
+WORKER_ATTR = "worker"  # the trial's user attr naming the worker that runs it, worker_tag()
+
+
 def worker_tag() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"

@@ -10,7 +10,7 @@ import sys
 import time
 import urllib.request
 
-from .settings import Settings, stop_on_sigterm
+from .settings import Settings, stop_on_signals
 
 
 def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 90.0) -> bool:
@@ -34,7 +34,7 @@ def serve_dashboard(storage_url: str, host: str = "127.0.0.1", port: int = 8080)
 
     from .storage import open_storage
 
-    stop_on_sigterm()
+    stop_on_signals()
     storage = open_storage(storage_url)
     print(f"optuna-dashboard: http://{host}:{port}", flush=True)
     try:
@@ -53,7 +53,7 @@ def serve(settings: Settings, port: int, dashboard_port: int) -> int:
 
     if not is_rdb(settings.storage) and not Path(settings.storage).exists():
         raise FileNotFoundError(f"no sweep in {settings.out}: run 'l0sweep run STUDY_FILE --out {settings.out}' first")
-    stop_on_sigterm()
+    stop_on_signals()
     procs = {}
     if settings.tracking_uri.startswith(("http://", "https://")):
         print(f"MLflow UI: {settings.tracking_uri} (already served)", flush=True)

@@ -17,11 +17,12 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from .early_stopping import HISTORY_ATTR, ParetoStopper
-from .search import first_point, make_sampler, suggest, trial_config
-from .settings import CONFIG_ERROR, ERROR_PREFIX, Settings, stop_on_sigterm
+from .search import VALUE_ATTRS, first_point, make_sampler, suggest, trial_config
+from .settings import CONFIG_ERROR, ERROR_PREFIX, Settings, stop_on_signals
 from .spec import SpecError, StudySpec
-from .study import BUDGET_ATTR, SPEC_ATTR, check_same_study, counts, load_existing, storage_for
-from .tracking import TrialRun, end_study_run, log_alpha_by_gate, log_alpha_histogram, worker_tag
+from .study import (BUDGET_ATTR, SPEC_ATTR, check_same_study, counts, load_existing, recover_orphaned_trials,
+                    retry_trial, storage_for)
+from .tracking import WORKER_ATTR, TrialRun, end_study_run, log_alpha_by_gate, log_alpha_histogram, worker_tag
 from .training import EpochMetrics, StopTrial, check_fits, dense_baseline, train_trial
 
 BASELINE_ATTR = "dense_baseline"
@@ -47,9 +48,9 @@ class Objective:
         cfg, values = suggest(trial, spec)
         cfg = cfg.model_copy(update={"baseline_dir": str(settings.out / "baselines"),
                                      "threads": settings.threads or cfg.threads})
-        for key in ("lam", "droprate_init", "mode"):
+        for key in VALUE_ATTRS:
             trial.set_user_attr(key, values[key])
-        trial.set_user_attr("worker", worker_tag())
+        trial.set_user_attr(WORKER_ATTR, worker_tag())
         run = TrialRun(trial, settings.tracking_uri, values, cfg)
         stopper = ParetoStopper(trial.study, spec.early_stopping)
         history: list[list[float]] = []
@@ -104,7 +105,7 @@ def retry_interrupted(study: optuna.Study, trial_id: int, max_retry: int) -> Non
     finished, and a starting point the study file asked for would otherwise be lost to the resumed sweep."""
     trial = study._storage.get_trial(trial_id)
     if trial.state == optuna.trial.TrialState.FAIL:  # Optuna closes it FAIL on the way out of optimize
-        optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)(study, trial)
+        retry_trial(study, trial, max_retry)
 
 
 def wait_for_launcher(ready: Path, launcher: int, poll: float = 0.05) -> bool:
@@ -125,7 +126,7 @@ def run_worker(spec: StudySpec, settings: Settings, poll: float = 1.0,
     ``start_after``: (a file the launcher creates once the study is ready, the launcher's pid); see
     :func:`wait_for_launcher`.
     """
-    stop_on_sigterm(once=True)  # a stopped worker ends its trial FAIL, its run KILLED, queues the trial again
+    stop_on_signals(once=True)  # a stopped worker ends its trial FAIL, its run KILLED, queues the trial again
     try:
         # Before any trial (and while the launcher creates the study): a model that cannot train on its data
         # would fail every trial, so say so once and leave.
@@ -148,6 +149,9 @@ def run_worker(spec: StudySpec, settings: Settings, poll: float = 1.0,
     failures = 0
     try:
         while True:
+            # Trials of dead workers on this machine are failed and queued again (heartbeats do it on an RDB;
+            # a journal has none): otherwise a sweep killed outright leaves them RUNNING, waited on forever.
+            recover_orphaned_trials(study, settings.tracking_uri, spec.workers.max_retry)
             budget = int(study.user_attrs[BUDGET_ATTR])
             n = counts(study)
             if n["COMPLETE"] >= budget:
