@@ -118,6 +118,14 @@ def _positive(name: str, value: int | None) -> None:
         raise ValueError(f"{name} must be at least 1, got {value}")
 
 
+def _make_out(args: argparse.Namespace) -> None:
+    """Everything a sweep writes goes under --out: say at once if it cannot be made."""
+    try:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--out {args.out}: cannot create it ({exc.strerror})") from None
+
+
 def dispatch(args: argparse.Namespace) -> int:
     from .spec import load_spec
 
@@ -128,6 +136,7 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
         from .launcher import run_sweep
 
+        _make_out(args)
         return run_sweep(args.study_file, spec, _settings(args), args.workers, args.trials)
     if args.command == "create":
         from .search import first_point, trial_config
@@ -135,12 +144,14 @@ def dispatch(args: argparse.Namespace) -> int:
         from .training import check_fits
 
         check_fits(trial_config(spec, first_point(spec)))  # a study whose trials cannot run is not created
+        _make_out(args)
         study, _ = create_or_resume(spec, _settings(args), args.trials)
         print(f"study {study.study_name!r} ready: budget {study.user_attrs['n_trials']} complete trials")
         return 0
     if args.command == "worker":
         from .worker import run_worker
 
+        _make_out(args)
         return run_worker(spec, _settings(args),
                           start_after=(args.start_after, args.launcher_pid) if args.start_after else None)
     if args.command == "status":

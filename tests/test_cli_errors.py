@@ -37,6 +37,7 @@ CASES = {
     "unreachable-mlflow": ({}, ["--tracking-uri", "http://127.0.0.1:{port}"], "MLflow server does not answer"),
     "sqlite-shared": ({}, ["--storage", "sqlite:///{tmp}/x.db", "--workers", "2"], "SQLite cannot be shared"),
     "bad-workers": ({}, ["--workers", "0"], "--workers must be at least 1"),
+    "unwritable-out": ({}, ["--out", "/proc/l0sweep-out"], "--out /proc/l0sweep-out: cannot create it"),
     "missing-file": (None, [], "cannot read the study file"),
 }
 
