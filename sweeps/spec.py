@@ -147,7 +147,7 @@ class WorkerSpec(_Strict):
 class StudySpec(_Strict):
     """One study: ``trial`` is the fixed part of every trial, ``search`` the part the sampler chooses."""
 
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")]
+    name: str  # the Optuna study, the MLflow experiment and the report's folder
     description: str = ""
     trial: TrialConfig = Field(default_factory=TrialConfig)
     search: SearchSpace = Field(default_factory=SearchSpace)
@@ -159,6 +159,14 @@ class StudySpec(_Strict):
     early_stopping: EarlyStoppingSpec = Field(default_factory=EarlyStoppingSpec)
     mlflow: MlflowSpec = Field(default_factory=MlflowSpec)
     workers: WorkerSpec = Field(default_factory=WorkerSpec)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", v):
+            raise ValueError(f"{v!r} is not a usable study name: letters, digits, '.', '_' and '-', starting with a "
+                             "letter or digit, at most 100 (it names the report's folder)")
+        return v
 
     @field_validator("objectives")
     @classmethod

@@ -43,7 +43,7 @@ BAD = [
     ({"name": "s", "trial": {"model": {"name": "resnet9000"}}}, "trial.model.name: model 'resnet9000' is unknown"),
     ({"name": "s", "trial": {"data": {"name": "imagenet"}}}, "trial.data.name: dataset 'imagenet' is unknown"),
     ({"name": "s", "objectives": ["sparsity"]}, "objectives"),
-    ({"name": "bad name!"}, "name: String should match pattern"),
+    ({"name": "bad name!"}, "name: 'bad name!' is not a usable study name: letters, digits, '.', '_' and '-'"),
     ({"name": "s", "enqueue": [{"lam": 1, "beta": 2}]}, "enqueue[0] has ['beta']"),
     ({"name": "s", "workers": {"heartbeat_interval": 10, "grace_period": 5}}, "grace_period (5) must exceed"),
     ({"name": "s", "search": {"lam": {"scratch": {"low": 0.1, "high": 1}}}}, "none for ['finetune']"),
