@@ -6,6 +6,7 @@ better on both by the study's margins, the running trial is clearly dominated an
 """
 from __future__ import annotations
 
+import time
 from typing import Iterable, Sequence
 
 import optuna
@@ -14,6 +15,31 @@ from optuna.trial import TrialState
 from .spec import EarlyStoppingSpec
 
 HISTORY_ATTR = "history"  # [[epoch, val_accuracy, sparsity], ...]
+
+
+class TrialHistory:
+    """A running trial's per-epoch (epoch, validation accuracy, sparsity), kept in its ``history`` user attr.
+
+    Written on the first epoch, then at most every ``seconds``, and by :meth:`flush` when the trial ends (before
+    it is told COMPLETE: the stopper compares running trials with completed trials' whole histories). Each write
+    stores the whole list: once per epoch it cost 2-3 ms on PostgreSQL, 5% of a short digits epoch, and grew
+    a journal file quadratically. ``l0sweep status`` shows a running trial's last written epoch.
+    """
+
+    def __init__(self, trial: optuna.Trial, seconds: float = 5.0) -> None:
+        self.trial, self.seconds = trial, seconds
+        self.epochs: list[list[float]] = []
+        self._written, self._at = 0, float("-inf")
+
+    def add(self, epoch: int, val_accuracy: float, sparsity: float) -> None:
+        self.epochs.append([epoch, round(val_accuracy, 6), round(sparsity, 6)])
+        if time.monotonic() - self._at >= self.seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        if len(self.epochs) > self._written:
+            self.trial.set_user_attr(HISTORY_ATTR, list(self.epochs))  # a copy: an in-memory storage keeps the object
+            self._written, self._at = len(self.epochs), time.monotonic()
 
 
 def clearly_dominated(point: tuple[float, float], others: Iterable[Sequence[float]], margins: tuple[float, float],

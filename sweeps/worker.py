@@ -16,7 +16,7 @@ from typing import Sequence
 import optuna
 from optuna.trial import FrozenTrial
 
-from .early_stopping import HISTORY_ATTR, ParetoStopper
+from .early_stopping import ParetoStopper, TrialHistory
 from .search import VALUE_ATTRS, first_point, make_sampler, suggest, trial_config
 from .settings import CONFIG_ERROR, ERROR_PREFIX, Settings, stop_on_signals
 from .spec import SpecError, StudySpec
@@ -53,16 +53,18 @@ class Objective:
         trial.set_user_attr(WORKER_ATTR, worker_tag())
         run = TrialRun(trial, settings.tracking_uri, values, cfg)
         stopper = ParetoStopper(trial.study, spec.early_stopping)
-        history: list[list[float]] = []
+        history = TrialHistory(trial)
 
         def on_epoch(m: EpochMetrics) -> bool:
             run.log_epoch(m)
-            history.append([m.epoch, round(m.val_accuracy, 6), round(m.sparsity, 6)])
-            trial.set_user_attr(HISTORY_ATTR, history)
+            history.add(m.epoch, m.val_accuracy, m.sparsity)
             return stopper(m.epoch, m.val_accuracy, m.sparsity)
 
         try:
-            result = train_trial(cfg, on_epoch)
+            try:
+                result = train_trial(cfg, on_epoch)
+            finally:
+                history.flush()  # whole, before the trial is told COMPLETE (or stopped, or failed)
             metrics = {"val_accuracy": result.val_accuracy, "sparsity": result.sparsity,
                        "flops_reduction": 1.0 - result.flops_ratio}
             objectives = [metrics[name] for name in spec.metric_names]

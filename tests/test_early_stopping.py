@@ -27,3 +27,20 @@ def test_stops_only_clearly_dominated_trials_after_warmup():
     assert not stop(4, 0.10, 0.0)  # no completed trial reached epoch 4
     assert not ParetoStopper(study, spec.model_copy(update={"enabled": False}))(2, 0.1, 0.0)
     assert not ParetoStopper(study, spec.model_copy(update={"min_completed": 3}))(2, 0.1, 0.0)
+
+
+def test_history_is_written_on_the_first_epoch_then_throttled_and_whole_at_the_end():
+    from sweeps.early_stopping import TrialHistory
+
+    study = optuna.create_study(directions=["maximize", "maximize"])
+    trial = study.ask()
+    history = TrialHistory(trial, seconds=3600)
+    for epoch in (1, 2, 3):
+        history.add(epoch, 0.5 + epoch / 10, epoch / 10)
+    assert study.trials[0].user_attrs["history"] == [[1, 0.6, 0.1]]  # live enough for `status`, not every epoch
+    history.flush()
+    assert study.trials[0].user_attrs["history"] == [[1, 0.6, 0.1], [2, 0.7, 0.2], [3, 0.8, 0.3]]
+    every_epoch = TrialHistory(study.ask(), seconds=0)
+    every_epoch.add(1, 0.5, 0.1)
+    every_epoch.add(2, 0.6, 0.2)
+    assert study.trials[1].user_attrs["history"] == [[1, 0.5, 0.1], [2, 0.6, 0.2]]
