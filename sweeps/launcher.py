@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from .settings import CONFIG_ERROR, ERROR_PREFIX, Settings, stop_on_signals
 from .spec import SpecError, StudySpec
@@ -25,14 +25,31 @@ if TYPE_CHECKING:
 MAX_RESTARTS = 3
 
 
-def _spawn(study_file: Path, settings: Settings, index: int, log_dir: Path, ready: Path) -> subprocess.Popen:
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, as ``CUDA_VISIBLE_DEVICES`` entries: that variable's list when set, else
+    ``nvidia-smi``'s (no torch import: the launcher stays light). Empty without NVIDIA GPUs."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [g.strip() for g in visible.split(",") if g.strip()]
+    try:
+        found = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True,
+                               text=True, timeout=20, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return found.stdout.split() if found.returncode == 0 else []
+
+
+def _spawn(study_file: Path, settings: Settings, index: int, log_dir: Path, ready: Path,
+           gpus: list[str]) -> subprocess.Popen:
+    """Start worker ``index``; with ``gpus``, it sees one of them (worker i: GPU i mod N), not all on the first."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpus[index % len(gpus)]} if gpus else None
     cmd = [sys.executable, "-m", "sweeps.cli", "worker", str(study_file), "--storage", settings.storage,
            "--tracking-uri", settings.tracking_uri, "--out", str(settings.out),
            "--start-after", str(ready), "--launcher-pid", str(os.getpid())]
     if settings.threads:
         cmd += ["--threads", str(settings.threads)]
     with open(log_dir / f"worker-{index}.log", "ab") as log:  # the child keeps its own copy
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
 
 
 def _trials_started(study: optuna.Study) -> bool:
@@ -66,9 +83,14 @@ def run_sweep(study_file: Path, spec: StudySpec, settings: Settings, workers: in
         settings.threads = max(1, (os.cpu_count() or 1) // workers)
     ready = log_dir / f".study-ready-{os.getpid()}"
     ready.unlink(missing_ok=True)
-    procs = {i: _spawn(study_file, settings, i, log_dir, ready) for i in range(workers)}
+    gpus = visible_gpus()
+
+    def spawn(index: int) -> subprocess.Popen:
+        return _spawn(study_file, settings, index, log_dir, ready, gpus)
+
+    procs = {i: spawn(i) for i in range(workers)}
     try:
-        return _run(study_file, spec, settings, workers, trials, report, procs, ready)
+        return _run(spawn, spec, settings, workers, trials, report, procs, ready, gpus)
     finally:
         ready.unlink(missing_ok=True)
 
@@ -84,8 +106,8 @@ def _stop(procs: dict[int, subprocess.Popen]) -> None:
             proc.wait()
 
 
-def _run(study_file: Path, spec: StudySpec, settings: Settings, workers: int, trials: int | None, report: bool,
-         procs: dict[int, subprocess.Popen], ready: Path) -> int:
+def _run(spawn: Callable[[int], subprocess.Popen], spec: StudySpec, settings: Settings, workers: int,
+         trials: int | None, report: bool, procs: dict[int, subprocess.Popen], ready: Path, gpus: list[str]) -> int:
     try:
         from tqdm import tqdm
 
@@ -99,7 +121,8 @@ def _run(study_file: Path, spec: StudySpec, settings: Settings, workers: int, tr
     ready.touch()
     budget = int(study.user_attrs[BUDGET_ATTR])
     log_dir = ready.parent
-    print(f"l0sweep: study {spec.name!r}: {budget} complete trials wanted, {workers} workers; "
+    on_gpus = (f" on GPU {', '.join(gpus[:workers])}" + (" (in turn)" if workers > len(gpus) else "")) if gpus else ""
+    print(f"l0sweep: study {spec.name!r}: {budget} complete trials wanted, {workers} workers{on_gpus}; "
           f"storage {redact(settings.storage)}; runs in {redact(settings.tracking_uri)}; logs in {log_dir}",
           file=sys.stderr)
     restarts = 0
@@ -137,7 +160,7 @@ def _run(study_file: Path, spec: StudySpec, settings: Settings, workers: int, tr
                     # A worker killed by a signal is replaced; one that gave up (failing trials) is not.
                     if code < 0 and counts(study)["COMPLETE"] < budget and restarts < MAX_RESTARTS:
                         restarts += 1
-                        procs[i] = _spawn(study_file, settings, i + workers * restarts, log_dir, ready)
+                        procs[i] = spawn(i + workers * restarts)
     except KeyboardInterrupt:
         status = "KILLED"
         _stop(procs)

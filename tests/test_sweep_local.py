@@ -19,8 +19,11 @@ def _study(out):
 def test_run_two_workers_then_resume(tmp_path):
     study_file = write_study(tmp_path / "tiny.yaml")
     out = tmp_path / "out"
-    first = l0sweep("run", study_file, "--workers", "2", "--trials", "3", "--out", out)
+    # As on a machine with GPUs 3 and 5 free: each worker is given one (here torch finds no GPU and uses the CPU).
+    first = l0sweep("run", study_file, "--workers", "2", "--trials", "3", "--out", out,
+                    env={"CUDA_VISIBLE_DEVICES": "3,5"})
     assert first.returncode == 0, first.stderr[-3000:]
+    assert "2 workers on GPU 3, 5;" in first.stderr
     study = _study(out)
     complete = study.get_trials(states=(TrialState.COMPLETE,))
     assert len(complete) >= 3
@@ -38,6 +41,7 @@ def test_run_two_workers_then_resume(tmp_path):
         run = children[t.user_attrs["mlflow_run_id"]]
         assert run.info.status == "FINISHED"
         assert run.data.tags["l0sweep.trial"] == str(t.number) and run.data.tags["l0sweep.mode"] == t.user_attrs["mode"]
+        assert run.data.tags["l0sweep.gpu"] in ("3", "5")
         assert float(run.data.params["lam"]) == pytest.approx(t.user_attrs["lam"])
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")]
         assert steps[:3] == [1, 2, 3], steps  # per-epoch metrics, step = epoch
@@ -45,6 +49,7 @@ def test_run_two_workers_then_resume(tmp_path):
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"kept_units.json", "log_alpha.json", "log_alpha_hist.png"} <= artifacts
     assert all(r.info.status != "RUNNING" for r in runs)
+    assert {r.data.tags["l0sweep.gpu"] for r in children.values()} == {"3", "5"}  # both workers trained, one GPU each
     # Front trials carry their exported small model, loadable as a plain torch module.
     front = study.best_trials
     logged = [t for t in front if t.user_attrs.get("model_logged")]
