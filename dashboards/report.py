@@ -10,12 +10,11 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import plotly.graph_objects as go
-from optuna.trial import TrialState
 from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
 from .pick import PickError, pick
-from .table import front_table, hypervolume_history, spec_of, trials_table
+from .table import failed_and_interrupted, front_table, hypervolume_history, spec_of, trials_table
 
 MODE_COLOURS = {"scratch": "#1f77b4", "finetune": "#d62728"}
 TABLE_COLUMNS = {"trial": "trial", "val_accuracy": "val acc", "test_accuracy": "test acc", "sparsity": "sparsity",
@@ -158,10 +157,12 @@ def write_report(study: optuna.Study, out_dir: str | Path, tracking_uri: str | N
         table_html = table_html.replace(f"<td>{int(chosen.trial)}</td>",
                                         f'<td class="chosen">{int(chosen.trial)} &#9733;</td>', 1)
     counts = table.state.value_counts().to_dict()
-    failed = len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
+    failed, interrupted = failed_and_interrupted(study)
     summary = (f"{counts.get('COMPLETE', 0)} complete trials, {counts.get('PRUNED', 0)} stopped early"
                + (f", {failed} failed (their errors are in the workers' logs and the FAILED MLflow runs)"
-                  if failed else "") + f"; {len(front)} on the front.")
+                  if failed else "")
+               + (f", {interrupted} interrupted and run again (their workers were stopped or died)"
+                  if interrupted else "") + f"; {len(front)} on the front.")
     rec = "<p>No complete trial yet.</p>" if chosen is None else (
         f"<p class='rec'><b>Recommended (knee of the front): trial {int(chosen.trial)}</b>: "
         f"lambda {chosen.lam:.4g}, droprate_init {chosen.droprate_init:.3g}, mode {html.escape(str(chosen['mode']))}"

@@ -67,6 +67,15 @@ def hypervolume_history(study: optuna.Study) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["trial", "hypervolume"])
 
 
+def failed_and_interrupted(study: optuna.Study) -> tuple[int, int]:
+    """(trials that failed, failed trials that were queued again because their worker was stopped or died),
+    the latter read from the ``retry_history`` Optuna's retry convention keeps on each retry."""
+    retried = {n for t in study.get_trials(deepcopy=False) for n in t.system_attrs.get("retry_history", [])}
+    failed = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))]
+    interrupted = sum(1 for n in failed if n in retried)
+    return len(failed) - interrupted, interrupted
+
+
 def spec_of(study: optuna.Study) -> dict:
     """The study file the sweep stored on the study (as a dict)."""
     return json.loads(study.user_attrs.get("spec", "{}"))

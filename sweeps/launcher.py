@@ -174,7 +174,7 @@ def _run(spawn: Callable[[int], subprocess.Popen], spec: StudySpec, settings: Se
     if status == "FINISHED" and not reached:
         status = "FAILED"
     end_study_run(study, settings.tracking_uri, status)
-    print(f"l0sweep: {n['COMPLETE']} complete, {n['PRUNED']} stopped early, {n['FAIL']} failed "
+    print(f"l0sweep: {n['COMPLETE']} complete, {n['PRUNED']} stopped early, {n['FAIL']} failed or interrupted "
           f"(budget {budget})", file=sys.stderr)
     if report and n["COMPLETE"]:
         from dashboards import write_report

@@ -152,6 +152,8 @@ def test_stopped_mid_trial_then_resume(stop, tmp_path):
     assert {status[t.user_attrs["mlflow_run_id"]] for t in failed} == {"KILLED"}
     assert {status[t.user_attrs["mlflow_run_id"]] for t in complete} == {"FINISHED"}
     assert [r.info.status for r in runs if r.data.tags.get("l0sweep.role") == "study"] == ["FINISHED"]
+    page = (out / "reports" / "tiny" / "report.html").read_text()
+    assert "2 complete trials, 0 stopped early, 2 interrupted and run again" in page and "errors are in" not in page
 
 
 def test_resumed_sweep_proposes_new_trials(tmp_path):
