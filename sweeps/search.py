@@ -14,10 +14,10 @@ import optuna
 from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 
+from .config import TrialConfig
 from .spec import Choices, Param, Range, StudySpec
 
 VALUE_ATTRS = ("lam", "droprate_init", "mode")  # a trial's values, kept on it as user attrs whatever their names
-from .config import TrialConfig
 
 
 def _suggest(trial: optuna.Trial, name: str, param: Param) -> Any:
