@@ -129,6 +129,9 @@ def create_or_resume(spec: StudySpec, settings: Settings, trials: int | None = N
     """Create the study (once: spec, budget, starting points, MLflow parent run) or check and resume it;
     returns the study and whether this call created it.
 
+    The budget is ``trials`` when given, else the file's ``trials`` when the study is made or when that number
+    was edited since; otherwise it stays what it was (an earlier ``--trials`` included).
+
     Launchers sharing ``settings.out`` take turns (two ``l0sweep run`` of one file at once: the second resumes
     what the first created, and the embedded MLflow store is created once). Launchers on different machines
     must not create the same study at the same moment: enqueueing is not race-free.
@@ -146,8 +149,13 @@ def _create_or_resume(spec: StudySpec, settings: Settings, trials: int | None) -
                                 directions=["maximize"] * len(spec.objectives))
     spec_json = spec.model_dump_json()
     try:
+        file_budget_changed = False
         if SPEC_ATTR in study.user_attrs:
             check_same_study(spec, study.user_attrs[SPEC_ATTR])
+            # The file's `trials` was edited since the study last read it: the new budget applies, as --trials would.
+            file_budget_changed = json.loads(study.user_attrs[SPEC_ATTR]).get("trials") != spec.trials
+            if file_budget_changed:
+                study.set_user_attr(SPEC_ATTR, spec_json)
         elif existed:
             raise SpecError(f"study {spec.name!r} exists in the storage but was not made by l0sweep")
         else:
@@ -155,7 +163,7 @@ def _create_or_resume(spec: StudySpec, settings: Settings, trials: int | None) -
             study.set_user_attr(SPEC_ATTR, spec_json)
             for point in spec.enqueue:
                 study.enqueue_trial(starting_point(spec, point), skip_if_exists=True)
-        if trials is not None or BUDGET_ATTR not in study.user_attrs:
+        if trials is not None or file_budget_changed or BUDGET_ATTR not in study.user_attrs:
             study.set_user_attr(BUDGET_ATTR, trials or spec.trials)
         ensure_study_run(study, settings.tracking_uri, spec.mlflow.experiment or spec.name,
                          settings.out / "mlartifacts", spec_json)

@@ -144,3 +144,22 @@ def test_sampler_draws_are_seeded_per_trial(sampler):
     two_workers = run(2)
     assert len({tuple(sorted(p.items())) for p in two_workers[:4]}) == 4  # per-process seeds gave pairs of equals
     assert run(1)[:4] == run(1)[:4] == two_workers[:4]  # start-up draws depend on the trial number alone
+
+
+def test_the_budget_follows_an_edited_study_file_unless_trials_is_given(tmp_path):
+    from sweeps.settings import settings_from
+    from sweeps.study import BUDGET_ATTR, create_or_resume
+
+    out = tmp_path / "out"
+    settings = settings_from(str(out / "optuna.journal"), f"sqlite:///{out / 'mlflow.db'}", out)
+    base = {"name": "budget", "trial": {"data": {"name": "digits"}, "model": {"name": "mlp"}}}
+
+    def budget(file_trials: int, trials: int | None = None) -> int:
+        study, _ = create_or_resume(parse_spec({**base, "trials": file_trials}), settings, trials)
+        return study.user_attrs[BUDGET_ATTR]
+
+    assert budget(2) == 2
+    assert budget(5) == 5  # the file was edited: its new budget applies (it used to stay 2, silently)
+    assert budget(5, trials=7) == 7  # --trials wins
+    assert budget(5) == 7  # the file unchanged since: an earlier --trials stands
+    assert budget(3) == 3
