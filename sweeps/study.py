@@ -161,8 +161,8 @@ def _create_or_resume(spec: StudySpec, settings: Settings, trials: int | None) -
         else:
             study.set_metric_names(spec.metric_names)
             study.set_user_attr(SPEC_ATTR, spec_json)
-            for point in spec.enqueue:
-                study.enqueue_trial(starting_point(spec, point), skip_if_exists=True)
+        for point in spec.enqueue:  # also on resume: a point added to the file since runs; one already run does not
+            study.enqueue_trial(starting_point(spec, point), skip_if_exists=True)
         if trials is not None or file_budget_changed or BUDGET_ATTR not in study.user_attrs:
             study.set_user_attr(BUDGET_ATTR, trials or spec.trials)
         ensure_study_run(study, settings.tracking_uri, spec.mlflow.experiment or spec.name,

@@ -146,7 +146,7 @@ def test_sampler_draws_are_seeded_per_trial(sampler):
     assert run(1)[:4] == run(1)[:4] == two_workers[:4]  # start-up draws depend on the trial number alone
 
 
-def test_the_budget_follows_an_edited_study_file_unless_trials_is_given(tmp_path):
+def test_budget_and_starting_points_follow_an_edited_study_file(tmp_path):
     from sweeps.settings import settings_from
     from sweeps.study import BUDGET_ATTR, create_or_resume
 
@@ -163,3 +163,10 @@ def test_the_budget_follows_an_edited_study_file_unless_trials_is_given(tmp_path
     assert budget(5, trials=7) == 7  # --trials wins
     assert budget(5) == 7  # the file unchanged since: an earlier --trials stands
     assert budget(3) == 3
+
+    # Starting points: each runs once; one added to the file later is queued when the file is run again.
+    point = {"mode": "scratch", "lam": 0.5, "droprate_init": 0.3}
+    for points in ([point], [point], [point, {**point, "lam": 0.2}]):
+        study, _ = create_or_resume(parse_spec({**base, "trials": 3, "enqueue": points}), settings)
+    queued = [t.system_attrs["fixed_params"] for t in study.get_trials(states=(optuna.trial.TrialState.WAITING,))]
+    assert sorted(v for p in queued for k, v in p.items() if k.startswith("lam")) == [0.2, 0.5]
