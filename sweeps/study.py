@@ -19,7 +19,8 @@ from .search import VALUE_ATTRS, starting_point
 from .settings import Settings, file_lock
 from .spec import SpecError, StudySpec
 from .storage import open_storage
-from .tracking import WORKER_ATTR, check_tracking, delete_study_run, end_run_of, ensure_study_run
+from .tracking import (PID_SPACE_ATTR, WORKER_ATTR, check_tracking, delete_study_run, end_run_of, ensure_study_run,
+                       pid_space)
 
 _log = logging.getLogger(__name__)
 SPEC_ATTR = "spec"
@@ -60,11 +61,18 @@ def stale_trial_callback(tracking_uri: str, max_retry: int):
     return callback
 
 
-def _worker_gone(tag: str, pid: int | None) -> bool:
-    """Whether the worker ``host:pid`` that tagged a trial is known to be gone: only decidable on its own host."""
-    host, _, owner = tag.rpartition(":")
+def _worker_gone(trial: FrozenTrial, pid: int | None) -> bool:
+    """Whether the worker (``host:pid``) running ``trial`` is known to be gone: decidable only where its pid means
+    something, on its host in its pid namespace; anywhere else the RDB heartbeats decide."""
+    host, _, owner = trial.user_attrs.get(WORKER_ATTR, "").rpartition(":")
     if host != socket.gethostname() or not owner.isdigit():
-        return False  # another machine's worker: the RDB heartbeats decide
+        return False
+    theirs, mine = trial.user_attrs.get(PID_SPACE_ATTR, ""), pid_space()
+    if theirs != mine:
+        # The same namespace on an earlier boot (the host's own, after a reboot) is gone; another container's
+        # namespace (containers sharing the host's name) cannot be looked into.
+        (boot, _, namespace), (my_boot, _, my_namespace) = theirs.partition("/"), mine.partition("/")
+        return bool(theirs) and namespace == my_namespace and boot != my_boot
     owner_pid = int(owner)
     if pid is not None:
         return owner_pid == pid
@@ -94,7 +102,7 @@ def recover_orphaned_trials(study: optuna.Study, tracking_uri: str, max_retry: i
     callback = stale_trial_callback(tracking_uri, max_retry)
     n = 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if _worker_gone(t.user_attrs.get(WORKER_ATTR, ""), pid):
+        if _worker_gone(t, pid):
             try:
                 study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
             except optuna.exceptions.UpdateFinishedTrialError:

@@ -263,7 +263,17 @@ def end_run_of(trial: optuna.trial.FrozenTrial, tracking_uri: str, status: str =
 
 
 WORKER_ATTR = "worker"  # the trial's user attr naming the worker that runs it, worker_tag()
+PID_SPACE_ATTR = "worker_pid_space"  # and where its pid means something, pid_space()
 
 
 def worker_tag() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def pid_space() -> str:
+    """Where this process's pid is valid: ``BOOT_ID/pid:[NAMESPACE]`` on Linux, "" elsewhere. Containers that share
+    a host name (host networking) have pid namespaces of their own, and a reboot starts the pids over."""
+    try:
+        return f"{Path('/proc/sys/kernel/random/boot_id').read_text().strip()}/{os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return ""

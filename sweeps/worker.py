@@ -22,7 +22,8 @@ from .settings import CONFIG_ERROR, ERROR_PREFIX, Settings, stop_on_signals
 from .spec import SpecError, StudySpec
 from .study import (BUDGET_ATTR, SPEC_ATTR, check_same_study, counts, load_existing, recover_orphaned_trials,
                     retry_trial, storage_for)
-from .tracking import WORKER_ATTR, TrialRun, end_study_run, log_alpha_by_gate, log_alpha_histogram, worker_tag
+from .tracking import (PID_SPACE_ATTR, WORKER_ATTR, TrialRun, end_study_run, log_alpha_by_gate, log_alpha_histogram,
+                       pid_space, worker_tag)
 from .training import EpochMetrics, StopTrial, check_fits, dense_baseline, train_trial
 
 BASELINE_ATTR = "dense_baseline"
@@ -51,6 +52,7 @@ class Objective:
         for key in VALUE_ATTRS:
             trial.set_user_attr(key, values[key])
         trial.set_user_attr(WORKER_ATTR, worker_tag())
+        trial.set_user_attr(PID_SPACE_ATTR, pid_space())
         run = TrialRun(trial, settings.tracking_uri, values, cfg)
         stopper = ParetoStopper(trial.study, spec.early_stopping)
         history = TrialHistory(trial)
