@@ -104,12 +104,13 @@ class Objective:
                                             "test_accuracy": saved["test_accuracy"]})
 
 
-def retry_interrupted(study: optuna.Study, trial_id: int, max_retry: int) -> None:
+def retry_interrupted(study: optuna.Study, trial_id: int) -> None:
     """Queue an interrupted trial again (same values, first in line), as a dead worker's trial is: it never
-    finished, and a starting point the study file asked for would otherwise be lost to the resumed sweep."""
+    finished, and a starting point the study file asked for would otherwise be lost to the resumed sweep.
+    However often it happens: a stop the user asked for is not the trial failing (``max_retry`` is for those)."""
     trial = study._storage.get_trial(trial_id)
     if trial.state == optuna.trial.TrialState.FAIL:  # Optuna closes it FAIL on the way out of optimize
-        retry_trial(study, trial, max_retry)
+        retry_trial(study, trial, max_retry=None)
 
 
 def wait_for_launcher(ready: Path, launcher: int, poll: float = 0.05) -> bool:
@@ -175,6 +176,6 @@ def run_worker(spec: StudySpec, settings: Settings, poll: float = 1.0,
                 return 1
     except KeyboardInterrupt:
         if objective.interrupted is not None:
-            retry_interrupted(study, objective.interrupted, spec.workers.max_retry)
+            retry_interrupted(study, objective.interrupted)
         return 130
 

@@ -1,4 +1,4 @@
-"""Which RUNNING trials belong to workers that are gone: decided only where the worker's pid means something."""
+"""Trials that never finished: which belong to workers that are gone, and how they are queued again."""
 from __future__ import annotations
 
 import os
@@ -15,7 +15,6 @@ from sweeps.tracking import pid_space
 
 HOST = socket.gethostname()
 SPACE = pid_space()
-pytestmark = pytest.mark.skipif(not SPACE, reason="needs Linux /proc (pid namespaces and boot id)")
 
 
 def _trial(pid: int, host: str = HOST, space: str | None = SPACE) -> optuna.trial.FrozenTrial:
@@ -27,6 +26,7 @@ def _process(*argv: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", *argv])
 
 
+@pytest.mark.skipif(not SPACE, reason="needs Linux /proc (pid namespaces and boot id)")
 def test_worker_gone_only_where_its_pid_can_be_checked():
     boot, _, namespace = SPACE.partition("/")
     worker, other_program = _process("worker"), _process("not-a-sweep")
@@ -49,3 +49,26 @@ def test_worker_gone_only_where_its_pid_can_be_checked():
         for p in (worker, other_program):
             p.kill()
             p.wait()
+
+
+def test_retries_copy_the_values_not_the_attempt_and_interrupts_have_no_limit():
+    from optuna.distributions import FloatDistribution
+
+    from sweeps.study import retry_trial
+    from sweeps.worker import retry_interrupted
+
+    study = optuna.create_study(directions=["maximize", "maximize"])
+    failed = optuna.trial.create_trial(
+        state=TrialState.FAIL, params={"lam_scratch": 0.3}, distributions={"lam_scratch": FloatDistribution(0.01, 1)},
+        user_attrs={"lam": 0.3, "mode": "scratch", "worker": "host:1", "mlflow_run_id": "r", "history": [[1, 0.5, 0.1]]},
+        system_attrs={"failed_trial": 0, "retry_history": [0, 3]})
+    study.add_trial(failed)
+    trial = study.trials[0]
+    assert not retry_trial(study, trial, max_retry=2)  # a third retry of trial 0: over the limit
+    assert retry_trial(study, trial, max_retry=3)
+    retry = study.trials[-1]
+    assert retry.state == TrialState.WAITING and retry.params == {"lam_scratch": 0.3}
+    assert retry.user_attrs == {"lam": 0.3, "mode": "scratch"}  # not the old attempt's worker, run or history
+    assert (retry.system_attrs["failed_trial"], retry.system_attrs["retry_history"]) == (0, [0, 3, trial.number])
+    retry_interrupted(study, trial._trial_id)  # a stop the user asked for: queued again whatever the count
+    assert len(study.get_trials(states=(TrialState.WAITING,))) == 2
