@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import optuna
+from optuna.trial import TrialState
 
 from dashboards import front_table
 
-from .study import BUDGET_ATTR, counts
+from .study import BUDGET_ATTR, counts, worker_gone
 
 
 def print_status(study: optuna.Study) -> None:
@@ -13,6 +14,10 @@ def print_status(study: optuna.Study) -> None:
     budget = study.user_attrs.get(BUDGET_ATTR, "?")
     states = ", ".join(f"{k.lower()} {v}" for k, v in n.items() if v)
     print(f"study {study.study_name}: {n['COMPLETE']}/{budget} complete ({states or 'no trials yet'})")
+    gone = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if worker_gone(t, None)]
+    if gone:
+        print(f"running trials {', '.join(map(str, gone))}: their workers on this machine are gone; the next "
+              "'l0sweep run' or worker queues them again")
     front = front_table(study)
     if len(front):
         cols = ["trial", "val_accuracy", "test_accuracy", "sparsity", "flops_ratio", "lam", "droprate_init", "mode"]

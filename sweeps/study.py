@@ -61,7 +61,7 @@ def stale_trial_callback(tracking_uri: str, max_retry: int):
     return callback
 
 
-def _worker_gone(trial: FrozenTrial, pid: int | None) -> bool:
+def worker_gone(trial: FrozenTrial, pid: int | None) -> bool:
     """Whether the worker (``host:pid``) running ``trial`` is known to be gone: decidable only where its pid means
     something, on its host in its pid namespace; anywhere else the RDB heartbeats decide."""
     host, _, owner = trial.user_attrs.get(WORKER_ATTR, "").rpartition(":")
@@ -102,7 +102,7 @@ def recover_orphaned_trials(study: optuna.Study, tracking_uri: str, max_retry: i
     callback = stale_trial_callback(tracking_uri, max_retry)
     n = 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if _worker_gone(t, pid):
+        if worker_gone(t, pid):
             try:
                 study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
             except optuna.exceptions.UpdateFinishedTrialError:

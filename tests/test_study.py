@@ -10,7 +10,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from sweeps.study import _worker_gone
+from sweeps.study import worker_gone
 from sweeps.tracking import pid_space
 
 HOST = socket.gethostname()
@@ -33,18 +33,18 @@ def test_worker_gone_only_where_its_pid_can_be_checked():
     finished = subprocess.Popen([sys.executable, "-c", "pass"])
     finished.wait()
     try:
-        assert not _worker_gone(_trial(worker.pid), None)  # alive
-        assert _worker_gone(_trial(finished.pid), None)  # exited
-        assert _worker_gone(_trial(other_program.pid), None)  # its pid now runs another program
-        assert _worker_gone(_trial(os.getpid()), None)  # an earlier life of the asking process's pid
-        assert _worker_gone(_trial(worker.pid), worker.pid) and not _worker_gone(_trial(worker.pid), finished.pid)
+        assert not worker_gone(_trial(worker.pid), None)  # alive
+        assert worker_gone(_trial(finished.pid), None)  # exited
+        assert worker_gone(_trial(other_program.pid), None)  # its pid now runs another program
+        assert worker_gone(_trial(os.getpid()), None)  # an earlier life of the asking process's pid
+        assert worker_gone(_trial(worker.pid), worker.pid) and not worker_gone(_trial(worker.pid), finished.pid)
         # Undecidable, so left to the heartbeats: another machine, another container's pid namespace, a trial
         # tagged by a version that did not record the namespace.
-        assert not _worker_gone(_trial(finished.pid, host="elsewhere"), None)
-        assert not _worker_gone(_trial(finished.pid, space=f"{boot}/pid:[1]"), None)
-        assert not _worker_gone(_trial(finished.pid, space=None), None)
+        assert not worker_gone(_trial(finished.pid, host="elsewhere"), None)
+        assert not worker_gone(_trial(finished.pid, space=f"{boot}/pid:[1]"), None)
+        assert not worker_gone(_trial(finished.pid, space=None), None)
         # The host's namespace on an earlier boot: every process of it is gone, whatever the pid now is.
-        assert _worker_gone(_trial(worker.pid, space=f"another-boot/{namespace}"), None)
+        assert worker_gone(_trial(worker.pid, space=f"another-boot/{namespace}"), None)
     finally:
         for p in (worker, other_program):
             p.kill()

@@ -137,6 +137,8 @@ def test_stopped_mid_trial_then_resume(stop, tmp_path):
         assert sorted(r.info.status for r in runs) == ["KILLED"] * 3  # two trials and the study
     else:
         assert sorted(_params(study.get_trials(states=(TrialState.RUNNING,)))) == interrupted
+        status = l0sweep("status", "tiny", "--out", out)
+        assert status.returncode == 0 and "their workers on this machine are gone" in status.stdout, status.stdout
 
     # Resume with a budget of 2: the two interrupted trials are what runs, with their values.
     again = l0sweep("run", study_file, "--workers", "2", "--trials", "2", "--out", out, timeout=180)
