@@ -18,6 +18,7 @@ import torchvision
 import l0core
 from benchmarks.export_speedup import _close_fraction
 from benchmarks.results import append
+from sweeps.spec import one_line
 from tests.helpers import randomize_batchnorm  # non-trivial BatchNorm, so folding mistakes would show
 
 MODELS = ["alexnet", "vgg11_bn", "resnet18", "resnet50", "resnext50_32x4d", "wide_resnet50_2", "densenet121",
@@ -41,7 +42,7 @@ def one(name: str, closed: float) -> list[object]:
         small = l0core.compact(model, x)
         report = l0core.sparsity(model, x)
     except ValueError as exc:  # the one-line error a user gets
-        return [name, size, "no", "", "", "", str(exc).splitlines()[0], f"{time.perf_counter() - start:.0f}"]
+        return [name, size, "no", "", "", "", one_line(exc), f"{time.perf_counter() - start:.0f}"]
     with torch.no_grad():
         expected, got = model(x), small(x)
     diff = float((expected - got).abs().max() / expected.abs().max().clamp_min(1.0))

@@ -70,8 +70,9 @@ def hypervolume_history(study: optuna.Study) -> pd.DataFrame:
 def failed_and_interrupted(study: optuna.Study) -> tuple[int, int]:
     """(trials that failed, failed trials that were queued again because their worker was stopped or died),
     the latter read from the ``retry_history`` Optuna's retry convention keeps on each retry."""
-    retried = {n for t in study.get_trials(deepcopy=False) for n in t.system_attrs.get("retry_history", [])}
-    failed = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))]
+    trials = study.get_trials(deepcopy=False)
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    failed = [t.number for t in trials if t.state == TrialState.FAIL]
     interrupted = sum(1 for n in failed if n in retried)
     return len(failed) - interrupted, interrupted
 

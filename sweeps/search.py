@@ -137,8 +137,10 @@ class SeededPerTrial(optuna.samplers.BaseSampler):
 def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
     """The study file's sampler (TPE or NSGA-II), its draws seeded per trial (:class:`SeededPerTrial`)."""
     s = spec.sampler
-    if s.name == "nsgaii":
-        return SeededPerTrial(lambda seed: optuna.samplers.NSGAIISampler(population_size=s.population_size, seed=seed),
-                              s.seed)
-    return SeededPerTrial(lambda seed: optuna.samplers.TPESampler(n_startup_trials=s.n_startup_trials, seed=seed),
-                          s.seed)
+
+    def make(seed: int) -> optuna.samplers.BaseSampler:
+        if s.name == "nsgaii":
+            return optuna.samplers.NSGAIISampler(population_size=s.population_size, seed=seed)
+        return optuna.samplers.TPESampler(n_startup_trials=s.n_startup_trials, seed=seed)
+
+    return SeededPerTrial(make, s.seed)

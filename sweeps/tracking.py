@@ -7,6 +7,7 @@ never left RUNNING.
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -270,6 +271,7 @@ def worker_tag() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+@functools.cache  # fixed for the process's life; orphan checks ask once per RUNNING trial, every poll
 def pid_space() -> str:
     """Where this process's pid is valid: ``BOOT_ID/pid:[NAMESPACE]`` on Linux, "" elsewhere. Containers that share
     a host name (host networking) have pid namespaces of their own, and a reboot starts the pids over."""
