@@ -5,8 +5,9 @@ throughput of two workers against one.
 
 1. ``l0sweep run --workers 1 --threads 1`` (everything a user waits for: process start, study creation, the
    dense baseline, every trial with its MLflow logging and model export, the report). Then the same trials'
-   bare training, in this process with one thread: the dense baseline once plus ``train_trial`` for each
-   complete trial's configuration. Goal: sweep wall / bare sum <= 1.05.
+   bare training, in a fresh process with one thread: the dense baseline once plus ``train_trial`` for each
+   complete trial's configuration. Goal: sweep wall / bare sum <= 1.05. The overhead is split into what a
+   sweep pays once and what each trial pays, which says how long trials must be for the goal to hold.
 2. The same study with ``--workers 2 --threads 1``: complete trials per second, two workers / one.
    Goal >= 1.7. Against it, the machine's own ceiling: the same bare training run twice at once, in two
    processes (two bare runs in the time of one would be 2.0; shared cores, caches and memory bandwidth,
@@ -34,12 +35,15 @@ from sweeps.spec import load_spec
 from sweeps.training import dense_baseline, train_trial
 
 
-def _break_even(fixed: float, per_trial: float, trial: float) -> str:
-    """How long a sweep of such trials must train for its wall time to be within 5% of the bare training."""
-    if per_trial >= 0.05 * trial:
-        return "The per-trial overhead alone exceeds 5% of a trial of this length."
-    n = fixed / (0.05 * trial - per_trial)
-    return f"With trials of this length the ratio reaches 1.05 at about {n:.0f} trials ({n * trial / 60:.0f} min of training)."
+def _break_even(rest: float, per_trial: float, trial: float, n: int) -> str:
+    """Where the 1-worker ratio reaches 1.05 under the measured costs: ``rest`` seconds once per sweep and
+    ``per_trial`` seconds a trial (the dense baseline, which only helps, is left out)."""
+    # n trials of length T: (rest + n * per_trial) / (n * T) <= 0.05  <=>  T >= (rest / n + per_trial) / 0.05
+    needed = (rest / n + per_trial) / 0.05
+    at_this_length = ("never, at any number of them (the per-trial overhead alone exceeds 5%)"
+                      if per_trial >= 0.05 * trial else f"at about {rest / (0.05 * trial - per_trial):.0f} trials")
+    return (f"At 1.05: with trials of {trial:.1f} s, {at_this_length}; with {n} trials, once they train "
+            f"{needed:.0f} s each.")
 
 
 def _phase(trials: list) -> float:
@@ -59,7 +63,7 @@ def _bare_process(study_file: Path, complete: list, tmp: Path) -> subprocess.Pop
                             stdout=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
 
 
-def _result(proc: subprocess.Popen) -> tuple[float, float]:
+def _result(proc: subprocess.Popen) -> tuple[float, list[float]]:
     out, _ = proc.communicate()
     if proc.returncode:
         raise RuntimeError(f"bare training exited with status {proc.returncode}")
@@ -67,9 +71,9 @@ def _result(proc: subprocess.Popen) -> tuple[float, float]:
     return baseline, trials
 
 
-def _bare(study_file: Path, complete: list, tmp: Path) -> tuple[float, float]:
-    """Seconds of (dense baseline, sum of the trials' training), one thread, nothing logged: in a fresh
-    process, as a worker is, so the two start alike."""
+def _bare(study_file: Path, complete: list, tmp: Path) -> tuple[float, list[float]]:
+    """Seconds of (dense baseline, each trial's training), one thread, nothing logged: in a fresh process, as
+    a worker is, so the two start alike."""
     return _result(_bare_process(study_file, complete, tmp))
 
 
@@ -90,28 +94,41 @@ def _bare_child(study_file: str, values_json: str, baseline_dir: str) -> None:
     start = time.perf_counter()
     dense_baseline(configs[0])
     baseline = time.perf_counter() - start
-    start = time.perf_counter()
+    trials = []
     for cfg in configs:
+        start = time.perf_counter()
         train_trial(cfg)
-    print(json.dumps([baseline, time.perf_counter() - start]))
+        trials.append(time.perf_counter() - start)
+    print(json.dumps([baseline, trials]))
 
 
 def _round(study_file: Path, trials: int, tmp: Path) -> dict:
     """One round: 1-worker sweep, bare training, 2-worker sweep, bare training again (drift shows as the
-    difference of the two bare runs, and is averaged out)."""
+    difference of the two bare runs, and is averaged out).
+
+    The 1-worker sweep's overhead (wall - bare) is split by where it falls: before the first trial and after
+    the last (``fixed``); the first trial's own (``first``: a worker's first MLflow run and model export, the
+    imports they need); every later trial's (``per_trial``: its duration in the sweep less its bare training);
+    and the time between trials (``between``: Optuna's ask and tell, the sampler, the budget check)."""
     wall1, complete1 = _sweep(study_file, trials, 1, tmp / "one")
     before = _bare(study_file, complete1, tmp)
     wall2, complete2 = _sweep(study_file, trials, 2, tmp / "two")
     after = _bare(study_file, complete1, tmp)
-    baseline, trained = (before[0] + after[0]) / 2, (before[1] + after[1]) / 2
-    bare = baseline + trained
-    ceiling = 2 * (sum(before) + sum(after)) / 2 / _bare_twice_at_once(study_file, complete1, tmp)
+    baseline = (before[0] + after[0]) / 2
+    each = [(a + b) / 2 for a, b in zip(before[1], after[1])]  # bare seconds of trial i (the sweep's order)
+    bare = baseline + sum(each)
+    ceiling = 2 * (before[0] + sum(before[1]) + after[0] + sum(after[1])) / 2 / _bare_twice_at_once(
+        study_file, complete1, tmp)
     phase1, phase2 = _phase(complete1), _phase(complete2)
     n1, n2 = len(complete1), len(complete2)
-    return {"wall1": wall1, "wall2": wall2, "bare": bare, "bare_runs": (sum(before), sum(after)),
-            "baseline": baseline, "trial": trained / n1, "phase1": phase1, "phase2": phase2,
+    took = [(t.datetime_complete - t.datetime_start).total_seconds() for t in complete1]
+    return {"wall1": wall1, "wall2": wall2, "bare": bare, "bare_runs": (before[0] + sum(before[1]), after[0] + sum(after[1])),
+            "baseline": baseline, "trial": sum(each) / n1, "phase1": phase1, "phase2": phase2,
             "ratio": wall1 / bare, "phase_ratio": phase1 / bare, "tput": (n2 / wall2) / (n1 / wall1),
-            "phase_tput": (n2 / phase2) / (n1 / phase1), "ceiling": ceiling, "fixed": wall1 - phase1, "per_trial": (phase1 - bare) / n1}
+            "phase_tput": (n2 / phase2) / (n1 / phase1), "ceiling": ceiling, "fixed": wall1 - phase1,
+            "first": took[0] - baseline - each[0],
+            "per_trial": sum(d - b for d, b in zip(took[1:], each[1:])) / max(1, n1 - 1),
+            "between": phase1 - sum(took)}
 
 
 def main() -> None:
@@ -152,13 +169,16 @@ def main() -> None:
              f"{med('phase_tput'):.2f}", each("phase_tput"), ">= 1.7", "yes" if med("phase_tput") >= 1.7 else "no"],
             ["the machine's ceiling: 2 bare trainings at once / 1", "", f"{med('ceiling'):.2f}", each("ceiling"),
              "", ""]]
+    rest = med("fixed") + med("first") + med("between")  # what a sweep pays once, however many trials it has
     notes = (f"{args.rounds} rounds of {args.trials} complete trials of {args.study.name} at {args.epochs} epochs, "
              f"early stopping off, one thread per worker; medians, and each round's ratio. Bare training (in a fresh "
              f"process, twice a round: {', '.join(f'{a:.1f}/{b:.1f} s' for a, b in (x['bare_runs'] for x in rounds))}): "
              f"dense baseline {med('baseline'):.1f} s + trials of {med('trial'):.1f} s. Overhead of the 1-worker sweep: "
-             f"{med('fixed'):.1f} s fixed (process start-up and imports, study and MLflow store creation, the report) "
-             f"and {med('per_trial'):.2f} s per trial (MLflow run and logging, the exported model of front trials). "
-             f"{_break_even(med('fixed'), med('per_trial'), med('trial'))}")
+             f"{med('fixed'):.1f} s before the first trial and after the last (process start-up and imports, study and "
+             f"MLflow store creation, the report); {med('first'):.1f} s more in the first trial (the worker's first MLflow "
+             f"run and model export); {med('between'):.1f} s between trials in all; {med('per_trial'):.2f} s in each later "
+             f"trial (its MLflow run, metrics and artifacts, the exported model of front trials). "
+             f"{_break_even(rest, med('per_trial'), med('trial'), args.trials)}")
     print(append(f"Sweep overhead ({args.study.name})", f"python -m benchmarks.sweep_overhead --study {args.study} "
                  f"--trials {args.trials} --epochs {args.epochs} --rounds {args.rounds}",
                  ["measure", "values (median)", "ratio (median)", "each round", "goal", "goal met"], rows, notes))
