@@ -128,7 +128,9 @@ def _round(study_file: Path, trials: int, tmp: Path) -> dict:
             "phase_tput": (n2 / phase2) / (n1 / phase1), "ceiling": ceiling, "fixed": wall1 - phase1,
             "first": took[0] - baseline - each[0],
             "per_trial": sum(d - b for d, b in zip(took[1:], each[1:])) / max(1, n1 - 1),
-            "between": phase1 - sum(took)}
+            "between": phase1 - sum(took),
+            # Same work, twice: how far this machine's speed moved within the round (minutes apart).
+            "drift": abs((before[0] + sum(before[1])) - (after[0] + sum(after[1]))), "overhead": wall1 - bare}
 
 
 def main() -> None:
@@ -159,8 +161,10 @@ def main() -> None:
     def each(key: str) -> str:
         return ", ".join(f"{x[key]:.2f}" for x in rounds)
 
+    # An overhead no larger than the drift between two runs of the same bare training is not measured, only bounded.
+    noisy = med("overhead") <= med("drift")
     rows = [["1 worker: sweep wall / bare training", f"{med('wall1'):.1f} s / {med('bare'):.1f} s", f"{med('ratio'):.2f}",
-             each("ratio"), "<= 1.05", "yes" if med("ratio") <= 1.05 else "no"],
+             each("ratio"), "<= 1.05", "within noise" if noisy else "yes" if med("ratio") <= 1.05 else "no"],
             ["1 worker: trial phase / bare training", f"{med('phase1'):.1f} s / {med('bare'):.1f} s",
              f"{med('phase_ratio'):.2f}", each("phase_ratio"), "", ""],
             ["2 workers / 1: throughput, whole sweep", f"{med('wall1'):.1f} s / {med('wall2'):.1f} s",
@@ -178,7 +182,10 @@ def main() -> None:
              f"MLflow store creation, the report); {med('first'):.1f} s more in the first trial (the worker's first MLflow "
              f"run and model export); {med('between'):.1f} s between trials in all; {med('per_trial'):.2f} s in each later "
              f"trial (its MLflow run, metrics and artifacts, the exported model of front trials). "
-             f"{_break_even(rest, med('per_trial'), med('trial'), args.trials)}")
+             + (f"The two bare runs of the same training differ by {med('drift'):.1f} s, as much as the sweep's whole "
+                f"overhead ({med('overhead'):.1f} s): at this length the machine's drift hides the overhead, and the "
+                f"split above is noise; shorter trials measure it." if noisy else
+                _break_even(rest, med('per_trial'), med('trial'), args.trials)))
     print(append(f"Sweep overhead ({args.study.name})", f"python -m benchmarks.sweep_overhead --study {args.study} "
                  f"--trials {args.trials} --epochs {args.epochs} --rounds {args.rounds}",
                  ["measure", "values (median)", "ratio (median)", "each round", "goal", "goal met"], rows, notes))

@@ -59,5 +59,6 @@ def test_sweep_overhead_splits_the_overhead_and_says_where_the_goal_holds(tmp_pa
     assert wall > bare > 0  # a sweep does everything the bare training does, and more
     assert re.search(r"s before the first trial and after the last .* s more in the first trial .* s in each later "
                      r"trial", text)
+    # Either where the goal holds, or (on a machine whose speed drifts by more than the overhead) that it cannot tell.
     assert re.search(r"At 1\.05: with trials of [\d.]+ s, (never|at about \d+ trials).*; with 2 trials, once they "
-                     r"train \d+ s each\.", text)
+                     r"train \d+ s each\.|differ by [\d.]+ s, as much as the sweep's whole overhead", text)
