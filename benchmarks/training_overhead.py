@@ -100,7 +100,9 @@ def measure(name: str, shape: tuple[int, ...], batch: int, args: argparse.Namesp
         for v in VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)]:
             per_step[v].append(setups[v].timed(args.steps))
     ratios = {v: statistics.median(a / d for a, d in zip(per_step[v], per_step["dense"])) for v in VARIANTS[1:]}
-    peaks = {v: s.peak_bytes() for v, s in setups.items()}
+    # The first profiled step of a model reads up to 7% high on the CPU (blocks allocated before the profiler
+    # started show up in its timeline); the second is exact and repeats to the byte, so take the lower of two.
+    peaks = {v: min(s.peak_bytes(), s.peak_bytes()) for v, s in setups.items()}
     return {"ms": {v: statistics.median(t) * 1e3 for v, t in per_step.items()}, "ratio": ratios,
             "peak_mb": {v: b / 2**20 for v, b in peaks.items()},
             "mem_ratio": {v: peaks[v] / peaks["dense"] for v in VARIANTS[1:]}}

@@ -39,9 +39,9 @@ def test_training_overhead_reports_each_variant_against_an_identical_dense_model
     rows = {row[2]: row for row in _rows(text)}
     assert set(rows) == {"dense again", "per-batch", "per-sample"}
     assert rows["dense again"][6] == "(noise floor)" and rows["per-batch"][6] in ("yes", "no")
-    # Two identical dense models allocate the same tensors; the profiler's timeline of a step still varies a
-    # little between them (0.4% seen).
-    assert abs(float(rows["dense again"][9]) - 1.0) <= 0.02
+    # Two identical dense models allocate the same tensors: the same peak (the first profiled step of each read up
+    # to 7% high, differently for each, until the benchmark took the lower of two).
+    assert rows["dense again"][9] == "1.000"
     for row in rows.values():
         assert float(row[5]) > 0 and float(row[3]) > 0
 
