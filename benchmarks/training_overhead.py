@@ -1,6 +1,6 @@
 """The cost of L0 training: time and peak memory of one training step, gated / dense, same model and batch.
 
-    python -m benchmarks.training_overhead [--rounds 10] [--steps 3] [--device auto] [--amp] [--channels-last]
+    python -m benchmarks.training_overhead [--rounds 10] [--steps 3] [--min-seconds 0.5] [--device auto] [--amp] [--channels-last]
 
 Variants of each model: dense (no gates, no penalty), gated with one gate draw per batch, gated with one
 draw per example, and a second, identical dense model ("dense again": its ratio to the first is the noise
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import tempfile
 import time
@@ -93,17 +94,18 @@ class Setup:
 def measure(name: str, shape: tuple[int, ...], batch: int, args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     setups = {v: Setup(name, shape, batch, v, device, args.amp, args.channels_last) for v in VARIANTS}
-    for s in setups.values():  # warm-up: lazy init, optimizer state, allocator caches
-        s.timed(2)
+    warm = max(s.timed(2) for s in setups.values())  # warm-up: lazy init, optimizer state, allocator caches
+    # A short step gets more of them a round: a few 40 ms steps are one noisy window, half a second is not.
+    steps = max(args.steps, math.ceil(args.min_seconds / warm))
     per_step = {v: [] for v in VARIANTS}
     for r in range(args.rounds):
         for v in VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)]:
-            per_step[v].append(setups[v].timed(args.steps))
+            per_step[v].append(setups[v].timed(steps))
     ratios = {v: statistics.median(a / d for a, d in zip(per_step[v], per_step["dense"])) for v in VARIANTS[1:]}
     # The first profiled step of a model reads up to 7% high on the CPU (blocks allocated before the profiler
     # started show up in its timeline); the second is exact and repeats to the byte, so take the lower of two.
     peaks = {v: min(s.peak_bytes(), s.peak_bytes()) for v, s in setups.items()}
-    return {"ms": {v: statistics.median(t) * 1e3 for v, t in per_step.items()}, "ratio": ratios,
+    return {"steps": steps, "ms": {v: statistics.median(t) * 1e3 for v, t in per_step.items()}, "ratio": ratios,
             "peak_mb": {v: b / 2**20 for v, b in peaks.items()},
             "mem_ratio": {v: peaks[v] / peaks["dense"] for v in VARIANTS[1:]}}
 
@@ -111,17 +113,20 @@ def measure(name: str, shape: tuple[int, ...], batch: int, args: argparse.Namesp
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--steps", type=int, default=3, help="steps per variant per round")
+    parser.add_argument("--steps", type=int, default=3, help="steps per variant per round (at least)")
+    parser.add_argument("--min-seconds", type=float, default=0.5,
+                        help="more steps a round for a model whose steps take less than this together")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--amp", action="store_true", help="autocast (bfloat16 on CPU, float16 on CUDA)")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--models", nargs="*", default=[m[0] for m in MODELS])
     args = parser.parse_args()
-    rows = []
+    rows, steps = [], {}
     for name, shape, batch in MODELS:
         if name not in args.models:
             continue
         r = measure(name, shape, batch, args)
+        steps[name] = r["steps"]
         for v in VARIANTS[1:]:
             goal = {"dense again": None, "per-batch": 1.05, "per-sample": 1.15}[v]
             met = "(noise floor)" if goal is None else "yes" if r["ratio"][v] <= goal else "no"
@@ -133,12 +138,13 @@ def main() -> None:
     flags = " ".join(f for f, on in (("--amp", args.amp), ("--channels-last", args.channels_last)) if on)
     models = "" if args.models == [m[0] for m in MODELS] else " --models " + " ".join(args.models)
     command = f"python -m benchmarks.training_overhead --rounds {args.rounds} --steps {args.steps} " \
-              f"--device {args.device}{models} {flags}".strip()
+              f"--min-seconds {args.min_seconds:g} --device {args.device}{models} {flags}".strip()
     print(append(f"Training step: gated / dense ({resolve_device(args.device).type}"
                  f"{', ' + flags if flags else ''})", command,
                  ["model", "batch", "gates", "dense ms", "gated ms", "time ratio (median of rounds)", "goal met",
                   "dense peak MB", "gated peak MB", "memory ratio", "goal met (<= 1.10)"], rows,
-                 f"{args.rounds} rounds x {args.steps} steps per variant, interleaved; time goal <= 1.05 per-batch, "
+                 f"{args.rounds} rounds x ({', '.join(f'{n} {k}' for n, k in steps.items())}) steps per variant (at least "
+                 f"{args.steps}, and {args.min_seconds:g} s a round), interleaved; time goal <= 1.05 per-batch, "
                  "<= 1.15 per-sample; the order rotates each round. 'dense again': a second dense model timed as the others, "
                  "its ratio the noise floor. Step = forward, cross-entropy, L0 penalty (gated), backward, Adam."))
 
