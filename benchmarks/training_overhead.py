@@ -94,9 +94,10 @@ class Setup:
 def measure(name: str, shape: tuple[int, ...], batch: int, args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     setups = {v: Setup(name, shape, batch, v, device, args.amp, args.channels_last) for v in VARIANTS}
-    warm = max(s.timed(2) for s in setups.values())  # warm-up: lazy init, optimizer state, allocator caches
+    for s in setups.values():  # warm-up: lazy init, optimizer state, allocator caches
+        s.timed(2)
     # A short step gets more of them a round: a few 40 ms steps are one noisy window, half a second is not.
-    steps = max(args.steps, math.ceil(args.min_seconds / warm))
+    steps = max(args.steps, math.ceil(args.min_seconds / setups["dense"].timed(2)))
     per_step = {v: [] for v in VARIANTS}
     for r in range(args.rounds):
         for v in VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)]:
