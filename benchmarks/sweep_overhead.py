@@ -117,12 +117,12 @@ def _round(study_file: Path, trials: int, tmp: Path) -> dict:
     baseline = (before[0] + after[0]) / 2
     each = [(a + b) / 2 for a, b in zip(before[1], after[1])]  # bare seconds of trial i (the sweep's order)
     bare = baseline + sum(each)
-    ceiling = 2 * (before[0] + sum(before[1]) + after[0] + sum(after[1])) / 2 / _bare_twice_at_once(
-        study_file, complete1, tmp)
+    bare_runs = (before[0] + sum(before[1]), after[0] + sum(after[1]))
+    ceiling = 2 * bare / _bare_twice_at_once(study_file, complete1, tmp)
     phase1, phase2 = _phase(complete1), _phase(complete2)
     n1, n2 = len(complete1), len(complete2)
     took = [(t.datetime_complete - t.datetime_start).total_seconds() for t in complete1]
-    return {"wall1": wall1, "wall2": wall2, "bare": bare, "bare_runs": (before[0] + sum(before[1]), after[0] + sum(after[1])),
+    return {"wall1": wall1, "wall2": wall2, "bare": bare, "bare_runs": bare_runs,
             "baseline": baseline, "trial": sum(each) / n1, "phase1": phase1, "phase2": phase2,
             "ratio": wall1 / bare, "phase_ratio": phase1 / bare, "tput": (n2 / wall2) / (n1 / wall1),
             "phase_tput": (n2 / phase2) / (n1 / phase1), "ceiling": ceiling, "fixed": wall1 - phase1,
@@ -130,7 +130,7 @@ def _round(study_file: Path, trials: int, tmp: Path) -> dict:
             "per_trial": sum(d - b for d, b in zip(took[1:], each[1:])) / max(1, n1 - 1),
             "between": phase1 - sum(took),
             # Same work, twice: how far this machine's speed moved within the round (minutes apart).
-            "drift": abs((before[0] + sum(before[1])) - (after[0] + sum(after[1]))), "overhead": wall1 - bare}
+            "drift": abs(bare_runs[0] - bare_runs[1]), "overhead": wall1 - bare}
 
 
 def main() -> None:
