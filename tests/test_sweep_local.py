@@ -100,7 +100,9 @@ def test_stopped_mid_trial_then_resume(stop, tmp_path):
     import time
 
     sig, group, code = STOPS[stop]
-    long = {**TINY["trial"], "optim": {**TINY["trial"]["optim"], "epochs": 40}}
+    # Trials of about 2 s, so the signal lands mid-trial: at 40 epochs (0.7 s) a trial seen running at one poll
+    # could finish before the signal, and with it the budget (seen once in CI: exit 0, not 130).
+    long = {**TINY["trial"], "optim": {**TINY["trial"]["optim"], "epochs": 120}}
     study_file = write_study(tmp_path / "tiny.yaml", trial=long)
     out = tmp_path / "out"
     with open(tmp_path / "run.log", "w") as log:
@@ -108,7 +110,7 @@ def test_stopped_mid_trial_then_resume(stop, tmp_path):
         try:
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:  # until both workers are past an epoch of their trials
-                time.sleep(0.5)
+                time.sleep(0.2)
                 journal = out / "optuna.journal"
                 if journal.exists() and "tiny" in {s.study_name for s in optuna.get_all_study_summaries(
                         open_storage(str(journal)))}:
