@@ -36,9 +36,10 @@ def _rows(table: str) -> list[list[str]]:
 def test_training_overhead_reports_each_variant_against_an_identical_dense_model(tmp_path):
     text = _bench("training_overhead", tmp_path / "results.md", "--models", "lenet5", "--rounds", "3", "--steps", "1")
     assert "Reproduce: `python -m benchmarks.training_overhead --rounds 3 --steps 1 --min-seconds 0.5 --device auto --models lenet5`" in text
-    # LeNet-5's steps are short: each round gets enough of them to fill the half second.
-    assert re.search(r"3 rounds x \(lenet5 (\d+)\) steps per variant", text) and \
-        int(re.search(r"\(lenet5 (\d+)\)", text).group(1)) >= 5
+    # LeNet-5's steps are short (40-60 ms here): each round gets enough of them to fill the half second, not the
+    # one step asked for (3 or more even on a machine twice as slow).
+    found = re.search(r"3 rounds x \(lenet5 (\d+)\) steps per variant", text)
+    assert found and int(found.group(1)) >= 3
     rows = {row[2]: row for row in _rows(text)}
     assert set(rows) == {"dense again", "per-batch", "per-sample"}
     assert rows["dense again"][6] == "(noise floor)" and rows["per-batch"][6] in ("yes", "no")
