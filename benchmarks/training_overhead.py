@@ -6,8 +6,8 @@ Variants of each model: dense (no gates, no penalty), gated with one gate draw p
 draw per example, and a second, identical dense model ("dense again": its ratio to the first is the noise
 floor, what a ratio of two equal steps reads on this machine). Each takes the real training step
 (``sweeps.training.train_step``: forward, cross-entropy, the L0 penalty, backward, Adam as trials build it).
-Timing is interleaved: every round runs ``--steps`` steps of each variant in turn, starting one variant later
-each round (a fixed order favours some positions by a few percent), so machine noise hits them alike; the ratio
+Timing is interleaved: every round runs ``--steps`` steps of each variant in turn (more for a model whose
+steps fill less than ``--min-seconds``), starting one variant later each round (a fixed order favours some positions by a few percent), so machine noise hits them alike; the ratio
 is taken per round, and the median over rounds is reported. Goals: time ratio <= 1.05 per-batch, <= 1.15
 per-sample; peak memory <= 1.10.
 
