@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from .settings import CONFIG_ERROR, ERROR_PREFIX, Settings, stop_on_signals
+from .settings import CONFIG_ERROR, ERROR_PREFIX, Settings, check_stop, stop_on_signals
 from .spec import SpecError, StudySpec
 from .storage import check_url, redact
 
@@ -134,6 +134,7 @@ def _run(spawn: Callable[[int], subprocess.Popen], spec: StudySpec, settings: Se
         while procs:
             # Notice a worker's exit within 0.2 s (the last one's ends the sweep); read the study once a second.
             time.sleep(0.2)
+            check_stop()
             if time.monotonic() - last_count >= 1.0:
                 last_count = time.monotonic()
                 n = counts(study)

@@ -36,6 +36,7 @@ def settings_from(storage: str, tracking_uri: str, out: str | os.PathLike, **kw:
 
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # a process supervisor's stop; the terminal closing
+_stop_requested = False
 
 
 def stop_on_signals(once: bool = False) -> None:
@@ -44,9 +45,12 @@ def stop_on_signals(once: bool = False) -> None:
 
     ``once``: the first of them (or SIGINT) interrupts and later ones are ignored, so the closing that follows is
     not cut short. A sweep needs it: Ctrl-C in a terminal reaches its workers, then the launcher's SIGTERM does.
+    The stop is remembered (:func:`check_stop`), in case the interrupt lands in code that swallows it.
     """
 
     def handler(signum: int, frame: Any) -> None:
+        global _stop_requested
+        _stop_requested = True
         if once:
             for sig in (signal.SIGINT, *_STOP_SIGNALS):
                 signal.signal(sig, signal.SIG_IGN)
@@ -54,6 +58,15 @@ def stop_on_signals(once: bool = False) -> None:
 
     for sig in (signal.SIGINT, *_STOP_SIGNALS) if once else _STOP_SIGNALS:
         signal.signal(sig, handler)
+
+
+def check_stop() -> None:
+    """Raise KeyboardInterrupt if a stop signal came and its interrupt was swallowed on the way. A bare
+    ``except:`` in a library does that: torch-pruning retries its tracing forward pass under one, and the
+    per-epoch sparsity report traces the model, so a Ctrl-C landing there was lost and (the later signals
+    being ignored) the worker trained on. Call it where stopping is safe: between epochs, between trials."""
+    if _stop_requested:
+        raise KeyboardInterrupt
 
 
 @contextlib.contextmanager

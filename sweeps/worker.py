@@ -18,7 +18,7 @@ from optuna.trial import FrozenTrial
 
 from .early_stopping import ParetoStopper, TrialHistory
 from .search import VALUE_ATTRS, first_point, make_sampler, suggest, trial_config
-from .settings import CONFIG_ERROR, ERROR_PREFIX, Settings, stop_on_signals
+from .settings import CONFIG_ERROR, ERROR_PREFIX, Settings, check_stop, stop_on_signals
 from .spec import SpecError, StudySpec
 from .study import (BUDGET_ATTR, SPEC_ATTR, check_same_study, counts, load_existing, recover_orphaned_trials,
                     retry_trial, storage_for)
@@ -58,6 +58,7 @@ class Objective:
         history = TrialHistory(trial)
 
         def on_epoch(m: EpochMetrics) -> bool:
+            check_stop()
             run.log_epoch(m)
             history.add(m.epoch, m.val_accuracy, m.sparsity)
             return stopper(m.epoch, m.val_accuracy, m.sparsity)
@@ -154,6 +155,7 @@ def run_worker(spec: StudySpec, settings: Settings, poll: float = 1.0,
     failures = 0
     try:
         while True:
+            check_stop()
             # Trials of dead workers on this machine are failed and queued again (heartbeats do it on an RDB;
             # a journal has none): otherwise a sweep killed outright leaves them RUNNING, waited on forever.
             recover_orphaned_trials(study, settings.tracking_uri, spec.workers.max_retry)
