@@ -129,8 +129,8 @@ class TrialRun:
         self.tracking_uri = tracking_uri
         tags = {"mlflow.parentRunId": attrs[PARENT_RUN_ATTR], "l0sweep.study": trial.study.study_name,
                 "l0sweep.trial": str(trial.number), "l0sweep.host": socket.gethostname(), "l0sweep.mode": values["mode"]}
-        if os.environ.get("CUDA_VISIBLE_DEVICES"):
-            tags["l0sweep.gpu"] = os.environ["CUDA_VISIBLE_DEVICES"]  # which of the host's GPUs it could use
+        if gpu := os.environ.get("CUDA_VISIBLE_DEVICES"):
+            tags["l0sweep.gpu"] = gpu  # which of the host's GPUs it could use
         run = self.client.create_run(attrs[EXPERIMENT_ATTR], run_name=f"trial-{trial.number}", tags=tags)
         self.run_id = run.info.run_id
         self._pending: list[mlflow.entities.Metric] = []
