@@ -24,7 +24,8 @@ import torch_pruning as tp
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .placement import GATE_ATTR, _draw_gate, _forget_gate, _gate_after_relu, _gate_input, _gate_output, gates
+from .placement import (GATE_ATTR, _draw_gate, _draw_together, _forget_gate, _forget_together, _gate_after_relu,
+                        _gate_input, _gate_output, gates)
 from .kinds import UnitGate
 
 _LINEAR_LIKE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -42,6 +43,7 @@ class _Site:
 
 
 def _is_gate_hook(hook: Any) -> bool:
+    """A hook that applies one gate (a partial over it), as placement registers them."""
     return isinstance(hook, functools.partial) and hook.func in (_gate_output, _gate_input, _gate_after_relu, _draw_gate, _forget_gate)
 
 
@@ -76,8 +78,10 @@ def fold(model: nn.Module) -> tuple[nn.Module, list[_Site]]:
                     hooked_at[id(hook.args[0])] = hook.args[1] if hook.func is _gate_after_relu else module
                     if hook.func is _draw_gate:
                         by_parameters.add(id(hook.args[0]))
-                    del hooks[key]
-                    module._forward_hooks_always_called.pop(key, None)
+                elif hook is not _draw_together and hook is not _forget_together:  # the draw of all gates at once
+                    continue
+                del hooks[key]
+                module._forward_hooks_always_called.pop(key, None)
     for name, module in list(plain.named_modules()):
         gate = module._modules.get(GATE_ATTR)
         if isinstance(gate, UnitGate):

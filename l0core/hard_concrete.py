@@ -1,11 +1,14 @@
 """The hard-concrete distribution (Louizos, Welling, Kingma 2018): the only place its math lives.
 
 Every gate kind in l0core (channels, neurons, single parameters) is a :class:`HardConcrete`
-with a different way of applying its gate vector ``z``.
+with a different way of applying its gate vector ``z``. :func:`sample_together` and
+:func:`prob_nonzero_together` run the same math once over many gates' concatenated ``log_alpha``: a
+model's gates then cost a handful of kernels a step, not a handful per gate.
 """
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -51,38 +54,97 @@ class HardConcrete(nn.Module):
         self.droprate_init = droprate_init
         self.beta, self.gamma, self.zeta = beta, gamma, zeta
         self.log_alpha = nn.Parameter(torch.empty(n))
+        # This forward pass's draw, shared by every use of the gate in the pass (set by placement's hooks).
+        self.current: torch.Tensor | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         d = self.droprate_init
         nn.init.normal_(self.log_alpha, math.log(1.0 - d) - math.log(d), 1e-2)
 
-    def _stretch(self, s: torch.Tensor) -> torch.Tensor:
-        # hardtanh is clamp to [0, 1] with a one-kernel backward (clamp's takes three passes over a
-        # per-example (N, n) sample); they differ only at exactly 0 or 1, where hardtanh passes no gradient.
-        return F.hardtanh(s.mul(self.zeta - self.gamma).add_(self.gamma), 0.0, 1.0)
-
     def sample(self, batch_shape: tuple[int, ...] | torch.Size = ()) -> torch.Tensor:
         """Reparameterised training sample of shape ``(*batch_shape, n)``, noise drawn on log_alpha's device."""
-        la = self.log_alpha
-        u = torch.rand(*batch_shape, self.n, device=la.device, dtype=la.dtype)
-        # logit(u) = log u - log(1-u): logistic noise in one kernel; in place, no temporaries of the sample's size.
-        s = torch.sigmoid(torch.logit(u, eps=_EPS).add_(la).div_(self.beta))
-        return self._stretch(s)
+        return _sample(self.log_alpha, batch_shape, self.beta, self.gamma, self.zeta)
 
     def deterministic(self) -> torch.Tensor:
         """The evaluation gate: exactly 0 for log_alpha < -2.398, exactly 1 above 2.398, fractional between."""
-        return self._stretch(torch.sigmoid(self.log_alpha))
+        return _stretch(torch.sigmoid(self.log_alpha), self.gamma, self.zeta)
 
     def prob_nonzero(self) -> torch.Tensor:
         """Closed-form P(z != 0) per gate: the differentiable expected L0 norm."""
-        return torch.sigmoid(self.log_alpha - self.beta * math.log(-self.gamma / self.zeta))
+        return _prob_nonzero(self.log_alpha, self.beta, self.gamma, self.zeta)
 
     def gate(self, batch_shape: tuple[int, ...] | torch.Size = ()) -> torch.Tensor:
-        """A sample in training mode, the deterministic gate in evaluation mode."""
-        if self.training:
-            return self.sample(batch_shape)
-        return self.deterministic()
+        """A sample in training mode (this forward pass's ``current`` draw, if one was made for the whole
+        pass and no batch shape is asked for), the deterministic gate in evaluation mode."""
+        if not self.training:
+            return self.deterministic()
+        if self.current is not None and not batch_shape:
+            return self.current
+        return self.sample(batch_shape)
 
     def extra_repr(self) -> str:
         return f"n={self.n}, droprate_init={self.droprate_init}"
+
+
+def _stretch(s: torch.Tensor, gamma: float, zeta: float) -> torch.Tensor:
+    # hardtanh is clamp to [0, 1] with a one-kernel backward (clamp's takes three passes over a
+    # per-example (N, n) sample); they differ only at exactly 0 or 1, where hardtanh passes no gradient.
+    return F.hardtanh(s.mul(zeta - gamma).add_(gamma), 0.0, 1.0)
+
+
+def _sample(log_alpha: torch.Tensor, batch_shape: tuple[int, ...] | torch.Size, beta: float, gamma: float,
+            zeta: float) -> torch.Tensor:
+    u = torch.rand(*batch_shape, log_alpha.shape[-1], device=log_alpha.device, dtype=log_alpha.dtype)
+    # logit(u) = log u - log(1-u): logistic noise in one kernel; in place, no temporaries of the sample's size.
+    return _stretch(torch.sigmoid(torch.logit(u, eps=_EPS).add_(log_alpha).div_(beta)), gamma, zeta)
+
+
+def _prob_nonzero(log_alpha: torch.Tensor, beta: float, gamma: float, zeta: float) -> torch.Tensor:
+    return torch.sigmoid(log_alpha - beta * math.log(-gamma / zeta))
+
+
+def _concatenated(gates: Sequence[HardConcrete]) -> torch.Tensor | None:
+    """The gates' log_alpha end to end, or None when one pass cannot serve them all (different
+    temperatures or stretch, devices or dtypes)."""
+    first = gates[0]
+    key = (first.beta, first.gamma, first.zeta, first.log_alpha.device, first.log_alpha.dtype)
+    if any((g.beta, g.gamma, g.zeta, g.log_alpha.device, g.log_alpha.dtype) != key for g in gates[1:]):
+        return None
+    return torch.cat([g.log_alpha for g in gates]) if len(gates) > 1 else first.log_alpha
+
+
+def sample_together(gates: Sequence[HardConcrete], batch_shape: tuple[int, ...] | torch.Size = ()) -> list[torch.Tensor]:
+    """One training sample per gate, as :meth:`HardConcrete.sample` draws it, in one pass over all of them.
+
+    Same distribution and gradients as sampling each gate on its own; the kernels run once instead of
+    once per gate, which is most of what gates cost a small network's step (falls back to one pass per gate
+    where their constants, devices or dtypes differ).
+
+    >>> a, b = HardConcrete(3), HardConcrete(5)
+    >>> [tuple(z.shape) for z in sample_together([a, b], (2,))]
+    [(2, 3), (2, 5)]
+    """
+    if not gates:
+        return []
+    log_alpha = _concatenated(gates)
+    if log_alpha is None:
+        return [g.sample(batch_shape) for g in gates]
+    first = gates[0]
+    z = _sample(log_alpha, batch_shape, first.beta, first.gamma, first.zeta)
+    return list(z.split([g.n for g in gates], dim=-1)) if len(gates) > 1 else [z]
+
+
+def prob_nonzero_together(gates: Sequence[HardConcrete]) -> torch.Tensor:
+    """Every gate's P(z != 0), end to end in the order given, in one pass (see :func:`sample_together`).
+
+    >>> prob_nonzero_together([HardConcrete(3), HardConcrete(5)]).shape
+    torch.Size([8])
+    """
+    if not gates:
+        raise ValueError("no gates given")
+    log_alpha = _concatenated(gates)
+    if log_alpha is None:
+        return torch.cat([g.prob_nonzero() for g in gates])
+    first = gates[0]
+    return _prob_nonzero(log_alpha, first.beta, first.gamma, first.zeta)

@@ -33,7 +33,6 @@ class UnitGate(HardConcrete):
     ) -> None:
         super().__init__(num_units, droprate_init, **hard_concrete)
         self.per_sample = per_sample
-        self.current: torch.Tensor | None = None  # this forward pass's z, when applied through parameters
         self.register_buffer("unit_cost", torch.full((num_units,), float(unit_cost)))
 
     def _z_for(self, x: torch.Tensor) -> torch.Tensor:

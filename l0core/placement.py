@@ -9,6 +9,10 @@ the activation through a forward hook; followed by a ReLU, they fuse with it (``
 backward only the output the ReLU would have kept. Neuron gates (where features enter a dense layer)
 multiply the activation through a forward hook.
 Parameter gates use ``torch.nn.utils.parametrize`` and keep the existing weights untouched.
+
+In training, the model given to :func:`attach` draws all its once-per-batch gates together when its forward
+starts (:func:`~l0core.hard_concrete.sample_together`, one pass over their concatenated ``log_alpha``), and
+each gate reads its ``current`` draw; per-example gates draw where they apply, knowing the batch size there.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .kinds import ChannelGate, NeuronGate, ParameterGate, UnitGate
-from .hard_concrete import HardConcrete
+from .hard_concrete import HardConcrete, sample_together
 
 GATE_ATTR = "l0_gate"
 Selector = Union[str, type, Sequence[Union[str, type]], None]
@@ -80,6 +84,31 @@ def _draw_gate(gate: UnitGate, module: nn.Module, args: tuple) -> None:
 
 def _forget_gate(gate: UnitGate, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
     gate.current = None
+
+
+def _draws_per_batch(module: nn.Module) -> bool:
+    return isinstance(module, HardConcrete) and module.training and not getattr(module, "per_sample", False)
+
+
+def _draw_together(model: nn.Module, args: tuple) -> None:
+    """Forward pre-hook of a gated model: this pass's draw of every once-per-batch gate in it, in one pass."""
+    if model.training:
+        pending = [g for g in model.modules() if _draws_per_batch(g) and g.current is None]
+        for gate, z in zip(pending, sample_together(pending)):
+            gate.current = z
+
+
+def _forget_together(model: nn.Module, args: tuple, output: torch.Tensor) -> None:
+    for module in model.modules():
+        if isinstance(module, HardConcrete):
+            module.current = None
+
+
+def _draw_gates_together(model: nn.Module) -> None:
+    """Hook :func:`_draw_together` (and the forgetting after the pass) onto ``model``, once."""
+    if _draw_together not in model._forward_pre_hooks.values():
+        model.register_forward_pre_hook(_draw_together)
+        model.register_forward_hook(_forget_together, always_call=True)
 
 
 class ScaleUnits(nn.Module):
@@ -192,6 +221,7 @@ def attach(
         result = _attach_units(model, kind, include, exclude, droprate_init, per_sample)
     if not result:
         raise ValueError(f"attach(kind={kind!r}) found nothing to gate: check include={include!r} / exclude={exclude!r}")
+    _draw_gates_together(model)
     if example_inputs is not None and kind != "parameter":
         from .accounting import measure_unit_costs
 

@@ -286,3 +286,69 @@ def test_paper_penalty_uses_the_stored_weights_whichever_way_a_gate_is_applied()
         nets.append(net)
     by_param, by_hook = (penalty(n, lam=0.5, scale="paper", n_train=100, weight_decay=1e-2) for n in nets)
     torch.testing.assert_close(by_param, by_hook)
+
+
+def _lenet_like(per_sample: bool = False) -> nn.Module:
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 8),
+                        nn.ReLU(), nn.Linear(8, 3))
+    attach(net, "channel", per_sample=per_sample)
+    attach(net, "neuron", per_sample=per_sample)
+    return net
+
+
+def test_a_training_pass_draws_every_per_batch_gate_once_and_together(monkeypatch):
+    """The model given to attach draws all its per-batch gates in one sample_together call per pass, each gate
+    reads that draw (no gate samples on its own), and the draws are forgotten after the pass, even a failed one."""
+    net = _lenet_like().train()
+    calls = []
+    real = l0core.placement.sample_together
+    monkeypatch.setattr(l0core.placement, "sample_together", lambda gs: calls.append(len(gs)) or real(gs))
+    monkeypatch.setattr(l0core.HardConcrete, "sample", lambda *a: pytest.fail("a gate drew on its own"))
+    x = torch.randn(5, 1, 8, 8)
+    net(x).sum().backward()
+    assert calls == [3]  # the conv's channel gate and both dense layers' neuron gates
+    assert all(g.current is None for _, g in gates(net))
+    assert all(g.log_alpha.grad.abs().sum() > 0 for _, g in gates(net))
+    with pytest.raises(ValueError, match="dim 1 must have 144 units"):
+        net(torch.randn(5, 1, 9, 9))  # fails at the first dense layer's gate, after the draw
+    assert all(g.current is None for _, g in gates(net))
+    net.eval()(x)
+    assert calls == [3, 3]  # evaluation uses the deterministic gates: no draw
+
+
+def test_per_example_gates_draw_where_they_apply_not_with_the_rest():
+    net = _lenet_like(per_sample=True).train()
+    x = torch.randn(1, 1, 8, 8)
+    with torch.no_grad():
+        for _, g in gates(net):
+            g.log_alpha.fill_(0.0)
+        out = net(x.expand(64, -1, -1, -1).contiguous())
+    assert not torch.allclose(out[:32], out[32:])  # identical examples, different gates each
+
+
+def test_a_submodule_called_on_its_own_still_gets_fresh_training_draws():
+    net = _lenet_like().train()
+    head = net[4:]
+    x = torch.randn(64, 4 * 6 * 6)
+    with torch.no_grad():
+        net[4].l0_gate.log_alpha.fill_(0.0)
+        assert not torch.equal(head(x), head(x))
+
+
+def test_penalty_in_one_pass_equals_the_sum_over_gates():
+    net = _lenet_like()
+    with torch.no_grad():
+        for i, (_, g) in enumerate(gates(net)):
+            g.log_alpha.normal_(i - 1.0, 1.0)
+    per_gate = sum((g.prob_nonzero() * g.unit_cost).sum() for _, g in gates(net))
+    torch.testing.assert_close(l0core.expected_kept(net), per_gate)
+    torch.testing.assert_close(penalty(net, 0.3), 0.3 * per_gate / l0core.count_parameters(net))
+
+
+def test_the_folded_model_keeps_none_of_the_gates_hooks():
+    net = _lenet_like()
+    attach(net, "parameter", include=["6"])
+    assert len(net._forward_pre_hooks) == 1 and len(net._forward_hooks) == 1  # one draw, however many attach calls
+    plain, _ = l0core.fold(net)
+    assert not plain._forward_pre_hooks and not plain._forward_hooks and not plain._forward_hooks_always_called
+    assert len(net._forward_pre_hooks) == 1  # the gated original keeps its own

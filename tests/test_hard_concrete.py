@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from l0core import ChannelGate, HardConcrete, NeuronGate
-from l0core.hard_concrete import BETA, GAMMA, ZETA
+from l0core.hard_concrete import BETA, GAMMA, ZETA, prob_nonzero_together, sample_together
 
 
 def test_closed_form_matches_monte_carlo():
@@ -127,3 +127,59 @@ def test_bad_arguments_are_rejected():
         HardConcrete(3, droprate_init=1.0)
     with pytest.raises(ValueError, match="dim 1 must have 4 units"):
         ChannelGate(4)(torch.randn(2, 5, 3, 3))
+
+
+def _gates_with_values(*sizes: int, **constants: float) -> list[HardConcrete]:
+    found = []
+    for i, n in enumerate(sizes):
+        gate = HardConcrete(n, **constants)
+        with torch.no_grad():
+            gate.log_alpha.copy_(torch.linspace(-3.0, 3.0, n) + 0.1 * i)
+        found.append(gate)
+    return found
+
+
+@pytest.mark.parametrize("batch_shape", [(), (4,)], ids=["per-batch", "per-example"])
+def test_sampling_together_is_sampling_each_gate_from_the_same_noise(batch_shape):
+    """One pass over concatenated log_alpha gives each gate exactly its own sample and gradient.
+
+    On the CPU, rand(3) then rand(5) are the first and last values of rand(8) from the same seed, so the same
+    seed must give the same z, to the bit, and the same log_alpha gradients.
+    """
+    a, b = _gates_with_values(3, 5)
+    torch.manual_seed(1)
+    alone = [a.sample(batch_shape), b.sample(batch_shape)]
+    sum(z.square().sum() for z in alone).backward()
+    grads_alone = [a.log_alpha.grad.clone(), b.log_alpha.grad.clone()]
+    a.log_alpha.grad = b.log_alpha.grad = None
+    torch.manual_seed(1)
+    together = sample_together([a, b], batch_shape)
+    sum(z.square().sum() for z in together).backward()
+    if batch_shape:  # per example, rows interleave the gates: compare distributions, not values
+        assert [z.shape for z in together] == [z.shape for z in alone]
+    else:
+        assert all(torch.equal(x, y) for x, y in zip(alone, together))
+        torch.testing.assert_close(a.log_alpha.grad, grads_alone[0])
+        torch.testing.assert_close(b.log_alpha.grad, grads_alone[1])
+    assert a.log_alpha.grad.abs().sum() > 0 and b.log_alpha.grad.abs().sum() > 0
+
+
+def test_sampling_together_has_each_gates_distribution():
+    a, b = _gates_with_values(3, 5)
+    z_a, z_b = sample_together([a, b], (100_000,))
+    expected = torch.cat([a.prob_nonzero(), b.prob_nonzero()]).detach()
+    torch.testing.assert_close(torch.cat([(z_a > 0).float().mean(0), (z_b > 0).float().mean(0)]), expected,
+                               atol=6e-3, rtol=0)
+
+
+def test_gates_with_different_constants_are_sampled_and_counted_each_with_their_own():
+    a, = _gates_with_values(3)
+    b, = _gates_with_values(4, beta=0.5, zeta=1.2)
+    p = prob_nonzero_together([a, b])
+    torch.testing.assert_close(p, torch.cat([a.prob_nonzero(), b.prob_nonzero()]))
+    z_a, z_b = sample_together([a, b], (20_000,))
+    torch.testing.assert_close((z_b > 0).float().mean(0), b.prob_nonzero().detach(), atol=2e-2, rtol=0)
+    assert z_a.shape == (20_000, 3) and z_b.shape == (20_000, 4)
+    assert sample_together([]) == []
+    with pytest.raises(ValueError, match="no gates"):
+        prob_nonzero_together([])
