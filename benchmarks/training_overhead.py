@@ -11,6 +11,9 @@ steps fill less than ``--min-seconds``), starting one variant later each round (
 is taken per round, and the median over rounds is reported. Goals: time ratio <= 1.05 per-batch, <= 1.15
 per-sample; peak memory <= 1.10.
 
+Operators a step runs (forward, backward, optimizer; views excluded), counted by a dispatch mode: a figure
+that no noise moves, and on a GPU about one kernel launch each, which is what bounds a small model's step there.
+
 Peak memory of a step: ``torch.cuda.max_memory_allocated`` on a GPU; on the CPU, the peak of the torch
 profiler's memory timeline (every tensor the step allocates: activations, gradients, optimizer state).
 """
@@ -70,6 +73,22 @@ class Setup:
         sync()
         return (time.perf_counter() - start) / steps
 
+    def ops(self) -> int:
+        """Operators one step dispatches, views and detaches left out (they launch no kernel)."""
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class Count(TorchDispatchMode):
+            n = 0
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if not func.is_view and func is not torch.ops.aten.detach.default:
+                    Count.n += 1
+                return func(*args, **(kwargs or {}))
+
+        with Count():
+            self.step()
+        return Count.n
+
     def peak_bytes(self) -> int:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
@@ -107,6 +126,7 @@ def measure(name: str, shape: tuple[int, ...], batch: int, args: argparse.Namesp
     # started show up in its timeline); the second is exact and repeats to the byte, so take the lower of two.
     peaks = {v: min(s.peak_bytes(), s.peak_bytes()) for v, s in setups.items()}
     return {"steps": steps, "ms": {v: statistics.median(t) * 1e3 for v, t in per_step.items()}, "ratio": ratios,
+            "ops": {v: s.ops() for v, s in setups.items()},
             "peak_mb": {v: b / 2**20 for v, b in peaks.items()},
             "mem_ratio": {v: peaks[v] / peaks["dense"] for v in VARIANTS[1:]}}
 
@@ -132,7 +152,7 @@ def main() -> None:
             goal = {"dense again": None, "per-batch": 1.05, "per-sample": 1.15}[v]
             met = "(noise floor)" if goal is None else "yes" if r["ratio"][v] <= goal else "no"
             rows.append([name, batch, v, f"{r['ms']['dense']:.1f}", f"{r['ms'][v]:.1f}", f"{r['ratio'][v]:.3f}",
-                         met, f"{r['peak_mb']['dense']:.1f}",
+                         met, f"{r['ops']['dense']} / {r['ops'][v]}", f"{r['peak_mb']['dense']:.1f}",
                          f"{r['peak_mb'][v]:.1f}", f"{r['mem_ratio'][v]:.3f}",
                          "yes" if r["mem_ratio"][v] <= 1.10 else "no"])
         print(name, json.dumps(r, indent=1), flush=True)
@@ -143,11 +163,12 @@ def main() -> None:
     print(append(f"Training step: gated / dense ({resolve_device(args.device).type}"
                  f"{', ' + flags if flags else ''})", command,
                  ["model", "batch", "gates", "dense ms", "gated ms", "time ratio (median of rounds)", "goal met",
-                  "dense peak MB", "gated peak MB", "memory ratio", "goal met (<= 1.10)"], rows,
+                  "ops a step (dense / gated)", "dense peak MB", "gated peak MB", "memory ratio", "goal met (<= 1.10)"], rows,
                  f"{args.rounds} rounds x ({', '.join(f'{n} {k}' for n, k in steps.items())}) steps per variant (at least "
                  f"{args.steps}, and {args.min_seconds:g} s a round), interleaved; time goal <= 1.05 per-batch, "
                  "<= 1.15 per-sample; the order rotates each round. 'dense again': a second dense model timed as the others, "
-                 "its ratio the noise floor. Step = forward, cross-entropy, L0 penalty (gated), backward, Adam."))
+                 "its ratio the noise floor. Step = forward, cross-entropy, L0 penalty (gated), backward, Adam. Ops: operators "
+                 "dispatched, views excluded (on a GPU about one kernel launch each)."))
 
 
 if __name__ == "__main__":

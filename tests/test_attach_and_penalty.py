@@ -316,14 +316,39 @@ def test_a_training_pass_draws_every_per_batch_gate_once_and_together(monkeypatc
     assert calls == [3, 3]  # evaluation uses the deterministic gates: no draw
 
 
-def test_per_example_gates_draw_where_they_apply_not_with_the_rest():
+def test_per_example_gates_are_drawn_together_for_the_models_batch(monkeypatch):
     net = _lenet_like(per_sample=True).train()
-    x = torch.randn(1, 1, 8, 8)
+    calls = []
+    real = l0core.placement.sample_together
+    monkeypatch.setattr(l0core.placement, "sample_together",
+                        lambda gs, shape=(): calls.append((len(gs), tuple(shape))) or real(gs, shape))
+    x = torch.randn(1, 1, 8, 8).expand(64, -1, -1, -1).contiguous()
     with torch.no_grad():
         for _, g in gates(net):
             g.log_alpha.fill_(0.0)
-        out = net(x.expand(64, -1, -1, -1).contiguous())
+        out = net(x)
+    assert calls == [(3, (64,))]  # one draw, for the whole batch
     assert not torch.allclose(out[:32], out[32:])  # identical examples, different gates each
+    assert all(g.current is None for _, g in gates(net))
+
+
+def test_a_per_example_gate_that_meets_another_batch_size_draws_its_own():
+    """A model that reshapes its batch (here: two views of each example side by side) still gates per example."""
+
+    class Pairs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.dense = nn.Linear(6, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.dense(x.reshape(-1, 6))  # (N, 12) -> (2N, 6)
+
+    net = Pairs().train()
+    attach(net, "neuron", per_sample=True)
+    with torch.no_grad():
+        net.dense.l0_gate.log_alpha.fill_(0.0)
+    out = net(torch.ones(8, 12))
+    assert out.shape == (16, 2) and not torch.allclose(out[0], out[1])
 
 
 def test_a_submodule_called_on_its_own_still_gets_fresh_training_draws():
