@@ -42,10 +42,7 @@ class UnitGate(HardConcrete):
                              f"dim 1 must have {self.n} units")
         trailing = (1,) * (x.dim() - 2)
         if self.training and self.per_sample:
-            z = self.current
-            if z is None or z.shape[0] != x.shape[0]:  # not drawn for this pass, or for another batch size
-                z = self.sample((x.shape[0],))
-            return z.view(x.shape[0], self.n, *trailing).to(x.dtype)
+            return self.sample((x.shape[0],)).view(x.shape[0], self.n, *trailing).to(x.dtype)
         return self.gate().view(self.n, *trailing).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

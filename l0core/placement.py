@@ -10,9 +10,11 @@ backward only the output the ReLU would have kept. Neuron gates (where features 
 multiply the activation through a forward hook.
 Parameter gates use ``torch.nn.utils.parametrize`` and keep the existing weights untouched.
 
-In training, the model given to :func:`attach` draws all its gates together when its forward starts
-(:func:`~l0core.hard_concrete.sample_together`, one pass over their concatenated ``log_alpha``, one for the
-per-batch and one for the per-example gates), and each gate reads its ``current`` draw.
+In training, the model given to :func:`attach` draws all its once-per-batch gates together when its forward
+starts (:func:`~l0core.hard_concrete.sample_together`, one pass over their concatenated ``log_alpha``), and
+each gate reads its ``current`` draw. Per-example gates draw where they apply: drawn together at the start,
+their ``(N, n)`` samples' gradients would wait for the whole backward pass before being reduced, raising a
+LeNet-5 step's peak memory by 11%.
 """
 from __future__ import annotations
 
@@ -86,23 +88,17 @@ def _forget_gate(gate: UnitGate, module: nn.Module, args: tuple, output: torch.T
     gate.current = None
 
 
-def _draw_together(model: nn.Module, args: tuple) -> None:
-    """Forward pre-hook of a gated model: this pass's draw of every gate in it, in one pass per kind of draw.
+def _draws_per_batch(module: nn.Module) -> bool:
+    return isinstance(module, HardConcrete) and module.training and not getattr(module, "per_sample", False)
 
-    Per-example gates are drawn for the batch size of the model's input; a gate that meets another batch size
-    inside the model draws its own.
-    """
-    if not model.training:
-        return
-    pending = [g for g in model.modules() if isinstance(g, HardConcrete) and g.training and g.current is None]
-    per_example = [g for g in pending if getattr(g, "per_sample", False)]
-    per_batch = [g for g in pending if not getattr(g, "per_sample", False)]
-    if per_batch:
-        for gate, z in zip(per_batch, sample_together(per_batch)):
-            gate.current = z
-    if per_example and args and isinstance(args[0], torch.Tensor) and args[0].dim() > 0:
-        for gate, z in zip(per_example, sample_together(per_example, (args[0].shape[0],))):
-            gate.current = z
+
+def _draw_together(model: nn.Module, args: tuple) -> None:
+    """Forward pre-hook of a gated model: this pass's draw of every once-per-batch gate in it, in one pass."""
+    if model.training:
+        pending = [g for g in model.modules() if _draws_per_batch(g) and g.current is None]
+        if pending:
+            for gate, z in zip(pending, sample_together(pending)):
+                gate.current = z
 
 
 def _forget_together(model: nn.Module, args: tuple, output: torch.Tensor) -> None:
