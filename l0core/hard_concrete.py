@@ -117,9 +117,9 @@ def _concatenated(gates: Sequence[HardConcrete]) -> torch.Tensor | None:
 def sample_together(gates: Sequence[HardConcrete], batch_shape: tuple[int, ...] | torch.Size = ()) -> list[torch.Tensor]:
     """One training sample per gate, as :meth:`HardConcrete.sample` draws it, in one pass over all of them.
 
-    Same distribution and gradients as sampling each gate on its own; the kernels run once instead of
-    once per gate, which is most of what gates cost a small network's step (falls back to one pass per gate
-    where their constants, devices or dtypes differ).
+    Same distribution and gradients as sampling each gate on its own; the kernels run once instead of once
+    per gate (on a GPU, each is a launch that a small network's step waits for). Falls back to one pass per
+    gate where their constants, devices or dtypes differ.
 
     >>> a, b = HardConcrete(3), HardConcrete(5)
     >>> [tuple(z.shape) for z in sample_together([a, b], (2,))]
