@@ -45,7 +45,11 @@ def test_training_overhead_reports_each_variant_against_an_identical_dense_model
     assert rows["dense again"][6] == "(noise floor)" and rows["per-batch"][6] in ("yes", "no")
     # Two identical dense models allocate the same tensors: the same peak (the first profiled step of each read up
     # to 7% high, differently for each, until the benchmark took the lower of two).
-    assert rows["dense again"][9] == "1.000"
+    assert rows["dense again"][10] == "1.000"
+    # Operators a step: no noise in them. A second dense model runs the same ones; gates add theirs.
+    ops = {v: tuple(int(n) for n in row[7].split(" / ")) for v, row in rows.items()}
+    assert ops["dense again"][0] == ops["dense again"][1] > 0
+    assert ops["per-batch"][1] > ops["per-batch"][0] and ops["per-sample"][1] > ops["per-sample"][0]
     for row in rows.values():
         assert float(row[5]) > 0 and float(row[3]) > 0
 
