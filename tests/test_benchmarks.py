@@ -37,10 +37,12 @@ def test_training_overhead_reports_each_variant_against_an_identical_dense_model
     text = _bench("training_overhead", tmp_path / "results.md", "--models", "lenet5", "--rounds", "3", "--steps", "1")
     assert "Reproduce: `python -m benchmarks.training_overhead --rounds 3 --steps 1 --min-seconds 0.5 --device auto --models lenet5`" in text
     # LeNet-5's steps are short (40-60 ms here): each round gets enough of them to fill the half second, not the
-    # one step asked for (3 or more even on a machine twice as slow).
+    # one step asked for. Checked against the dense step time the table reports, not a fixed count: under load
+    # (a second CI run on this machine) a step took 250 ms and the round its 2 steps. A third of the half second
+    # leaves room for the sizing step's time differing from the median; one step alone would fill a tenth.
     found = re.search(r"3 rounds x \(lenet5 (\d+)\) steps per variant", text)
-    assert found and int(found.group(1)) >= 3
     rows = {row[2]: row for row in _rows(text)}
+    assert found and int(found.group(1)) * float(rows["per-batch"][3]) / 1000 >= 0.5 / 3
     assert set(rows) == {"dense again", "per-batch", "per-sample"}
     assert rows["dense again"][6] == "(noise floor)" and rows["per-batch"][6] in ("yes", "no")
     # Two identical dense models allocate the same tensors: the same peak (the first profiled step of each read up
