@@ -42,6 +42,9 @@ class _Site:
     kind: str  # "channel" | "neuron"
 
 
+_MODEL_HOOKS = (_draw_together, _forget_together)  # on the gated model itself: the draw of all its gates at once
+
+
 def _is_gate_hook(hook: Any) -> bool:
     """A hook that applies one gate (a partial over it), as placement registers them."""
     return isinstance(hook, functools.partial) and hook.func in (_gate_output, _gate_input, _gate_after_relu, _draw_gate, _forget_gate)
@@ -78,7 +81,7 @@ def fold(model: nn.Module) -> tuple[nn.Module, list[_Site]]:
                     hooked_at[id(hook.args[0])] = hook.args[1] if hook.func is _gate_after_relu else module
                     if hook.func is _draw_gate:
                         by_parameters.add(id(hook.args[0]))
-                elif hook is not _draw_together and hook is not _forget_together:  # the draw of all gates at once
+                elif hook not in _MODEL_HOOKS:
                     continue
                 del hooks[key]
                 module._forward_hooks_always_called.pop(key, None)

@@ -88,23 +88,20 @@ def _forget_gate(gate: UnitGate, module: nn.Module, args: tuple, output: torch.T
     gate.current = None
 
 
-def _draws_per_batch(module: nn.Module) -> bool:
-    return isinstance(module, HardConcrete) and module.training and not getattr(module, "per_sample", False)
-
-
 def _draw_together(model: nn.Module, args: tuple) -> None:
     """Forward pre-hook of a gated model: this pass's draw of every once-per-batch gate in it, in one pass."""
-    if model.training:
-        pending = [g for g in model.modules() if _draws_per_batch(g) and g.current is None]
-        if pending:
-            for gate, z in zip(pending, sample_together(pending)):
-                gate.current = z
+    if not model.training:
+        return
+    pending = [g for g in gate_modules(model)
+               if g.training and g.current is None and not getattr(g, "per_sample", False)]
+    if pending:
+        for gate, z in zip(pending, sample_together(pending)):
+            gate.current = z
 
 
 def _forget_together(model: nn.Module, args: tuple, output: torch.Tensor) -> None:
-    for module in model.modules():
-        if isinstance(module, HardConcrete):
-            module.current = None
+    for gate in gate_modules(model):
+        gate.current = None
 
 
 def _draw_gates_together(model: nn.Module) -> None:
@@ -308,3 +305,8 @@ def gate_parameters(module: nn.Module, names: Iterable[str] | None = None, dropr
 def gates(model: nn.Module) -> list[tuple[str, HardConcrete]]:
     """Every gate in ``model`` with its qualified name."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, HardConcrete)]
+
+
+def gate_modules(model: nn.Module) -> list[HardConcrete]:
+    """Every gate in ``model``, without names: for what runs every step (building the names costs more)."""
+    return [m for m in model.modules() if isinstance(m, HardConcrete)]

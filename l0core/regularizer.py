@@ -17,18 +17,13 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .placement import GATE_ATTR, gates
+from .placement import GATE_ATTR, gate_modules, gates
 from .kinds import ParameterGate, UnitGate
 from .hard_concrete import HardConcrete, prob_nonzero_together
 
 
-def _gates_of(model: nn.Module) -> list[HardConcrete]:
-    # modules(), not gates(): the penalty runs every step, and qualified names are not needed here.
-    return [m for m in model.modules() if isinstance(m, HardConcrete)]
-
-
 def gate_parameter_ids(model: nn.Module) -> set[int]:
-    return {id(g.log_alpha) for g in _gates_of(model)}
+    return {id(g.log_alpha) for g in gate_modules(model)}
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -42,10 +37,10 @@ def expected_kept(model: nn.Module) -> torch.Tensor:
 
     One pass over all gates (:func:`~l0core.hard_concrete.prob_nonzero_together`), not one per gate.
     """
-    found = _gates_of(model)
+    found = gate_modules(model)
     if not found:
         raise ValueError("the model has no L0 gates: use l0core.attach or gate_parameters first")
-    unit_cost = torch.cat([g.unit_cost for g in found]) if len(found) > 1 else found[0].unit_cost
+    unit_cost = torch.cat([g.unit_cost for g in found])
     # Not torch.dot: autocast may run that in float16, and a big network's count overflows it.
     return (prob_nonzero_together(found) * unit_cost).sum()
 
@@ -122,7 +117,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """
     skip = gate_parameter_ids(model)
     weights = [p for p in model.parameters() if id(p) not in skip]
-    log_alphas = [g.log_alpha for g in _gates_of(model)]
+    log_alphas = [g.log_alpha for g in gate_modules(model)]
     groups = [{"params": weights, "weight_decay": weight_decay}]
     if log_alphas:
         groups.append({"params": log_alphas, "weight_decay": 0.0})
