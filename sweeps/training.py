@@ -76,16 +76,18 @@ def resolve_device(device: str) -> torch.device:
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> tuple[torch.optim.Optimizer, object | None]:
     """The optimizer and learning-rate schedule (or None) a trial trains ``model`` with: the weights at
-    ``cfg.lr`` with ``cfg.weight_decay``, the gates' log_alpha at ``cfg.gate_lr`` without decay.
+    ``cfg.lr`` with ``cfg.weight_decay``, the gates' log_alpha at ``cfg.gate_lr`` without decay (in a group
+    of their own only when that differs from the weights' settings).
 
     >>> opt, schedule = build_optimizer(nn.Linear(4, 2), OptimConfig(name="sgd", lr=0.1))
     >>> type(opt).__name__, schedule
     ('SGD', None)
     """
-    groups = l0core.param_groups(model, cfg.weight_decay) if l0core.gates(model) else \
-        [{"params": list(model.parameters()), "weight_decay": cfg.weight_decay}]
-    if len(groups) == 2 and cfg.gate_lr is not None:
-        groups[1]["lr"] = cfg.gate_lr
+    if l0core.gates(model) and (cfg.weight_decay or cfg.gate_lr not in (None, cfg.lr)):
+        groups = l0core.param_groups(model, cfg.weight_decay)
+        groups[1]["lr"] = cfg.gate_lr or cfg.lr
+    else:  # weights and log_alpha alike: one group, so the fused step is one call a step, not one per group
+        groups = [{"params": list(model.parameters()), "weight_decay": cfg.weight_decay}]
     # The fused step updates every parameter in one kernel. The default loops over the parameters in Python
     # on a CPU, which cost a quarter of a step of the default study's MLP; on CUDA it takes fewer launches.
     fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in model.parameters()) or None

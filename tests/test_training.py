@@ -54,6 +54,19 @@ def test_optimizer_is_fused_with_the_gates_in_their_own_group(name):
     assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()) if p.grad is not None)
 
 
+def test_gates_share_the_weights_group_when_their_settings_are_the_same():
+    """No decay and no gate_lr of their own: one group (a fused step is one call per group), all parameters."""
+    model = build_model("lenet5", (1, 28, 28), 10, gates=True)
+    for cfg, groups in ((OptimConfig(name="adam", lr=0.01), 1), (OptimConfig(name="adam", lr=0.01, gate_lr=0.01), 1),
+                        (OptimConfig(name="adam", lr=0.01, gate_lr=0.1), 2),
+                        (OptimConfig(name="adam", lr=0.01, weight_decay=1e-4), 2)):
+        opt, _ = build_optimizer(model, cfg)
+        assert len(opt.param_groups) == groups
+        assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in model.parameters()}
+        gate_group = opt.param_groups[-1]
+        assert (gate_group["lr"], gate_group["weight_decay"]) == (cfg.gate_lr or cfg.lr, 0.0)
+
+
 @pytest.mark.parametrize("name", ["digits", "tests.helpers:tiny_dataset"])
 def test_in_memory_data_is_read_a_batch_at_a_time_in_the_same_order(name):
     from torch.utils.data import DataLoader, Subset, TensorDataset
@@ -246,3 +259,4 @@ def test_amp_and_channels_last_train_a_gated_convnet(tmp_path):
     assert 0.0 <= result.val_accuracy <= 1.0 and result.epochs[0].train_penalty > 0
     assert baseline_key(cfg) != baseline_key(cfg.model_copy(update={"amp": False, "channels_last": False}))
     assert all(p.dtype == torch.float32 for p in result.model.parameters())  # autocast, not a half model
+
