@@ -44,16 +44,28 @@ def test_training_overhead_reports_each_variant_against_an_identical_dense_model
     rows = {row[2]: row for row in _rows(text)}
     assert found and int(found.group(1)) * float(rows["per-batch"][3]) / 1000 >= 0.5 / 3
     assert set(rows) == {"dense again", "per-batch", "per-sample"}
-    assert rows["dense again"][6] == "(noise floor)" and rows["per-batch"][6] in ("yes", "no")
+    assert rows["dense again"][7] == "(noise floor)" and rows["per-batch"][7] in ("yes", "no")
     # Two identical dense models allocate the same tensors: the same peak (the first profiled step of each read up
     # to 7% high, differently for each, until the benchmark took the lower of two).
-    assert rows["dense again"][10] == "1.000"
+    assert rows["dense again"][11] == "1.000"
     # Operators a step: no noise in them. A second dense model runs the same ones; gates add theirs.
-    ops = {v: tuple(int(n) for n in row[7].split(" / ")) for v, row in rows.items()}
+    ops = {v: tuple(int(n) for n in row[8].split(" / ")) for v, row in rows.items()}
     assert ops["dense again"][0] == ops["dense again"][1] > 0
     assert ops["per-batch"][1] > ops["per-batch"][0] and ops["per-sample"][1] > ops["per-sample"][0]
     for row in rows.values():
-        assert float(row[5]) > 0 and float(row[3]) > 0
+        assert float(row[6]) > 0 and float(row[3]) > 0
+        # Extra ms is the median of per-round differences, so it lies within the spread the two medians allow.
+        assert abs(float(row[5])) <= float(row[3]) + float(row[4])
+
+
+@pytest.mark.slow
+def test_training_overhead_at_another_batch_says_where_its_goals_are_set(tmp_path):
+    text = _bench("training_overhead", tmp_path / "results.md", "--models", "lenet5", "--rounds", "2", "--steps", "1",
+                  "--min-seconds", "0.1", "--batch", "2")
+    assert "--models lenet5 --batch 2`" in text
+    rows = {row[2]: row for row in _rows(text)}
+    assert {row[1] for row in rows.values()} == {"2"}
+    assert rows["per-batch"][7] == rows["per-sample"][7] == "(goal at batch 128)"
 
 
 @pytest.mark.slow
@@ -72,3 +84,4 @@ def test_sweep_overhead_splits_the_overhead_and_says_where_the_goal_holds(tmp_pa
     # Either where the goal holds, or (on a machine whose speed drifts by more than the overhead) that it cannot tell.
     assert re.search(r"At 1\.05: with trials of [\d.]+ s, (never|at about \d+ trials).*; with 2 trials, once they "
                      r"train \d+ s each\.|differ by [\d.]+ s, as much as the sweep's whole overhead", text)
+
