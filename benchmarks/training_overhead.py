@@ -35,7 +35,7 @@ import torch
 from benchmarks.results import append
 from sweeps.models import build_model
 from sweeps.config import OptimConfig
-from sweeps.training import build_optimizer, resolve_device, train_step
+from sweeps.training import build_optimizer, keep_freed_memory, resolve_device, train_step
 
 MODELS = [("googlenet", (3, 32, 32), 128), ("lenet5", (1, 28, 28), 128)]
 VARIANTS = ("dense", "dense again", "per-batch", "per-sample")
@@ -114,6 +114,8 @@ class Setup:
 
 def measure(name: str, shape: tuple[int, ...], batch: int, args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
+    if device.type == "cpu":
+        keep_freed_memory()  # as a trial's training does (benchmarks/cpu_allocator.py measures what it saves)
     setups = {v: Setup(name, shape, batch, v, device, args.amp, args.channels_last) for v in VARIANTS}
     for s in setups.values():  # warm-up: lazy init, optimizer state, allocator caches
         s.timed(2)
