@@ -27,11 +27,12 @@ from benchmarks.training_overhead import MODELS, Setup
 from sweeps.training import keep_freed_memory
 
 VARIANTS = ("glibc defaults", "freed memory kept")
+SHAPE_AND_BATCH = {name: (shape, batch) for name, shape, batch in MODELS}
 
 
 def _child(name: str, variant: str, seconds: float) -> None:
     kept = keep_freed_memory() if variant == VARIANTS[1] else False
-    shape, batch = next((s, b) for n, s, b in MODELS if n == name)
+    shape, batch = SHAPE_AND_BATCH[name]
     setup = Setup(name, shape, batch, "dense", torch.device("cpu"), False, False)
     first = setup.timed(3)  # warm-up (a kept heap takes two steps to reach its size), and the measurement's size
     steps = max(3, math.ceil(seconds / first))
@@ -69,9 +70,8 @@ def main() -> None:
         med = {v: {k: statistics.median(run[k] for run in runs[v]) for k in ("ms", "faults", "rss_mb", "steps")}
                for v in VARIANTS}
         spread = {v: f"{min(run['ms'] for run in runs[v]):.1f}-{max(run['ms'] for run in runs[v]):.1f}" for v in VARIANTS}
-        batch = next(b for n, _, b in MODELS if n == name)
         for v in VARIANTS:
-            rows.append([name, batch, v, f"{med[v]['ms']:.1f}", spread[v],
+            rows.append([name, SHAPE_AND_BATCH[name][1], v, f"{med[v]['ms']:.1f}", spread[v],
                          f"{med[VARIANTS[0]]['ms'] / med[v]['ms']:.3f}", f"{med[v]['faults']:.0f}",
                          f"{med[v]['rss_mb']:.0f}", int(med[v]["steps"])])
         print(name, json.dumps(runs), flush=True)

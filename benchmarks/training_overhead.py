@@ -178,7 +178,7 @@ def main() -> None:
               f"--min-seconds {args.min_seconds:g} --device {args.device}{models} {flags}".strip()
     print(append(f"Training step: gated / dense ({resolve_device(args.device).type}"
                  f"{', ' + flags if flags else ''})", command,
-                 ["model", "batch", "gates", "dense ms", "gated ms", "extra ms", "time ratio (median of rounds)", "goal met",
+                 ["model", "batch", "gates", "dense ms (the reference)", "gated ms", "extra ms", "time ratio (median of rounds)", "goal met",
                   "ops a step (dense / gated)", "dense peak MB", "gated peak MB", "memory ratio", "goal met (<= 1.10)"], rows,
                  f"{args.rounds} rounds x ({', '.join(f'{n} {k}' for n, k in steps.items())}) steps per variant (at least "
                  f"{args.steps}, and {args.min_seconds:g} s a round), interleaved; time goal <= 1.05 per-batch, "

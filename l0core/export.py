@@ -81,7 +81,7 @@ def fold(model: nn.Module) -> tuple[nn.Module, list[_Site]]:
                     hooked_at[id(hook.args[0])] = hook.args[1] if hook.func is _gate_after_relu else module
                     if hook.func is _draw_gate:
                         by_parameters.add(id(hook.args[0]))
-                elif hook not in _MODEL_HOOKS:
+                elif getattr(hook, "func", None) not in _MODEL_HOOKS:
                     continue
                 del hooks[key]
                 module._forward_hooks_always_called.pop(key, None)

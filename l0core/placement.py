@@ -88,27 +88,33 @@ def _forget_gate(gate: UnitGate, module: nn.Module, args: tuple, output: torch.T
     gate.current = None
 
 
-def _draw_together(model: nn.Module, args: tuple) -> None:
-    """Forward pre-hook of a gated model: this pass's draw of every once-per-batch gate in it, in one pass."""
+def _draw_together(drawn: list, model: nn.Module, args: tuple) -> None:
+    """Forward pre-hook of a gated model: this pass's draw of every once-per-batch gate in it, in one pass.
+
+    ``drawn`` (one list per model, shared with :func:`_forget_together`) keeps the gates drawn, so the
+    forgetting after the pass touches those and does not walk the model again.
+    """
     if not model.training:
         return
-    pending = [g for g in gate_modules(model)
-               if g.training and g.current is None and not getattr(g, "per_sample", False)]
-    if pending:
-        for gate, z in zip(pending, sample_together(pending)):
+    drawn[:] = [g for g in gate_modules(model)
+                if g.training and g.current is None and not getattr(g, "per_sample", False)]
+    if drawn:
+        for gate, z in zip(drawn, sample_together(drawn)):
             gate.current = z
 
 
-def _forget_together(model: nn.Module, args: tuple, output: torch.Tensor) -> None:
-    for gate in gate_modules(model):
+def _forget_together(drawn: list, model: nn.Module, args: tuple, output: torch.Tensor) -> None:
+    for gate in drawn:
         gate.current = None
+    drawn.clear()
 
 
 def _draw_gates_together(model: nn.Module) -> None:
     """Hook :func:`_draw_together` (and the forgetting after the pass) onto ``model``, once."""
-    if _draw_together not in model._forward_pre_hooks.values():
-        model.register_forward_pre_hook(_draw_together)
-        model.register_forward_hook(_forget_together, always_call=True)
+    if not any(getattr(h, "func", None) is _draw_together for h in model._forward_pre_hooks.values()):
+        drawn: list[HardConcrete] = []
+        model.register_forward_pre_hook(functools.partial(_draw_together, drawn))
+        model.register_forward_hook(functools.partial(_forget_together, drawn), always_call=True)
 
 
 class ScaleUnits(nn.Module):

@@ -28,8 +28,12 @@ def gate_parameter_ids(model: nn.Module) -> set[int]:
 
 def count_parameters(model: nn.Module) -> int:
     """Parameters of the network itself: everything except the gates' log_alpha."""
-    skip = gate_parameter_ids(model)
-    return sum(p.numel() for p in model.parameters() if id(p) not in skip)
+    return _network_size(model, gate_modules(model))
+
+
+def _network_size(model: nn.Module, found: list[HardConcrete]) -> int:
+    # model.parameters() lists each log_alpha once, as gate_modules lists each gate once.
+    return sum(p.numel() for p in model.parameters()) - sum(g.log_alpha.numel() for g in found)
 
 
 def expected_kept(model: nn.Module) -> torch.Tensor:
@@ -37,9 +41,17 @@ def expected_kept(model: nn.Module) -> torch.Tensor:
 
     One pass over all gates (:func:`~l0core.hard_concrete.prob_nonzero_together`), not one per gate.
     """
+    return _expected_kept(_gates_or_fail(model))
+
+
+def _gates_or_fail(model: nn.Module) -> list[HardConcrete]:
     found = gate_modules(model)
     if not found:
         raise ValueError("the model has no L0 gates: use l0core.attach or gate_parameters first")
+    return found
+
+
+def _expected_kept(found: list[HardConcrete]) -> torch.Tensor:
     unit_cost = torch.cat([g.unit_cost for g in found])
     # Not torch.dot: autocast may run that in float16, and a big network's count overflows it.
     return (prob_nonzero_together(found) * unit_cost).sum()
@@ -95,7 +107,8 @@ def penalty(
     if scale == "model":
         if weight_decay:
             raise ValueError("weight_decay belongs to scale='paper'; with scale='model' use the optimizer's decay")
-        return lam * expected_kept(model) / count_parameters(model)
+        found = _gates_or_fail(model)  # one walk over the model a step, for both terms
+        return lam * _expected_kept(found) / _network_size(model, found)
     if scale == "paper":
         if not n_train or n_train < 1:
             raise ValueError("scale='paper' needs n_train, the training-set size N")
