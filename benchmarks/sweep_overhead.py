@@ -37,12 +37,15 @@ from sweeps.training import dense_baseline, train_trial
 
 def _break_even(rest: float, per_trial: float, trial: float, n: int) -> str:
     """Where the 1-worker ratio reaches 1.05 under the measured costs: ``rest`` seconds once per sweep and
-    ``per_trial`` seconds a trial (the dense baseline, which only helps, is left out)."""
+    ``per_trial`` seconds a trial (the dense baseline, which only helps, is left out). A per-trial figure below
+    zero is the machine's drift, not a saving: it counts as none."""
+    noise = f" (each later trial read {per_trial:.2f} s: below this machine's noise, counted as 0)" if per_trial < 0 else ""
+    per_trial = max(per_trial, 0.0)
     # n trials of length T: (rest + n * per_trial) / (n * T) <= 0.05  <=>  T >= (rest / n + per_trial) / 0.05
     needed = (rest / n + per_trial) / 0.05
     at_this_length = ("never, at any number of them (the per-trial overhead alone exceeds 5%)"
                       if per_trial >= 0.05 * trial else f"at about {rest / (0.05 * trial - per_trial):.0f} trials")
-    return (f"At 1.05: with trials of {trial:.1f} s, {at_this_length}; with {n} trials, once they train "
+    return (f"At 1.05{noise}: with trials of {trial:.1f} s, {at_this_length}; with {n} trials, once they train "
             f"{needed:.0f} s each.")
 
 

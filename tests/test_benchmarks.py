@@ -68,6 +68,19 @@ def test_training_overhead_at_another_batch_says_where_its_goals_are_set(tmp_pat
     assert rows["per-batch"][7] == rows["per-sample"][7] == "(goal at batch 128)"
 
 
+def test_sweep_overhead_break_even_counts_a_negative_per_trial_figure_as_none():
+    from benchmarks.sweep_overhead import _break_even
+
+    # 7 s once and 0.3 s a trial: 8 trials of 10 s give (7 + 2.4) / 80 = 11.75%; 5% needs (7/8 + 0.3) / 0.05 s each.
+    assert _break_even(7.0, 0.3, 10.0, 8) == ("At 1.05: with trials of 10.0 s, at about 35 trials; with 8 trials, "
+                                             "once they train 24 s each.")
+    # A later trial that read faster in the sweep than bare is the machine drifting: no saving is credited.
+    text = _break_even(7.0, -0.4, 35.0, 8)
+    assert text.startswith("At 1.05 (each later trial read -0.40 s: below this machine's noise, counted as 0)")
+    assert text.endswith("at about 4 trials; with 8 trials, once they train 18 s each.")
+    assert "never" in _break_even(7.0, 0.6, 10.0, 8)
+
+
 @pytest.mark.slow
 def test_sweep_overhead_splits_the_overhead_and_says_where_the_goal_holds(tmp_path):
     study = write_study(tmp_path / "study.yaml", trials=2)
@@ -82,7 +95,7 @@ def test_sweep_overhead_splits_the_overhead_and_says_where_the_goal_holds(tmp_pa
     assert re.search(r"s before the first trial and after the last .* s more in the first trial .* s in each later "
                      r"trial", text)
     # Either where the goal holds, or (on a machine whose speed drifts by more than the overhead) that it cannot tell.
-    assert re.search(r"At 1\.05: with trials of [\d.]+ s, (never|at about \d+ trials).*; with 2 trials, once they "
+    assert re.search(r"At 1\.05( \(each later trial read -[\d.]+ s: below this machine's noise, counted as 0\))?: with trials of [\d.]+ s, (never|at about \d+ trials).*; with 2 trials, once they "
                      r"train \d+ s each\.|differ by [\d.]+ s, as much as the sweep's whole overhead", text)
 
 
