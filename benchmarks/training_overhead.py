@@ -1,6 +1,6 @@
 """The cost of L0 training: time and peak memory of one training step, gated / dense, same model and batch.
 
-    python -m benchmarks.training_overhead [--rounds 10] [--steps 3] [--min-seconds 0.5] [--device auto] [--amp] [--channels-last] [--batch N]
+    python -m benchmarks.training_overhead [--rounds 10] [--steps 3] [--instances 3] [--min-seconds 0.5] [--device auto] [--amp] [--channels-last] [--batch N]
 
 Variants of each model: dense (no gates, no penalty), gated with one gate draw per batch, gated with one
 draw per example, and a second, identical dense model ("dense again": its ratio to the first is the noise
@@ -10,7 +10,9 @@ Timing is interleaved: every round runs ``--steps`` steps of each variant in tur
 steps fill less than ``--min-seconds``), starting one variant later each round (a fixed order favours some positions by a few percent), so machine noise hits them alike; the ratio
 is taken per round, and the median over rounds is reported. A gated variant's ratio is to the mean of the two
 dense models: identical models run at speeds 2-10% apart in one process (where their tensors lie), and one
-dense model alone would pass its own speed on to every ratio. Goals: time ratio <= 1.05 per-batch, <= 1.15
+dense model alone would pass its own speed on to every ratio. For the same reason each variant is built
+``--instances`` times (separately allocated, identical models): round r times instance r mod K of every
+variant, so no single allocation's luck sets a variant's median. Goals: time ratio <= 1.05 per-batch, <= 1.15
 per-sample; peak memory <= 1.10. "Extra ms" is the median over rounds of gated minus dense time a step: at
 ``--batch 1`` it is the gates' fixed cost (Python, dispatch and autograd bookkeeping for their operators),
 which a bigger batch spreads thinner.
@@ -118,15 +120,17 @@ def measure(name: str, shape: tuple[int, ...], batch: int, args: argparse.Namesp
     device = resolve_device(args.device)
     if device.type == "cpu":
         keep_freed_memory()  # as a trial's training does (benchmarks/cpu_allocator.py measures what it saves)
-    setups = {v: Setup(name, shape, batch, v, device, args.amp, args.channels_last) for v in VARIANTS}
-    for s in setups.values():  # warm-up: lazy init, optimizer state, allocator caches
+    instances = {v: [Setup(name, shape, batch, v, device, args.amp, args.channels_last) for _ in range(args.instances)]
+                 for v in VARIANTS}
+    for s in (s for each in instances.values() for s in each):  # warm-up: lazy init, optimizer state, allocator caches
         s.timed(2)
+    setups = {v: each[0] for v, each in instances.items()}  # the instance that ops and memory are measured on
     # A short step gets more of them a round: a few 40 ms steps are one noisy window, half a second is not.
     steps = max(args.steps, math.ceil(args.min_seconds / setups["dense"].timed(2)))
     per_step = {v: [] for v in VARIANTS}
     for r in range(args.rounds):
         for v in VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)]:
-            per_step[v].append(setups[v].timed(steps))
+            per_step[v].append(instances[v][r % args.instances].timed(steps))
     # The noise floor: one dense model against the other. Gated variants: against the two dense models' mean.
     reference = {"dense again": per_step["dense"],
                  **{v: [(a + b) / 2 for a, b in zip(per_step["dense"], per_step["dense again"])] for v in VARIANTS[2:]}}
@@ -146,6 +150,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--steps", type=int, default=3, help="steps per variant per round (at least)")
+    parser.add_argument("--instances", type=int, default=3,
+                        help="identical models built per variant, taking the rounds in turn (memory placement evened out)")
     parser.add_argument("--min-seconds", type=float, default=0.5,
                         help="more steps a round for a model whose steps take less than this together")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
@@ -155,6 +161,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None,
                         help="batch size for every model (default: each model's own, 128; the goals are set there)")
     args = parser.parse_args()
+    if args.instances < 1:
+        parser.error(f"--instances must be at least 1, got {args.instances}")
     rows, steps = [], {}
     for name, shape, own_batch in MODELS:
         if name not in args.models:
@@ -175,13 +183,14 @@ def main() -> None:
     models = "" if args.models == [m[0] for m in MODELS] else " --models " + " ".join(args.models)
     models += f" --batch {args.batch}" if args.batch else ""
     command = f"python -m benchmarks.training_overhead --rounds {args.rounds} --steps {args.steps} " \
-              f"--min-seconds {args.min_seconds:g} --device {args.device}{models} {flags}".strip()
+              f"--instances {args.instances} --min-seconds {args.min_seconds:g} --device {args.device}{models} {flags}".strip()
     print(append(f"Training step: gated / dense ({resolve_device(args.device).type}"
                  f"{', ' + flags if flags else ''})", command,
                  ["model", "batch", "gates", "dense ms (the reference)", "gated ms", "extra ms", "time ratio (median of rounds)", "goal met",
                   "ops a step (dense / gated)", "dense peak MB", "gated peak MB", "memory ratio", "goal met (<= 1.10)"], rows,
                  f"{args.rounds} rounds x ({', '.join(f'{n} {k}' for n, k in steps.items())}) steps per variant (at least "
-                 f"{args.steps}, and {args.min_seconds:g} s a round), interleaved; time goal <= 1.05 per-batch, "
+                 f"{args.steps}, and {args.min_seconds:g} s a round), interleaved, over {args.instances} identical instances "
+                 "of each variant in turn; time goal <= 1.05 per-batch, "
                  "<= 1.15 per-sample; the order rotates each round. 'dense again': a second dense model timed as the others, "
                  "its ratio the noise floor; gated ratios are to the mean of the two dense models. Step = forward, cross-entropy, L0 penalty (gated), backward, Adam. Ops: operators "
                  "dispatched, views excluded (on a GPU about one kernel launch each)."))

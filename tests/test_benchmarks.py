@@ -34,8 +34,10 @@ def _rows(table: str) -> list[list[str]]:
 
 @pytest.mark.slow
 def test_training_overhead_reports_each_variant_against_an_identical_dense_model(tmp_path):
-    text = _bench("training_overhead", tmp_path / "results.md", "--models", "lenet5", "--rounds", "3", "--steps", "1")
-    assert "Reproduce: `python -m benchmarks.training_overhead --rounds 3 --steps 1 --min-seconds 0.5 --device auto --models lenet5`" in text
+    text = _bench("training_overhead", tmp_path / "results.md", "--models", "lenet5", "--rounds", "3", "--steps", "1",
+                  "--instances", "2")
+    assert "Reproduce: `python -m benchmarks.training_overhead --rounds 3 --steps 1 --instances 2 --min-seconds 0.5 --device auto --models lenet5`" in text
+    assert "over 2 identical instances of each variant in turn" in text
     # LeNet-5's steps are short (40-60 ms here): each round gets enough of them to fill the half second, not the
     # one step asked for. Checked against the dense step time the table reports, not a fixed count: under load
     # (a second CI run on this machine) a step took 250 ms and the round its 2 steps. A third of the half second
