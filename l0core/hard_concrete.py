@@ -56,7 +56,18 @@ class HardConcrete(nn.Module):
         self.log_alpha = nn.Parameter(torch.empty(n))
         # This forward pass's draw, shared by every use of the gate in the pass (set by placement's hooks).
         self.current: torch.Tensor | None = None
+        # The last draw made for a whole model's pass, kept for activation checkpointing: a checkpointed block
+        # recomputed during backward must see the z its forward saw, which was drawn outside the block.
+        self.drawn_for_pass: torch.Tensor | None = None
         self.reset_parameters()
+
+    def __getstate__(self) -> dict:
+        # A pass's draws belong to that pass's autograd graph: copies and pickles start without them
+        # (deepcopy refuses tensors that are not graph leaves).
+        return {**self.__dict__, "current": None, "drawn_for_pass": None}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__({"current": None, "drawn_for_pass": None, **state})  # pickles from before either existed
 
     def reset_parameters(self) -> None:
         d = self.droprate_init
@@ -76,15 +87,28 @@ class HardConcrete(nn.Module):
 
     def gate(self, batch_shape: tuple[int, ...] | torch.Size = ()) -> torch.Tensor:
         """A sample in training mode (this forward pass's ``current`` draw, if one was made for the whole
-        pass and no batch shape is asked for), the deterministic gate in evaluation mode."""
+        pass and no batch shape is asked for; in a recomputation during backward, the pass's draw), the
+        deterministic gate in evaluation mode."""
         if not self.training:
             return self.deterministic()
-        if self.current is not None and not batch_shape:
-            return self.current
+        if not batch_shape:
+            if self.current is not None:
+                return self.current
+            if self.drawn_for_pass is not None:
+                if recomputing():
+                    return self.drawn_for_pass
+                self.drawn_for_pass = None  # a draw of this call's own, which a recomputation makes again alike
         return self.sample(batch_shape)
 
     def extra_repr(self) -> str:
         return f"n={self.n}, droprate_init={self.droprate_init}"
+
+
+def recomputing() -> bool:
+    """Whether this forward runs inside a backward pass: the recomputation of an activation-checkpointed block
+    (``torch.utils.checkpoint(..., use_reentrant=False)``; the legacy reentrant kind is not supported: it runs
+    its own backward through the reused draw). torch's checkpoint asks the same question this way."""
+    return torch._C._current_graph_task_id() != -1
 
 
 def _stretch(s: torch.Tensor, gamma: float, zeta: float) -> torch.Tensor:

@@ -12,9 +12,12 @@ Parameter gates use ``torch.nn.utils.parametrize`` and keep the existing weights
 
 In training, the model given to :func:`attach` draws all its once-per-batch gates together when its forward
 starts (:func:`~l0core.hard_concrete.sample_together`, one pass over their concatenated ``log_alpha``), and
-each gate reads its ``current`` draw. Per-example gates draw where they apply: drawn together at the start of
-the pass, their ``(N, n)`` samples are reduced to ``log_alpha``'s gradient only at the end of the backward
-pass, and a LeNet-5 step held 11% more memory at its peak (measured, then reverted).
+each gate reads its ``current`` draw. The draw stays on the gate (``drawn_for_pass``) until the next pass, for
+activation checkpointing: a checkpointed block recomputed during backward reads the z its forward read (a draw
+made inside the block is made again alike, as checkpointing restores the random state). Per-example gates
+draw where they apply: drawn together at the start of the pass, their ``(N, n)`` samples are reduced to
+``log_alpha``'s gradient only at the end of the backward pass, and a LeNet-5 step held 11% more memory at its
+peak (measured, then reverted).
 """
 from __future__ import annotations
 
@@ -100,7 +103,7 @@ def _draw_together(drawn: list, model: nn.Module, args: tuple) -> None:
                 if g.training and g.current is None and not getattr(g, "per_sample", False)]
     if drawn:
         for gate, z in zip(drawn, sample_together(drawn)):
-            gate.current = z
+            gate.current = gate.drawn_for_pass = z
 
 
 def _forget_together(drawn: list, model: nn.Module, args: tuple, output: torch.Tensor) -> None:

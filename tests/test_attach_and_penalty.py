@@ -356,6 +356,58 @@ def test_a_submodule_called_on_its_own_still_gets_fresh_training_draws():
     with torch.no_grad():
         net[4].l0_gate.log_alpha.fill_(0.0)
         assert not torch.equal(head(x), head(x))
+        net(torch.randn(2, 1, 8, 8))  # a whole pass's draw stays on its gates, for checkpointed recomputation only
+        assert not torch.equal(head(x), head(x))
+
+
+class _Checkpointed(nn.Module):
+    """A conv block (conv-BN-ReLU-conv-ReLU) and a dense block, each recomputed in backward when ``checkpointed``."""
+
+    def __init__(self, checkpointed: bool) -> None:
+        super().__init__()
+        self.checkpointed = checkpointed
+        self.convs = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                   nn.Conv2d(8, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten())
+        self.dense = nn.Sequential(nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in (self.convs, self.dense):
+            x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False) if self.checkpointed else block(x)
+        return x
+
+
+@pytest.mark.parametrize("kind,per_sample", [("channel", False), ("channel", True), ("neuron", False),
+                                             ("neuron", True), ("parameter", False)])
+def test_gates_in_activation_checkpointed_blocks_train_as_without_checkpointing(kind, per_sample):
+    """A checkpointed block is recomputed in backward: it must see the z its forward saw (drawn for the whole
+    model, outside the block), or torch refuses the recomputation (or, worse, gradients mix two draws)."""
+    import torch.utils.checkpoint  # noqa: F401  (the module attribute used above)
+
+    nets = []
+    for checkpointed in (False, True):
+        net = _Checkpointed(checkpointed)
+        if kind == "parameter":
+            attach(net, "parameter")
+        else:
+            attach(net, kind, per_sample=per_sample)
+        nets.append(net)
+    nets[1].load_state_dict(nets[0].state_dict())
+    x = torch.randn(5, 3, 6, 6)
+    for step in range(2):  # the second pass draws anew: nothing of the first is reused
+        results = []
+        for net in nets:
+            net.zero_grad()
+            torch.manual_seed(step)
+            out = net(x)
+            (out.square().mean() + penalty(net, 0.5)).backward()
+            results.append((out, {n: p.grad for n, p in net.named_parameters()}))
+        (plain, plain_grads), (recomputed, recomputed_grads) = results
+        torch.testing.assert_close(recomputed, plain)
+        assert plain_grads.keys() == recomputed_grads.keys()
+        for name, grad in plain_grads.items():
+            torch.testing.assert_close(recomputed_grads[name], grad, msg=name)
+        assert all(g.log_alpha.grad.abs().sum() > 0 for _, g in gates(nets[1]))
+    copy.deepcopy(nets[1])  # a pass's draw kept for recomputation does not stop a copy
 
 
 def test_penalty_in_one_pass_equals_the_sum_over_gates():
