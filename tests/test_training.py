@@ -268,17 +268,22 @@ _FAULTS_OF_A_BIG_TENSOR = textwrap.dedent("""
     if sys.argv[1] == "after a trial":
         train_trial(TrialConfig(optim={"epochs": 1}, baseline_dir=sys.argv[2], threads=1))
     torch.empty(1 << 24).fill_(1.0)  # 64 MiB, past glibc's largest adaptive mmap threshold (32 MiB)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    faults = []
     for _ in range(5):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         torch.empty(1 << 24).fill_(1.0)  # freed at once; the next one asks for the same size
-    print(json.dumps((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5))
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    # The median: with freed memory kept, one in eight processes placed the first of them on fresh pages
+    # (16,384 faults, then none); under the defaults every one of them takes all 16,384.
+    print(json.dumps(sorted(faults)[2]))
 """)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc: Linux only")
 def test_a_trial_on_the_cpu_keeps_freed_memory_for_the_next_step(tmp_path):
     """A tensor freed and allocated again is 16,384 fresh pages (page faults) under glibc's defaults, every
-    time; once a trial has trained on the CPU, the process reuses the freed memory and takes none."""
+    time; once a trial has trained on the CPU, the process reuses the freed memory and takes none (the median
+    of five)."""
     faults = {}
     for case in ("glibc defaults", "after a trial"):
         out = subprocess.run([sys.executable, "-c", _FAULTS_OF_A_BIG_TENSOR, case, str(tmp_path)], check=True,
