@@ -122,8 +122,9 @@ def measure(name: str, shape: tuple[int, ...], batch: int, args: argparse.Namesp
         keep_freed_memory()  # as a trial's training does (benchmarks/cpu_allocator.py measures what it saves)
     instances = {v: [Setup(name, shape, batch, v, device, args.amp, args.channels_last) for _ in range(args.instances)]
                  for v in VARIANTS}
-    for s in (s for each in instances.values() for s in each):  # warm-up: lazy init, optimizer state, allocator caches
-        s.timed(2)
+    for each in instances.values():  # warm-up: lazy init, optimizer state, allocator caches
+        for setup in each:
+            setup.timed(2)
     setups = {v: each[0] for v, each in instances.items()}  # the instance that ops and memory are measured on
     # A short step gets more of them a round: a few 40 ms steps are one noisy window, half a second is not.
     steps = max(args.steps, math.ceil(args.min_seconds / setups["dense"].timed(2)))

@@ -3,6 +3,7 @@ import weakref
 
 import pytest
 import torch
+import torch.utils.checkpoint
 import torchvision
 from torch import nn
 
@@ -381,8 +382,6 @@ class _Checkpointed(nn.Module):
 def test_gates_in_activation_checkpointed_blocks_train_as_without_checkpointing(kind, per_sample):
     """A checkpointed block is recomputed in backward: it must see the z its forward saw (drawn for the whole
     model, outside the block), or torch refuses the recomputation (or, worse, gradients mix two draws)."""
-    import torch.utils.checkpoint  # noqa: F401  (the module attribute used above)
-
     nets = []
     for checkpointed in (False, True):
         net = _Checkpointed(checkpointed)
