@@ -27,6 +27,7 @@ from .tracking import (PID_SPACE_ATTR, WORKER_ATTR, TrialRun, end_study_run, log
 from .training import EpochMetrics, StopTrial, check_fits, dense_baseline, train_trial
 
 BASELINE_ATTR = "dense_baseline"
+TRAIN_SECONDS_ATTR = "train_seconds"  # a complete trial's training (its dense baseline too, if it trained it)
 
 
 def _dominated(values: Sequence[float], front: list[FrozenTrial]) -> bool:
@@ -57,15 +58,26 @@ class Objective:
         stopper = ParetoStopper(trial.study, spec.early_stopping)
         history = TrialHistory(trial)
 
+        in_hook = 0.0  # seconds of the epoch hook (logging, early stopping), which are the sweep's, not training
+
         def on_epoch(m: EpochMetrics) -> bool:
-            check_stop()
-            run.log_epoch(m)
-            history.add(m.epoch, m.val_accuracy, m.sparsity)
-            return stopper(m.epoch, m.val_accuracy, m.sparsity)
+            nonlocal in_hook
+            start = time.perf_counter()
+            try:
+                check_stop()
+                run.log_epoch(m)
+                history.add(m.epoch, m.val_accuracy, m.sparsity)
+                return stopper(m.epoch, m.val_accuracy, m.sparsity)
+            finally:
+                in_hook += time.perf_counter() - start
 
         try:
             try:
+                start = time.perf_counter()
                 result = train_trial(cfg, on_epoch)
+                # What the trial's training took, measured while the sweep ran: the sweep's own cost is its
+                # wall time less this (benchmarks/sweep_overhead.py), free of the machine's drift between runs.
+                trial.set_user_attr(TRAIN_SECONDS_ATTR, time.perf_counter() - start - in_hook)
             finally:
                 history.flush()  # whole, before the trial is told COMPLETE (or stopped, or failed)
             metrics = {"val_accuracy": result.val_accuracy, "sparsity": result.sparsity,
