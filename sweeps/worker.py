@@ -27,7 +27,7 @@ from .tracking import (PID_SPACE_ATTR, WORKER_ATTR, TrialRun, end_study_run, log
 from .training import EpochMetrics, StopTrial, check_fits, dense_baseline, train_trial
 
 BASELINE_ATTR = "dense_baseline"
-TRAIN_SECONDS_ATTR = "train_seconds"  # a complete trial's training (its dense baseline too, if it trained it)
+TRAIN_SECONDS_ATTR = "train_seconds"  # a complete trial's training (and the dense baseline's, if it had it trained)
 
 
 def _dominated(values: Sequence[float], front: list[FrozenTrial]) -> bool:
@@ -75,9 +75,7 @@ class Objective:
             try:
                 start = time.perf_counter()
                 result = train_trial(cfg, on_epoch)
-                # What the trial's training took, measured while the sweep ran: the sweep's own cost is its
-                # wall time less this (benchmarks/sweep_overhead.py), free of the machine's drift between runs.
-                trial.set_user_attr(TRAIN_SECONDS_ATTR, time.perf_counter() - start - in_hook)
+                trained = time.perf_counter() - start - in_hook
             finally:
                 history.flush()  # whole, before the trial is told COMPLETE (or stopped, or failed)
             metrics = {"val_accuracy": result.val_accuracy, "sparsity": result.sparsity,
@@ -93,7 +91,10 @@ class Objective:
                 spec.mlflow.log_models == "front" and not _dominated(objectives, front))
             run.finish(result, log_model, alphas, hist)
             trial.set_user_attr("model_logged", log_model)
-            self._record_baseline(trial.study, cfg)
+            # What the trial's training took (and the dense baseline's, where this trial had it trained), timed
+            # while the sweep ran: the sweep's own cost is its wall time less the sum of these
+            # (benchmarks/sweep_overhead.py), free of the machine's drift between separate runs.
+            trial.set_user_attr(TRAIN_SECONDS_ATTR, trained + self._record_baseline(trial.study, cfg))
         except StopTrial as stop:
             trial.set_user_attr("stopped_at_epoch", stop.metrics.epoch)
             run.end("KILLED")
@@ -106,15 +107,20 @@ class Objective:
             raise
         return objectives
 
-    def _record_baseline(self, study: optuna.Study, cfg) -> None:
-        """The dense model's accuracy, once per study: the report's reference line and ``pick``'s yardstick."""
+    def _record_baseline(self, study: optuna.Study, cfg) -> float:
+        """The dense model's accuracy, once per study: the report's reference line and ``pick``'s yardstick.
+        Returns the seconds it took (training the baseline, if no trial has yet)."""
         if BASELINE_ATTR in study.user_attrs:
-            return
+            return 0.0
         import torch
 
-        saved = torch.load(dense_baseline(cfg), map_location="cpu")
+        start = time.perf_counter()
+        path = dense_baseline(cfg)
+        took = time.perf_counter() - start
+        saved = torch.load(path, map_location="cpu")
         study.set_user_attr(BASELINE_ATTR, {"val_accuracy": saved["val_accuracy"],
                                             "test_accuracy": saved["test_accuracy"]})
+        return took
 
 
 def retry_interrupted(study: optuna.Study, trial_id: int) -> None:
