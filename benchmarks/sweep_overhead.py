@@ -113,11 +113,11 @@ def _round(study_file: Path, trials: int, tmp: Path) -> dict:
     """One round: 1-worker sweep, bare training, 2-worker sweep, bare training again (drift shows as the
     difference of the two bare runs, and is averaged out).
 
-    The 1-worker sweep's overhead (wall - bare) is split by where it falls: before the first trial and after
-    the last (``fixed``); the first trial's own (``first``: a worker's first MLflow run and model export, the
-    imports they need); every later trial's (``per_trial``: its duration in the sweep less its training); and the
-    time between trials (``between``: Optuna's ask and tell, the sampler, the budget check). Training is what the
-    worker timed in the sweep; the bare runs give the ceiling and a cross-check."""
+    The 1-worker sweep's overhead (its wall time less its trials' training, as the worker timed it in the sweep)
+    is split by where it falls: before the first trial and after the last (``fixed``); the first trial's own
+    (``first``: a worker's first MLflow run and model export, the imports they need); every later trial's
+    (``per_trial``: its duration in the sweep less its training); and the time between trials (``between``:
+    Optuna's ask and tell, the sampler, the budget check). The bare runs give the ceiling and a cross-check."""
     wall1, complete1 = _sweep(study_file, trials, 1, tmp / "one")
     before = _bare(study_file, complete1, tmp)
     wall2, complete2 = _sweep(study_file, trials, 2, tmp / "two")
@@ -141,7 +141,7 @@ def _round(study_file: Path, trials: int, tmp: Path) -> dict:
             "per_trial": sum(d - b for d, b in zip(took[1:], trained[1:])) / max(1, n1 - 1),
             "between": phase1 - sum(took),
             # Same work, twice: how far this machine's speed moved within the round (minutes apart).
-            "drift": abs(bare_runs[0] - bare_runs[1]), "overhead": wall1 - in_sweep}
+            "drift": abs(bare_runs[0] - bare_runs[1])}
 
 
 def main() -> None:

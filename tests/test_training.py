@@ -262,7 +262,7 @@ def test_amp_and_channels_last_train_a_gated_convnet(tmp_path):
 
 
 _FAULTS_OF_A_BIG_TENSOR = textwrap.dedent("""
-    import json, resource, sys
+    import json, resource, statistics, sys
     import torch
     from sweeps.training import TrialConfig, train_trial
     if sys.argv[1] == "after a trial":
@@ -275,7 +275,7 @@ _FAULTS_OF_A_BIG_TENSOR = textwrap.dedent("""
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     # The median: with freed memory kept, one in eight processes placed the first of them on fresh pages
     # (16,384 faults, then none); under the defaults every one of them takes all 16,384.
-    print(json.dumps(sorted(faults)[2]))
+    print(json.dumps(statistics.median(faults)))
 """)
 
 
