@@ -83,6 +83,16 @@ def test_sweep_overhead_break_even_counts_a_negative_per_trial_figure_as_none():
     assert "never" in _break_even(7.0, 0.6, 10.0, 8)
 
 
+def test_sweep_benchmark_study_is_a_study_whose_model_trains_on_its_data():
+    from sweeps.search import first_point, trial_config
+    from sweeps.spec import load_spec
+    from sweeps.training import check_fits
+
+    spec = load_spec(Path(__file__).parents[1] / "benchmarks" / "sweep_study.yaml")
+    assert spec.trials == 12 and not spec.early_stopping.enabled
+    check_fits(trial_config(spec, first_point(spec)))  # raises SpecError, one line, if not
+
+
 @pytest.mark.slow
 def test_sweep_overhead_splits_the_overhead_and_says_where_the_goal_holds(tmp_path):
     study = write_study(tmp_path / "study.yaml", trials=2)
@@ -94,7 +104,9 @@ def test_sweep_overhead_splits_the_overhead_and_says_where_the_goal_holds(tmp_pa
         "1 worker: trial phase / its trials' training, timed in the sweep",
         "1 worker: sweep wall / bare training in separate runs (cross-check)",
         "2 workers / 1: throughput, whole sweep", "2 workers / 1: throughput, trial phase",
+        "2 workers / 1: training seconds a wall second (drift-free cross-check)",
         "the machine's ceiling: 2 bare trainings at once / 1"]
+    assert 0 < float(rows[5][2]) < 2.5  # two one-thread workers on two cores deliver at most about twice the training
     wall, trained = map(float, re.fullmatch(r"([\d.]+) s / ([\d.]+) s", rows[0][1]).groups())
     # The workers' own timing of their trials' training: within the sweep's wall time, and all of it training.
     # (The ratio is of the unrounded seconds; the table shows them to 0.1 s.)
