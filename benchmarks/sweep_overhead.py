@@ -4,9 +4,9 @@ throughput of two workers against one.
     python -m benchmarks.sweep_overhead [--study benchmarks/sweep_study.yaml] [--trials N] [--epochs E] [--rounds 1]
 
 The default study (benchmarks/sweep_study.yaml) is a small sweep of the shape users run: the default study's
-budget of 12 trials, LeNet-5 on MNIST-shaped data, trials of about half a minute made of epochs of a second or
-two. What a sweep pays once is seconds (process start-up and imports, the stores, the report), so no sweep of
-one-second trials (studies/default.yaml) can come near 5%; the results say where the ratio would cross 1.05.
+budget of 12 trials, LeNet-5 on MNIST-shaped data, trials of 20-25 s made of epochs of about 1.5 s. What a
+sweep pays once is seconds (process start-up and imports, the stores, the report), so no sweep of one-second
+trials (studies/default.yaml) can come near 5%; the results say where the ratio would cross 1.05.
 
 1. ``l0sweep run --workers 1 --threads 1`` (everything a user waits for: process start, study creation, the
    dense baseline, every trial with its MLflow logging and model export, the report), against its trials'
@@ -166,16 +166,15 @@ def main() -> None:
     args = parser.parse_args()
     if args.bare:
         return _bare_child(*args.bare)
-    spec = yaml.safe_load(args.study.read_text())
-    args.trials = args.trials or spec["trials"]
-    args.epochs = args.epochs or spec["trial"]["optim"]["epochs"]
+    data = yaml.safe_load(args.study.read_text())
+    args.trials = args.trials or data["trials"]
+    args.epochs = args.epochs or data["trial"]["optim"]["epochs"]
+    data["early_stopping"] = {**data.get("early_stopping", {}), "enabled": False}
+    data["trial"]["optim"]["epochs"] = args.epochs
     rounds = []
     for r in range(args.rounds):
         with tempfile.TemporaryDirectory() as tmp_name:
             tmp = Path(tmp_name)
-            data = yaml.safe_load(args.study.read_text())
-            data["early_stopping"] = {**data.get("early_stopping", {}), "enabled": False}
-            data["trial"]["optim"]["epochs"] = args.epochs
             study_file = tmp / "study.yaml"
             study_file.write_text(yaml.safe_dump(data))
             rounds.append(_round(study_file, args.trials, tmp))
