@@ -66,6 +66,11 @@ def _phase(trials: list) -> float:
     return (max(t.datetime_complete for t in trials) - min(t.datetime_start for t in trials)).total_seconds()
 
 
+def _trained(trials: list) -> list[float]:
+    """Each complete trial's training seconds, as its worker timed them in the sweep."""
+    return [t.user_attrs[TRAIN_SECONDS_ATTR] for t in trials]
+
+
 def _sweep(study_file: Path, trials: int, workers: int, out: Path) -> tuple[float, list]:
     wall, study = timed_sweep(study_file, out, "--trials", str(trials), "--workers", str(workers), "--threads", "1")
     return wall, study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -138,7 +143,7 @@ def _round(study_file: Path, trials: int, tmp: Path) -> dict:
     phase1, phase2 = _phase(complete1), _phase(complete2)
     n1, n2 = len(complete1), len(complete2)
     took = [(t.datetime_complete - t.datetime_start).total_seconds() for t in complete1]
-    trained = [t.user_attrs[TRAIN_SECONDS_ATTR] for t in complete1]  # timed by the worker, in the sweep
+    trained = _trained(complete1)
     in_sweep = sum(trained)
     return {"wall1": wall1, "wall2": wall2, "bare": bare, "bare_runs": bare_runs, "in_sweep": in_sweep,
             "baseline": baseline, "trial": statistics.median(trained[1:] or trained), "phase1": phase1, "phase2": phase2,
@@ -147,7 +152,7 @@ def _round(study_file: Path, trials: int, tmp: Path) -> dict:
             "phase_tput": (n2 / phase2) / (n1 / phase1),
             # Training seconds delivered per wall second, 2 workers / 1: the machine's speed in each sweep cancels
             # (it moved 14% between two sweeps minutes apart), and with it any slowing of two trainings side by side.
-            "work_tput": (sum(t.user_attrs[TRAIN_SECONDS_ATTR] for t in complete2) / wall2) / (in_sweep / wall1),
+            "work_tput": (sum(_trained(complete2)) / wall2) / (in_sweep / wall1),
             "ceiling": ceiling, "fixed": wall1 - phase1,
             "first": took[0] - trained[0],
             "per_trial": sum(d - b for d, b in zip(took[1:], trained[1:])) / max(1, n1 - 1),
