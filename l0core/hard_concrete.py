@@ -131,11 +131,15 @@ def _prob_nonzero(log_alpha: torch.Tensor, beta: float, gamma: float, zeta: floa
 def _concatenated(gates: Sequence[HardConcrete]) -> torch.Tensor | None:
     """The gates' log_alpha end to end, or None when one pass cannot serve them all (different
     temperatures or stretch, devices or dtypes)."""
+    if len(gates) == 1:
+        return gates[0].log_alpha
     first = gates[0]
-    key = (first.beta, first.gamma, first.zeta, first.log_alpha.device, first.log_alpha.dtype)
-    if any((g.beta, g.gamma, g.zeta, g.log_alpha.device, g.log_alpha.dtype) != key for g in gates[1:]):
+    log_alphas = [g.log_alpha for g in gates]  # each read once: a module attribute lookup is not free every step
+    constants, device, dtype = (first.beta, first.gamma, first.zeta), log_alphas[0].device, log_alphas[0].dtype
+    if any((g.beta, g.gamma, g.zeta) != constants for g in gates) or \
+            any(la.device != device or la.dtype != dtype for la in log_alphas):
         return None
-    return torch.cat([g.log_alpha for g in gates]) if len(gates) > 1 else first.log_alpha
+    return torch.cat(log_alphas)
 
 
 def sample_together(gates: Sequence[HardConcrete], batch_shape: tuple[int, ...] | torch.Size = ()) -> list[torch.Tensor]:

@@ -28,12 +28,26 @@ def gate_parameter_ids(model: nn.Module) -> set[int]:
 
 def count_parameters(model: nn.Module) -> int:
     """Parameters of the network itself: everything except the gates' log_alpha."""
-    return _network_size(model, gate_modules(model))
+    return _gates_and_size(model)[1]
 
 
-def _network_size(model: nn.Module, found: list[HardConcrete]) -> int:
-    # model.parameters() lists each log_alpha once, as gate_modules lists each gate once.
-    return sum(p.numel() for p in model.parameters()) - sum(g.log_alpha.numel() for g in found)
+def _gates_and_size(model: nn.Module) -> tuple[list[HardConcrete], int]:
+    """The model's gates and its network size (:func:`count_parameters`), in one walk over its modules.
+
+    The penalty needs both every step; ``gate_modules`` then ``model.parameters()`` walked the model twice.
+    Each parameter counts once however many modules share it, as ``model.parameters()`` counts it.
+    """
+    found: list[HardConcrete] = []
+    seen: set[int] = set()
+    size = 0
+    for module in model.modules():
+        if isinstance(module, HardConcrete):
+            found.append(module)
+        for p in module._parameters.values():
+            if p is not None and id(p) not in seen:
+                seen.add(id(p))
+                size += p.numel()
+    return found, size - sum(g.n for g in found)
 
 
 def expected_kept(model: nn.Module) -> torch.Tensor:
@@ -46,9 +60,13 @@ def expected_kept(model: nn.Module) -> torch.Tensor:
 
 def _gates_or_fail(model: nn.Module) -> list[HardConcrete]:
     found = gate_modules(model)
+    _fail_without(found)
+    return found
+
+
+def _fail_without(found: list[HardConcrete]) -> None:
     if not found:
         raise ValueError("the model has no L0 gates: use l0core.attach or gate_parameters first")
-    return found
 
 
 def _expected_kept(found: list[HardConcrete]) -> torch.Tensor:
@@ -107,8 +125,12 @@ def penalty(
     if scale == "model":
         if weight_decay:
             raise ValueError("weight_decay belongs to scale='paper'; with scale='model' use the optimizer's decay")
-        found = _gates_or_fail(model)  # one walk over the model a step, for both terms
-        return lam * _expected_kept(found) / _network_size(model, found)
+        found, size = _gates_and_size(model)  # one walk over the model a step, for both terms
+        _fail_without(found)
+        if size == 0:
+            raise ValueError("scale='model' divides by the network's parameter count, and this model has none "
+                             "besides its gates' log_alpha: use scale='paper' or gate a model with weights")
+        return _expected_kept(found) * (lam / size)  # one multiply (and one node in backward), not two
     if scale == "paper":
         if not n_train or n_train < 1:
             raise ValueError("scale='paper' needs n_train, the training-set size N")

@@ -84,6 +84,19 @@ def test_attach_parameter_kind_gates_every_weight():
     assert [(g.module, g.units) for g in gated] == [("0", 32), ("2", 16)]
 
 
+def test_network_size_counts_a_shared_weight_once_and_no_log_alpha():
+    tied = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 6))
+    tied[2].weight = tied[0].weight  # tied weights, as in language models' embeddings
+    attach(tied, "neuron")
+    assert l0core.count_parameters(tied) == 6 * 6 + 6 + 6
+    assert l0core.count_parameters(tied) == sum(p.numel() for p in tied.parameters()) - 2 * 6  # two gates of 6
+
+
+def test_model_scale_penalty_on_a_model_of_gates_only_is_refused():
+    with pytest.raises(ValueError, match="has none besides its gates' log_alpha"):
+        penalty(nn.Sequential(l0core.NeuronGate(4)), lam=0.1)
+
+
 def test_model_scale_penalty_is_expected_fraction_kept():
     mlp = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 4))
     attach(mlp, "neuron")
