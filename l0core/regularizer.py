@@ -55,18 +55,13 @@ def expected_kept(model: nn.Module) -> torch.Tensor:
 
     One pass over all gates (:func:`~l0core.hard_concrete.prob_nonzero_together`), not one per gate.
     """
-    return _expected_kept(_gates_or_fail(model))
+    return _expected_kept(_require_gates(gate_modules(model)))
 
 
-def _gates_or_fail(model: nn.Module) -> list[HardConcrete]:
-    found = gate_modules(model)
-    _fail_without(found)
-    return found
-
-
-def _fail_without(found: list[HardConcrete]) -> None:
+def _require_gates(found: list[HardConcrete]) -> list[HardConcrete]:
     if not found:
         raise ValueError("the model has no L0 gates: use l0core.attach or gate_parameters first")
+    return found
 
 
 def _expected_kept(found: list[HardConcrete]) -> torch.Tensor:
@@ -126,7 +121,7 @@ def penalty(
         if weight_decay:
             raise ValueError("weight_decay belongs to scale='paper'; with scale='model' use the optimizer's decay")
         found, size = _gates_and_size(model)  # one walk over the model a step, for both terms
-        _fail_without(found)
+        _require_gates(found)
         if size == 0:
             raise ValueError("scale='model' divides by the network's parameter count, and this model has none "
                              "besides its gates' log_alpha: use scale='paper' or gate a model with weights")
