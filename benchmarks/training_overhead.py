@@ -1,6 +1,6 @@
 """The cost of L0 training: time and peak memory of one training step, gated / dense, same model and batch.
 
-    python -m benchmarks.training_overhead [--rounds 10] [--steps 3] [--instances 3] [--min-seconds 0.5] [--device auto] [--amp] [--channels-last] [--batch N]
+    python -m benchmarks.training_overhead [--rounds 10] [--steps 3] [--instances 3] [--min-seconds 0.5] [--device auto] [--amp] [--channels-last] [--compile] [--batch N]
 
 Variants of each model: dense (no gates, no penalty), gated with one gate draw per batch, gated with one
 draw per example, and a second, identical dense model ("dense again": its ratio to the first is the noise
@@ -19,6 +19,11 @@ which a bigger batch spreads thinner.
 
 Operators a step runs (forward, backward, optimizer; views excluded), counted by a dispatch mode: a figure
 that no noise moves, and on a GPU about one kernel launch each, which is what bounds a small model's step there.
+
+``--compile`` times every variant with its forward compiled (``model.compile()``: inductor, the gates' draw and
+products traced into the graph; the penalty, backward's bookkeeping and Adam as eager). It asks whether compiling
+is the way to take the gates' per-operator cost out of a step; operators are then not counted (compiled kernels
+bypass the dispatcher), and the first steps of each variant, which compile, are outside the timing.
 
 Peak memory of a step: ``torch.cuda.max_memory_allocated`` on a GPU; on the CPU, the peak of the torch
 profiler's memory timeline (every tensor the step allocates: activations, gradients, optimizer state).
@@ -49,7 +54,7 @@ class Setup:
     """One variant: a model, its optimizer, a fixed batch and the step's arguments."""
 
     def __init__(self, name: str, shape: tuple[int, ...], batch: int, variant: str, device: torch.device,
-                 amp: bool, channels_last: bool) -> None:
+                 amp: bool, channels_last: bool, compiled: bool = False) -> None:
         torch.manual_seed(0)
         self.model = build_model(name, shape, 10, gates=not variant.startswith("dense"),
                                  per_sample=variant == "per-sample").to(device).train()
@@ -59,6 +64,9 @@ class Setup:
             self.model = self.model.to(memory_format=torch.channels_last)
             self.x = self.x.contiguous(memory_format=torch.channels_last)
         self.opt = build_optimizer(self.model, OptimConfig(name="adam", lr=1e-3))[0]  # as a trial's
+        if compiled:
+            self.model.compile()  # in place: the same module (and parameters) for the penalty and the optimizer
+        self.compiled = compiled
         self.lam = None if variant.startswith("dense") else 0.1
         self.device = device
         # As a trial with amp: true runs: bfloat16 on CPU, float16 with a gradient scaler on CUDA.
@@ -79,8 +87,10 @@ class Setup:
         sync()
         return (time.perf_counter() - start) / steps
 
-    def ops(self) -> int:
-        """Operators one step dispatches, views and detaches left out (they launch no kernel)."""
+    def ops(self) -> int | None:
+        """Operators one step dispatches, views and detaches left out (they launch no kernel); None compiled."""
+        if self.compiled:
+            return None
         from torch.utils._python_dispatch import TorchDispatchMode
 
         class Count(TorchDispatchMode):
@@ -120,8 +130,8 @@ def measure(name: str, shape: tuple[int, ...], batch: int, args: argparse.Namesp
     device = resolve_device(args.device)
     if device.type == "cpu":
         keep_freed_memory()  # as a trial's training does (benchmarks/cpu_allocator.py measures what it saves)
-    instances = {v: [Setup(name, shape, batch, v, device, args.amp, args.channels_last) for _ in range(args.instances)]
-                 for v in VARIANTS}
+    instances = {v: [Setup(name, shape, batch, v, device, args.amp, args.channels_last, args.compile)
+                     for _ in range(args.instances)] for v in VARIANTS}
     for each in instances.values():  # warm-up: lazy init, optimizer state, allocator caches
         for setup in each:
             setup.timed(2)
@@ -158,6 +168,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--amp", action="store_true", help="autocast (bfloat16 on CPU, float16 on CUDA)")
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="compile each model's forward (model.compile())")
     parser.add_argument("--models", nargs="*", default=[m[0] for m in MODELS])
     parser.add_argument("--batch", type=int, default=None,
                         help="batch size for every model (default: each model's own, 128; the goals are set there)")
@@ -176,11 +187,12 @@ def main() -> None:
             met = "(noise floor)" if goal is None else f"(goal at batch {own_batch})" if batch != own_batch \
                 else "yes" if r["ratio"][v] <= goal else "no"
             rows.append([name, batch, v, f"{r['reference_ms'][v]:.1f}", f"{r['ms'][v]:.1f}", f"{r['extra_ms'][v]:.2f}",
-                         f"{r['ratio'][v]:.3f}", met, f"{r['ops']['dense']} / {r['ops'][v]}", f"{r['peak_mb']['dense']:.1f}",
+                         f"{r['ratio'][v]:.3f}", met, f"{r['ops']['dense']} / {r['ops'][v]}" if not args.compile else "-", f"{r['peak_mb']['dense']:.1f}",
                          f"{r['peak_mb'][v]:.1f}", f"{r['mem_ratio'][v]:.3f}",
                          "yes" if r["mem_ratio"][v] <= 1.10 else "no"])
         print(name, json.dumps(r, indent=1), flush=True)
-    flags = " ".join(f for f, on in (("--amp", args.amp), ("--channels-last", args.channels_last)) if on)
+    flags = " ".join(f for f, on in (("--amp", args.amp), ("--channels-last", args.channels_last),
+                                      ("--compile", args.compile)) if on)
     models = "" if args.models == [m[0] for m in MODELS] else " --models " + " ".join(args.models)
     models += f" --batch {args.batch}" if args.batch else ""
     command = f"python -m benchmarks.training_overhead --rounds {args.rounds} --steps {args.steps} " \
@@ -194,7 +206,9 @@ def main() -> None:
                  "of each variant in turn; time goal <= 1.05 per-batch, "
                  "<= 1.15 per-sample; the order rotates each round. 'dense again': a second dense model timed as the others, "
                  "its ratio the noise floor; gated ratios are to the mean of the two dense models. Step = forward, cross-entropy, L0 penalty (gated), backward, Adam. Ops: operators "
-                 "dispatched, views excluded (on a GPU about one kernel launch each)."))
+                 "dispatched, views excluded (on a GPU about one kernel launch each)."
+                 + (" Compiled: each model's forward compiled (model.compile(), inductor), its first steps (the "
+                    "compilation) left out; penalty, backward and Adam run as eager; ops not counted." if args.compile else "")))
 
 
 if __name__ == "__main__":

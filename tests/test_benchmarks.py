@@ -70,6 +70,19 @@ def test_training_overhead_at_another_batch_says_where_its_goals_are_set(tmp_pat
     assert rows["per-batch"][7] == rows["per-sample"][7] == "(goal at batch 128)"
 
 
+@pytest.mark.slow
+def test_training_overhead_compiled_times_every_variant_compiled_and_counts_no_operators(tmp_path):
+    text = _bench("training_overhead", tmp_path / "results.md", "--models", "lenet5", "--rounds", "1", "--steps", "1",
+                  "--instances", "1", "--min-seconds", "0", "--batch", "4", "--compile")
+    assert "## Training step: gated / dense (cpu, --compile)" in text
+    assert "--models lenet5 --batch 4 --compile`" in text and "Compiled: each model's forward compiled" in text
+    rows = {row[2]: row for row in _rows(text)}
+    assert set(rows) == {"dense again", "per-batch", "per-sample"}
+    # Compiled kernels bypass the dispatcher: a count would be of the few eager operators only, so none is given.
+    assert {row[8] for row in rows.values()} == {"-"}
+    assert all(float(row[4]) > 0 and float(row[9]) > 0 for row in rows.values())
+
+
 def test_sweep_overhead_break_even_counts_a_negative_per_trial_figure_as_none():
     from benchmarks.sweep_overhead import _break_even
 
