@@ -5,6 +5,9 @@ FROM python:3.11-slim
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /app
 
+# g++: torch.compile (a trial's `compile: true`) builds its kernels with it.
+RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
+
 # Dependencies first, from pyproject.toml alone, so a code change does not reinstall torch (about 5 GB).
 # The pinned torch wheel carries CUDA and runs on CPU-only hosts too; a GPU needs only the NVIDIA toolkit.
 COPY pyproject.toml README.md ./

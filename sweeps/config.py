@@ -91,6 +91,7 @@ class TrialConfig(_Strict):
     device: str = "auto"
     amp: bool = False  # autocast: bfloat16 on CPU, float16 with a gradient scaler on CUDA
     channels_last: bool = False  # NHWC memory format for convnets (faster convolutions on recent GPUs)
+    compile: bool = False  # torch.compile the training forward (inductor; needs a C++ compiler on a CPU)
     threads: int | None = Field(None, ge=1)
     baseline_dir: str = "l0sweep-out/baselines"
 

@@ -212,6 +212,14 @@ def _run_epochs(model: nn.Module, cfg: TrialConfig, splits: Splits, device: torc
     autocast, scaler = _precision(cfg, device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
+    # Compiled, the forward's many small operators (the gates' draw and products among them) run as a few fused
+    # kernels. Only the training forward: evaluation, the sparsity report and export use the module itself,
+    # so eval mode and the evaluation batch sizes cost no compilations of their own. The reset: graphs kept
+    # from a worker's earlier trials would count against dynamo's recompile limit (past it, the forward runs
+    # eager); inductor's disk cache still spares rebuilding a graph it has seen.
+    if cfg.compile:
+        torch._dynamo.reset()
+    forward = torch.compile(model) if cfg.compile else model
     history, report = [], None
     for epoch in range(1, epochs + 1):
         model.train()
@@ -221,7 +229,7 @@ def _run_epochs(model: nn.Module, cfg: TrialConfig, splits: Splits, device: torc
         batches = 0
         for x, y in train:
             x, y = _to_device(x, device, cfg.channels_last), y.to(device, non_blocking=True)
-            task, pen = train_step(model, opt, x, y, lam, autocast=autocast, scaler=scaler, **penalty_kw)
+            task, pen = train_step(forward, opt, x, y, lam, autocast=autocast, scaler=scaler, **penalty_kw)
             task_sum += task
             pen_sum += pen
             batches += 1
@@ -286,6 +294,21 @@ def dense_baseline(cfg: TrialConfig, splits: Splits | None = None) -> Path:
     return path
 
 
+def _check_compiler() -> None:
+    """Raise :class:`SpecError` (one line) unless this machine has the C++ compiler ``trial.compile`` needs.
+
+    torch.compile's inductor builds its CPU kernels with it (and Triton its GPU launcher with the C compiler
+    that comes with it); without one, every trial would fail at its first step with a long backend error.
+    """
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        get_cpp_compiler()
+    except Exception:
+        raise SpecError("trial.compile: true needs a C++ compiler on this machine (torch.compile builds its "
+                        "kernels with it): install g++ or set CXX to one, or set trial.compile: false") from None
+
+
 def check_fits(cfg: TrialConfig) -> None:
     """Raise :class:`SpecError` (one line) unless ``cfg``'s data loads and its gated model can be costed (its
     dependency graph traced) and computes class scores for two of its examples: the mistakes that would otherwise
@@ -297,6 +320,8 @@ def check_fits(cfg: TrialConfig) -> None:
     ...
     sweeps.spec.SpecError: trial.model 'lenet5' cannot train on trial.data 'digits' (inputs (1, 8, 8)): lenet5 needs...
     """
+    if cfg.compile:
+        _check_compiler()
     try:
         splits = _load(cfg)
     except Exception as exc:

@@ -67,15 +67,27 @@ def test_bad_input(case, tmp_path):
     assert _processes_naming(str(out)) == []
 
 
-def test_a_model_that_does_not_fit_its_data_is_one_line_and_leaves_no_study(tmp_path):
-    """Every trial would fail (LeNet-5 needs 16x16 images; digits are 8x8): the workers check one trial's model
-    on its data before training, the launcher stops them and removes the study it had just created, so the
-    corrected file runs under the same name. ``create`` checks the same before it creates anything."""
-    path = write_study(tmp_path / "study.yaml", trial={**TINY["trial"], "model": {"name": "lenet5"}})
-    expected = ("trial.model 'lenet5' cannot train on trial.data 'digits' (inputs (1, 8, 8)): lenet5 needs images "
-                "of at least 16x16 pixels, got 8x8")
+UNRUNNABLE = {
+    # LeNet-5 needs 16x16 images; digits are 8x8.
+    "model-does-not-fit": ({"model": {"name": "lenet5"}}, {},
+                           "trial.model 'lenet5' cannot train on trial.data 'digits' (inputs (1, 8, 8)): lenet5 needs "
+                           "images of at least 16x16 pixels, got 8x8"),
+    # torch.compile would find no C++ compiler at every trial's first step.
+    "compile-without-compiler": ({"compile": True}, {"CXX": "no-such-compiler"},
+                                 "trial.compile: true needs a C++ compiler on this machine (torch.compile builds its "
+                                 "kernels with it): install g++ or set CXX to one, or set trial.compile: false"),
+}
+
+
+@pytest.mark.parametrize("case", list(UNRUNNABLE))
+def test_a_study_whose_trials_cannot_run_is_one_line_and_leaves_no_study(case, tmp_path):
+    """Every trial would fail: the workers check one trial's model on its data before training, the launcher
+    stops them and removes the study it had just created, so the corrected file runs under the same name.
+    ``create`` checks the same before it creates anything."""
+    trial, env, expected = UNRUNNABLE[case]
+    path = write_study(tmp_path / "study.yaml", trial={**TINY["trial"], **trial})
     out = tmp_path / "out"
-    result = l0sweep("run", path, "--out", out, "--workers", "2", timeout=180)
+    result = l0sweep("run", path, "--out", out, "--workers", "2", timeout=180, env=env)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (f"l0sweep run: error: {expected} (the study was not kept: "
                                                       "fix the file and run it again)")
@@ -83,7 +95,7 @@ def test_a_model_that_does_not_fit_its_data_is_one_line_and_leaves_no_study(tmp_
     assert optuna.get_all_study_names(open_storage(str(out / "optuna.journal"))) == []
     assert runs_of(f"sqlite:///{out / 'mlflow.db'}", "tiny") == []  # the study's run is deleted, not left
     assert _processes_naming(str(out)) == []
-    created = l0sweep("create", path, "--out", tmp_path / "created", timeout=120)
+    created = l0sweep("create", path, "--out", tmp_path / "created", timeout=120, env=env)
     assert created.returncode == 1 and created.stderr.strip() == f"l0sweep create: error: {expected}"
     assert not (tmp_path / "created").exists()
 

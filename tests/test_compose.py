@@ -214,6 +214,7 @@ def test_the_image_runs_l0sweep_as_a_user_with_the_service_extras():
     assert 'ENTRYPOINT ["l0sweep"]' in dockerfile
     assert re.search(r"^USER (?!root)\w+", dockerfile, re.M)
     assert 'pip install ".[service]"' in dockerfile
+    assert re.search(r"apt-get install .*\bg\+\+", dockerfile)  # for studies with trial.compile: true
     import tomllib
 
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]

@@ -261,6 +261,31 @@ def test_amp_and_channels_last_train_a_gated_convnet(tmp_path):
     assert all(p.dtype == torch.float32 for p in result.model.parameters())  # autocast, not a half model
 
 
+def test_compiled_training_forward_trains_and_leaves_the_module_itself_to_evaluate_and_export(tmp_path):
+    """trial.compile: the training forward runs compiled (one graph, no breaks: the gates' draw, products and
+    hooks traced), and the trial returns the plain module, which evaluation, the report and export use."""
+    import l0core
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    result = train_trial(_cfg(tmp_path, lam=0.3, compile=True))
+    assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]
+    assert result.val_accuracy > 0.9 and 0 < result.removed_params < result.total_params
+    assert result.epochs[0].train_penalty > 0
+    assert not isinstance(result.model, torch._dynamo.eval_frame.OptimizedModule)
+    small = l0core.compact(result.model, result.example_inputs)
+    x = result.example_inputs
+    assert torch.allclose(small.eval()(x), result.model.eval()(x), atol=1e-5)
+
+
+def test_compile_without_a_cpp_compiler_is_one_line_before_any_training(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", ("no-such-compiler",))
+    with pytest.raises(SpecError, match=r"^trial.compile: true needs a C\+\+ compiler on this machine"):
+        check_fits(_cfg(tmp_path, compile=True))
+    check_fits(_cfg(tmp_path))  # not asked to compile: no compiler needed
+
+
 _FAULTS_OF_A_BIG_TENSOR = textwrap.dedent("""
     import json, resource, statistics, sys
     import torch
