@@ -262,8 +262,8 @@ def test_amp_and_channels_last_train_a_gated_convnet(tmp_path):
 
 
 def test_compiled_training_forward_trains_and_leaves_the_module_itself_to_evaluate_and_export(tmp_path):
-    """trial.compile: the training forward runs compiled (one graph, no breaks: the gates' draw, products and
-    hooks traced), and the trial returns the plain module, which evaluation, the report and export use."""
+    """trial.compile: the training forward runs compiled (no graph breaks: the gates' draw, products and hooks
+    are traced), and the trial returns the plain module, which evaluation, the report and export use."""
     import l0core
     from torch._dynamo.utils import counters
 
@@ -280,6 +280,8 @@ def test_compiled_training_forward_trains_and_leaves_the_module_itself_to_evalua
 
 
 def test_compile_without_a_cpp_compiler_is_one_line_before_any_training(monkeypatch, tmp_path):
+    import torch._inductor.config
+
     monkeypatch.setattr(torch._inductor.config.cpp, "cxx", ("no-such-compiler",))
     with pytest.raises(SpecError, match=r"^trial.compile: true needs a C\+\+ compiler on this machine"):
         check_fits(_cfg(tmp_path, compile=True))
