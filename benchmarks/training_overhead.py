@@ -1,6 +1,6 @@
 """The cost of L0 training: time and peak memory of one training step, gated / dense, same model and batch.
 
-    python -m benchmarks.training_overhead [--rounds 10] [--steps 3] [--instances 3] [--min-seconds 0.5] [--device auto] [--amp] [--channels-last] [--compile] [--batch N]
+    python -m benchmarks.training_overhead [--rounds 10] [--steps 3] [--instances 3] [--min-seconds 0.5] [--device auto] [--amp] [--channels-last] [--compile [--cold]] [--batch N]
 
 Variants of each model: dense (no gates, no penalty), gated with one gate draw per batch, gated with one
 draw per example, and a second, identical dense model ("dense again": its ratio to the first is the noise
@@ -24,7 +24,8 @@ that no noise moves, and on a GPU about one kernel launch each, which is what bo
 (``torch.compile``: inductor, the gates' draw and products traced into the graph; the penalty, backward's
 bookkeeping and Adam as eager). It asks whether compiling
 is the way to take the gates' per-operator cost out of a step; operators are then not counted (compiled kernels
-bypass the dispatcher), and the first steps of each variant, which compile, are outside the timing.
+bypass the dispatcher), and the first steps of each variant, which compile, are outside the step times: their
+wall time is the last column, without inductor's disk caches with ``--cold`` (a fresh machine's first trial).
 
 Peak memory of a step: ``torch.cuda.max_memory_allocated`` on a GPU; on the CPU, the peak of the torch
 profiler's memory timeline (every tensor the step allocates: activations, gradients, optimizer state).
@@ -133,9 +134,10 @@ def measure(name: str, shape: tuple[int, ...], batch: int, args: argparse.Namesp
         keep_freed_memory()  # as a trial's training does (benchmarks/cpu_allocator.py measures what it saves)
     instances = {v: [Setup(name, shape, batch, v, device, args.amp, args.channels_last, args.compile)
                      for _ in range(args.instances)] for v in VARIANTS}
-    for each in instances.values():  # warm-up: lazy init, optimizer state, allocator caches
+    first_s = {}  # each variant's first two steps: lazy init, and with --compile the compilation
+    for v, each in instances.items():  # warm-up: lazy init, optimizer state, allocator caches
         for setup in each:
-            setup.timed(2)
+            first_s.setdefault(v, setup.timed(2) * 2)
     setups = {v: each[0] for v, each in instances.items()}  # the instance that ops and memory are measured on
     # A short step gets more of them a round: a few 40 ms steps are one noisy window, half a second is not.
     steps = max(args.steps, math.ceil(args.min_seconds / setups["dense"].timed(2)))
@@ -155,7 +157,7 @@ def measure(name: str, shape: tuple[int, ...], batch: int, args: argparse.Namesp
             "extra_ms": extra_ms, "reference_ms": {v: statistics.median(t) * 1e3 for v, t in reference.items()},
             "ops": {v: s.ops() for v, s in setups.items()},
             "peak_mb": {v: b / 2**20 for v, b in peaks.items()},
-            "mem_ratio": {v: peaks[v] / peaks["dense"] for v in VARIANTS[1:]}}
+            "mem_ratio": {v: peaks[v] / peaks["dense"] for v in VARIANTS[1:]}, "first_s": first_s}
 
 
 def main() -> None:
@@ -170,12 +172,20 @@ def main() -> None:
     parser.add_argument("--amp", action="store_true", help="autocast (bfloat16 on CPU, float16 on CUDA)")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true", help="compile each model's forward (torch.compile), as trial.compile does")
+    parser.add_argument("--cold", action="store_true",
+                        help="with --compile: compile without inductor's caches, as the first trial on a fresh machine")
     parser.add_argument("--models", nargs="*", default=[m[0] for m in MODELS])
     parser.add_argument("--batch", type=int, default=None,
                         help="batch size for every model (default: each model's own, 128; the goals are set there)")
     args = parser.parse_args()
     if args.instances < 1:
         parser.error(f"--instances must be at least 1, got {args.instances}")
+    if args.cold and not args.compile:
+        parser.error("--cold goes with --compile (it is about compiling)")
+    if args.cold:
+        import torch._inductor.config
+
+        torch._inductor.config.force_disable_caches = True
     rows, steps = [], {}
     for name, shape, own_batch in MODELS:
         if name not in args.models:
@@ -190,10 +200,10 @@ def main() -> None:
             rows.append([name, batch, v, f"{r['reference_ms'][v]:.1f}", f"{r['ms'][v]:.1f}", f"{r['extra_ms'][v]:.2f}",
                          f"{r['ratio'][v]:.3f}", met, f"{r['ops']['dense']} / {r['ops'][v]}" if not args.compile else "-", f"{r['peak_mb']['dense']:.1f}",
                          f"{r['peak_mb'][v]:.1f}", f"{r['mem_ratio'][v]:.3f}",
-                         "yes" if r["mem_ratio"][v] <= 1.10 else "no"])
+                         "yes" if r["mem_ratio"][v] <= 1.10 else "no", f"{r['first_s']['dense']:.2f} / {r['first_s'][v]:.2f}"])
         print(name, json.dumps(r, indent=1), flush=True)
     flags = " ".join(f for f, on in (("--amp", args.amp), ("--channels-last", args.channels_last),
-                                      ("--compile", args.compile)) if on)
+                                      ("--compile", args.compile), ("--cold", args.cold)) if on)
     models = "" if args.models == [m[0] for m in MODELS] else " --models " + " ".join(args.models)
     models += f" --batch {args.batch}" if args.batch else ""
     command = f"python -m benchmarks.training_overhead --rounds {args.rounds} --steps {args.steps} " \
@@ -201,7 +211,8 @@ def main() -> None:
     print(append(f"Training step: gated / dense ({resolve_device(args.device).type}"
                  f"{', ' + flags if flags else ''})", command,
                  ["model", "batch", "gates", "dense ms (the reference)", "gated ms", "extra ms", "time ratio (median of rounds)", "goal met",
-                  "ops a step (dense / gated)", "dense peak MB", "gated peak MB", "memory ratio", "goal met (<= 1.10)"], rows,
+                  "ops a step (dense / gated)", "dense peak MB", "gated peak MB", "memory ratio", "goal met (<= 1.10)",
+                  "first 2 steps s (dense / gated)"], rows,
                  f"{args.rounds} rounds x ({', '.join(f'{n} {k}' for n, k in steps.items())}) steps per variant (at least "
                  f"{args.steps}, and {args.min_seconds:g} s a round), interleaved, over {args.instances} identical instances "
                  "of each variant in turn; time goal <= 1.05 per-batch, "
@@ -209,7 +220,10 @@ def main() -> None:
                  "its ratio the noise floor; gated ratios are to the mean of the two dense models. Step = forward, cross-entropy, L0 penalty (gated), backward, Adam. Ops: operators "
                  "dispatched, views excluded (on a GPU about one kernel launch each)."
                  + (" Compiled: each model's forward compiled (torch.compile, inductor), its first steps (the "
-                    "compilation) left out; penalty, backward and Adam run as eager; ops not counted." if args.compile else "")))
+                    "compilation) left out of the step times; penalty, backward and Adam run as eager; ops not counted. "
+                    "First 2 steps: the compilation, " + ("without inductor's caches (--cold)" if args.cold else
+                    "with inductor's caches as earlier runs left them") + "; 'dense again' reuses the dense model's "
+                    "graphs." if args.compile else "")))
 
 
 if __name__ == "__main__":

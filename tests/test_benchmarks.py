@@ -81,6 +81,10 @@ def test_training_overhead_compiled_times_every_variant_compiled_and_counts_no_o
     # Compiled kernels bypass the dispatcher: a count would be of the few eager operators only, so none is given.
     assert {row[8] for row in rows.values()} == {"-"}
     assert all(float(row[4]) > 0 and float(row[9]) > 0 for row in rows.values())
+    # The compilation's wall time: the first two steps of the dense model and of each gated one.
+    first = {v: tuple(float(s) for s in row[13].split(" / ")) for v, row in rows.items()}
+    assert all(dense > 0 and gated >= 0 for dense, gated in first.values())
+    assert len({dense for dense, _ in first.values()}) == 1
 
 
 def test_sweep_overhead_break_even_counts_a_negative_per_trial_figure_as_none():
