@@ -182,6 +182,12 @@ def main() -> None:
         parser.error(f"--instances must be at least 1, got {args.instances}")
     if args.cold and not args.compile:
         parser.error("--cold goes with --compile (it is about compiling)")
+    if args.compile:
+        # Several models of one architecture compile in this process, and per-example gates act through hooks,
+        # which dynamo does not guard on by default: without this, the per-sample models reused the dense
+        # model's graph (no gates). Trials reset dynamo instead (sweeps.training.compiled); here that would
+        # drop the other variants' graphs.
+        torch._dynamo.config.skip_nnmodule_hook_guards = False
     if args.cold:
         import torch._inductor.config
 

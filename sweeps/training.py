@@ -214,12 +214,8 @@ def _run_epochs(model: nn.Module, cfg: TrialConfig, splits: Splits, device: torc
         model.to(memory_format=torch.channels_last)
     # Compiled, the forward's many small operators (the gates' draw and products among them) run as a few fused
     # kernels. Only the training forward: evaluation, the sparsity report and export use the module itself,
-    # so eval mode and the evaluation batch sizes cost no compilations of their own. The reset: graphs kept
-    # from a worker's earlier trials would count against dynamo's recompile limit (past it, the forward runs
-    # eager); inductor's disk cache still spares rebuilding a graph it has seen.
-    if cfg.compile:
-        torch._dynamo.reset()
-    forward = torch.compile(model) if cfg.compile else model
+    # so eval mode and the evaluation batch sizes cost no compilations of their own.
+    forward = compiled(model) if cfg.compile else model
     history, report = [], None
     for epoch in range(1, epochs + 1):
         model.train()
@@ -252,6 +248,23 @@ def _run_epochs(model: nn.Module, cfg: TrialConfig, splits: Splits, device: torc
         if on_epoch is not None and on_epoch(metrics):
             raise StopTrial(metrics)
     return history, report
+
+
+def compiled(model: nn.Module) -> nn.Module:
+    """``model`` with its forward through ``torch.compile``, traced afresh for this model.
+
+    Dynamo does not guard on module hooks (``torch._dynamo.config.skip_nnmodule_hook_guards``), and per-example
+    gates act through hooks (fused with the ReLU after their layer): such a model passes the guards of a graph
+    compiled earlier in the process for its dense twin (a fine-tuning trial's baseline), which would then run
+    with no gates at all. So dynamo's caches are reset first; that also keeps a worker's earlier trials from
+    counting against its recompile limit. Inductor's disk cache still spares rebuilding kernels it has seen.
+
+    >>> net = compiled(nn.Linear(2, 1))
+    >>> net(torch.ones(3, 2)).shape
+    torch.Size([3, 1])
+    """
+    torch._dynamo.reset()
+    return torch.compile(model)
 
 
 def _load(cfg: TrialConfig) -> Splits:

@@ -281,6 +281,19 @@ def test_compiled_training_forward_trains_and_leaves_the_module_itself_to_evalua
     assert train_trial(_cfg(tmp_path, lam=0.3, compile=True)).as_dict() == result.as_dict()
 
 
+def test_a_compiled_gated_model_runs_its_gates_after_its_dense_twin_was_compiled():
+    """Per-example gates act through hooks, which dynamo does not guard on: compiled after a dense LeNet-5 (as a
+    fine-tuning trial's baseline is), the gated one must get a graph of its own, not the dense one's."""
+    from sweeps.training import compiled
+
+    x = torch.randn(1, 1, 28, 28).expand(8, 1, 28, 28).contiguous()  # eight identical examples
+    compiled(build_model("lenet5", (1, 28, 28), 10, gates=False).train())(x)
+    gated = build_model("lenet5", (1, 28, 28), 10, gates=True, per_sample=True, droprate_init=0.5).train()
+    out = compiled(gated)(x)
+    # Independent gates per example: identical examples get different outputs (the dense graph gives them equal).
+    assert (out - out[0]).abs().amax() > 1e-3
+
+
 def test_compile_without_a_cpp_compiler_is_one_line_before_any_training(monkeypatch, tmp_path):
     import torch._inductor.config
 
