@@ -22,10 +22,10 @@ that no noise moves, and on a GPU about one kernel launch each, which is what bo
 
 ``--compile`` times every variant with its forward compiled, as a trial with ``compile: true`` trains
 (``torch.compile``: inductor, the gates' draw and products traced into the graph; the penalty, backward's
-bookkeeping and Adam as eager). It asks whether compiling
-is the way to take the gates' per-operator cost out of a step; operators are then not counted (compiled kernels
-bypass the dispatcher), and the first steps of each variant, which compile, are outside the step times: their
-wall time is the last column, without inductor's disk caches with ``--cold`` (a fresh machine's first trial).
+bookkeeping and Adam as eager). It asks whether compiling takes the gates' per-operator cost out of a step.
+Operators are then not counted (compiled kernels bypass the dispatcher), and the first steps of each variant,
+which compile, are outside the step times: their wall time is the last column, without inductor's disk caches
+with ``--cold`` (a fresh machine's first trial).
 
 Peak memory of a step: ``torch.cuda.max_memory_allocated`` on a GPU; on the CPU, the peak of the torch
 profiler's memory timeline (every tensor the step allocates: activations, gradients, optimizer state).
