@@ -68,7 +68,6 @@ class Setup:
         self.opt = build_optimizer(self.model, OptimConfig(name="adam", lr=1e-3))[0]  # as a trial's
         # As a trial with compile: true trains: the forward through torch.compile, on the same module and parameters.
         self.forward = torch.compile(self.model) if compiled else self.model
-        self.compiled = compiled
         self.lam = None if variant.startswith("dense") else 0.1
         self.device = device
         # As a trial with amp: true runs: bfloat16 on CPU, float16 with a gradient scaler on CUDA.
@@ -91,7 +90,7 @@ class Setup:
 
     def ops(self) -> int | None:
         """Operators one step dispatches, views and detaches left out (they launch no kernel); None compiled."""
-        if self.compiled:
+        if self.forward is not self.model:  # compiled
             return None
         from torch.utils._python_dispatch import TorchDispatchMode
 

@@ -255,8 +255,9 @@ def compiled(model: nn.Module) -> nn.Module:
 
     Dynamo does not guard on module hooks (``torch._dynamo.config.skip_nnmodule_hook_guards``), and neuron gates
     and per-example channel gates act through hooks: such a model passes the guards of a graph compiled earlier
-    in the process for its dense twin (a fine-tuning trial's baseline), which would then run with no gates. So dynamo's caches are reset first; that also keeps a worker's earlier trials from
-    counting against its recompile limit. Inductor's disk cache still spares rebuilding kernels it has seen.
+    in the process for its dense twin (a fine-tuning trial's baseline), which would then run with no gates.
+    So dynamo's caches are reset first; that also keeps a worker's earlier trials from counting against its
+    recompile limit. Inductor's disk cache still spares rebuilding kernels it has seen.
 
     >>> net = compiled(nn.Linear(2, 1))
     >>> net(torch.ones(3, 2)).shape

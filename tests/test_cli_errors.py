@@ -81,8 +81,9 @@ UNRUNNABLE = {
 
 @pytest.mark.parametrize("case", list(UNRUNNABLE))
 def test_a_study_whose_trials_cannot_run_is_one_line_and_leaves_no_study(case, tmp_path):
-    """Every trial would fail: the workers check one trial's model on its data before training, the launcher
-    stops them and removes the study it had just created, so the corrected file runs under the same name.
+    """Every trial would fail: the workers check one trial (its model on its data, the compiler it asks for)
+    before training, the launcher stops them and removes the study it had just created, so the corrected file
+    runs under the same name.
     ``create`` checks the same before it creates anything."""
     trial, env, expected = UNRUNNABLE[case]
     path = write_study(tmp_path / "study.yaml", trial={**TINY["trial"], **trial})
