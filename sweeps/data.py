@@ -55,6 +55,42 @@ def data_loader(dataset: Dataset, batch_size: int, **kwargs) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, **kwargs)
 
 
+def labels(dataset: Dataset) -> torch.Tensor:
+    """Every label of ``dataset``, in order; read without loading the inputs where the dataset keeps its labels
+    apart (tensors, torchvision's ``targets``), else one pass over it.
+
+    >>> labels(Subset(TensorBatches(torch.zeros(4, 2), torch.tensor([3, 1, 2, 1])), [1, 3])).tolist()
+    [1, 1]
+    """
+    if isinstance(dataset, Subset):
+        base = _kept_labels(dataset.dataset)
+        if base is not None:
+            return base[torch.as_tensor(dataset.indices, dtype=torch.long)]
+    else:
+        kept = _kept_labels(dataset)
+        if kept is not None:
+            return kept
+    return torch.cat([torch.as_tensor(batch[1]).reshape(-1) for batch in data_loader(dataset, 512)])
+
+
+def _kept_labels(dataset: Dataset) -> torch.Tensor | None:
+    if isinstance(dataset, TensorDataset) and len(dataset.tensors) >= 2:
+        return dataset.tensors[1]
+    targets = getattr(dataset, "targets", None)
+    return None if targets is None else torch.as_tensor(targets)
+
+
+def chance_accuracy(dataset: Dataset) -> float:
+    """The accuracy of always answering ``dataset``'s commonest class: what a model that ignores its input
+    (every unit of a layer closed) scores at best.
+
+    >>> chance_accuracy(TensorBatches(torch.zeros(4, 2), torch.tensor([3, 1, 2, 1])))
+    0.5
+    """
+    y = labels(dataset).long()
+    return float(torch.bincount(y).max()) / len(y) if len(y) else 0.0
+
+
 def _split_indices(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     cut = int(round(n * fraction))

@@ -167,7 +167,8 @@ class TrialRun:
         step = result.epochs[-1].epoch if result.epochs else 0
         final = {"val_accuracy": result.val_accuracy, "test_accuracy": result.test_accuracy,
                  "sparsity": result.sparsity, "flops_ratio": result.flops_ratio,
-                 "total_params": result.total_params, "removed_params": result.removed_params}
+                 "total_params": result.total_params, "removed_params": result.removed_params,
+                 "chance_accuracy": result.chance_accuracy}
         self.client.log_batch(self.run_id, metrics=[
             mlflow.entities.Metric(k, float(v), _now_ms(), step) for k, v in final.items()])
         self.client.log_dict(self.run_id, result.kept_units, "kept_units.json")

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 import l0core
 
 from .config import OptimConfig, TrialConfig
-from .data import Splits, data_loader, load_data
+from .data import Splits, chance_accuracy, data_loader, load_data
 from .models import build_model
 from .settings import file_lock
 from .spec import SpecError, one_line
@@ -51,6 +51,8 @@ class TrialResult:
     total_params: int
     removed_params: int
     kept_units: dict[str, list[int]]  # gate -> [kept, units]
+    chance_accuracy: float  # validation accuracy of always answering the commonest class (a model cut through)
+    val_examples: int
     epochs: list[EpochMetrics] = field(default_factory=list)
     stopped_early: bool = False
     # The trained gated model and one example input, for logging and export; not part of the figures.
@@ -384,5 +386,6 @@ def train_trial(cfg: TrialConfig, on_epoch: Callable[[EpochMetrics], bool] | Non
         val_accuracy=history[-1].val_accuracy, test_accuracy=accuracy(model, test_loader, device),
         sparsity=report.sparsity, flops_ratio=report.flops_ratio, total_params=report.total_params,
         removed_params=report.removed_params,
-        kept_units={layer.gate: [layer.kept, layer.units] for layer in report.layers}, epochs=history,
+        kept_units={layer.gate: [layer.kept, layer.units] for layer in report.layers},
+        chance_accuracy=chance_accuracy(splits.val), val_examples=len(splits.val), epochs=history,
         model=model, example_inputs=example)

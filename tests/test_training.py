@@ -33,6 +33,40 @@ def test_trial_reports_per_epoch_and_final_numbers(tmp_path):
     assert result.epochs[0].train_penalty > 0
 
 
+def test_chance_accuracy_reads_labels_however_the_dataset_keeps_them(tmp_path):
+    from torch.utils.data import Dataset, Subset
+
+    from sweeps.data import chance_accuracy, labels
+
+    y = torch.tensor([2, 0, 2, 1, 2, 0, 1, 2])
+
+    class WithTargets(Dataset):  # as torchvision's datasets keep them: inputs never loaded for the labels
+        targets = y.tolist()
+
+        def __len__(self):
+            return len(y)
+
+        def __getitem__(self, i):
+            raise AssertionError("labels() loaded an input")
+
+    class Plain(Dataset):  # a user's dataset: read once
+        def __len__(self):
+            return len(y)
+
+        def __getitem__(self, i):
+            return torch.zeros(3), y[i]
+
+    for dataset in (WithTargets(), Plain()):
+        assert labels(dataset).tolist() == y.tolist()
+        assert labels(Subset(dataset, [1, 3, 5])).tolist() == [0, 1, 0]
+        assert chance_accuracy(dataset) == 0.5 and chance_accuracy(Subset(dataset, [1, 3, 5])) == pytest.approx(2 / 3)
+    # A trial reports it for its own validation split: the digits split's commonest class has 26 of its 216 examples.
+    result = train_trial(_cfg(tmp_path, lam=0.1, optim={**FAST, "epochs": 1}))
+    val = load_data("digits").val
+    assert result.val_examples == len(val) == 216
+    assert result.chance_accuracy == chance_accuracy(val) == pytest.approx(26 / 216)
+
+
 def test_trial_is_deterministic_for_a_seed(tmp_path):
     a = train_trial(_cfg(tmp_path, lam=0.1, optim={**FAST, "epochs": 2}))
     b = train_trial(_cfg(tmp_path, lam=0.1, optim={**FAST, "epochs": 2}))
