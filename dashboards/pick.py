@@ -45,6 +45,9 @@ def pick(study: optuna.Study, max_drop: float | None = None, min_sparsity: float
     """
     front = front_table(study)
     if front.empty:
+        if study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+            raise PickError(f"no complete trial of study {study.study_name!r} reaches its accuracy floor "
+                            "(min_accuracy in the study file)")
         raise PickError(f"study {study.study_name!r} has no complete trial yet")
     if max_drop is not None:
         if max_drop < 0:

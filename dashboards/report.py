@@ -30,10 +30,21 @@ def _customdata(rows: pd.DataFrame) -> list[list]:
                  "flops_ratio", "mlflow_run_id"]].fillna("").values.tolist()
 
 
+def _floor(spec: dict) -> tuple[str, float | None]:
+    """How the report names trials short of the study's accuracy floor, and the floor when it is a number."""
+    floor = spec.get("min_accuracy", "chance")
+    if floor == "chance":
+        return "no better than chance", None
+    return f"below the accuracy floor ({floor:.2%})", float(floor)
+
+
 def _scatter(table: pd.DataFrame, x: str, x_title: str, baseline: dict | None, chosen: pd.Series | None,
-             title: str) -> go.Figure:
-    """Accuracy against ``x``: front trials solid and joined, dominated ones faded; colour by mode."""
+             title: str, floor: tuple[str, float | None]) -> go.Figure:
+    """Accuracy against ``x``: front trials solid and joined, dominated ones faded, trials short of the accuracy
+    floor (``floor``: see :func:`_floor`) crossed out in grey; colour by mode."""
     fig = go.Figure()
+    short = table[~table.feasible]
+    table = table[table.feasible]
     for mode, colour in MODE_COLOURS.items():
         for on_front in (True, False):
             rows = table[(table["mode"] == mode) & (table.on_front == on_front)]
@@ -45,6 +56,10 @@ def _scatter(table: pd.DataFrame, x: str, x_title: str, baseline: dict | None, c
                 marker={"color": colour, "size": 11 if on_front else 8, "opacity": 1.0 if on_front else 0.3,
                         "symbol": "circle" if on_front else "circle-open",
                         "line": {"width": 1, "color": "white" if on_front else colour}}))
+    if len(short):
+        fig.add_trace(go.Scatter(
+            x=short[x], y=short.val_accuracy, mode="markers", customdata=_customdata(short), hovertemplate=HOVER,
+            name=floor[0], marker={"color": "#999", "size": 8, "symbol": "x"}))
     front = table[table.on_front].sort_values(x)
     if len(front) > 1:
         fig.add_trace(go.Scatter(x=front[x], y=front.val_accuracy, mode="lines", name="Pareto front",
@@ -62,10 +77,14 @@ def _scatter(table: pd.DataFrame, x: str, x_title: str, baseline: dict | None, c
                       height=460, legend={"orientation": "h", "y": -0.2}, margin={"t": 50, "b": 20})
     # Collapsed trials (accuracy near chance) would squash the interesting band into a line: show the band,
     # and say how many lie below it.
-    top = max(table.val_accuracy.max(), baseline["val_accuracy"] if baseline else 0.0)
-    useful = table.val_accuracy[table.val_accuracy >= 0.5 * top]
+    every = pd.concat([table, short])
+    top = max(every.val_accuracy.max(), baseline["val_accuracy"] if baseline else 0.0)
+    useful = every.val_accuracy[every.val_accuracy >= 0.5 * top]
     low = max(0.0, min(useful.min(), top - 0.02) - 0.02) if len(useful) else 0.0
-    below = int((table.val_accuracy < low).sum())
+    below = int((every.val_accuracy < low).sum())
+    if floor[1] is not None and floor[1] >= low:
+        fig.add_hline(y=floor[1], line={"color": "#999", "dash": "dot"},
+                      annotation_text=f"accuracy floor {floor[1]:.4f}", annotation_position="top left")
     fig.update_yaxes(range=[low, top + 0.01])
     if below:
         fig.add_annotation(text=f"{below} trial(s) below {low:.2f} (collapsed) not shown", xref="paper", yref="paper",
@@ -116,6 +135,12 @@ def _format_table(front: pd.DataFrame) -> pd.DataFrame:
     return shown
 
 
+def _short_of_floor(table: pd.DataFrame, floor: tuple[str, float | None]) -> str:
+    """The summary's words for trials short of the accuracy floor (study file: ``min_accuracy``)."""
+    short = int((~table.feasible).sum())
+    return f", {short} {floor[0]} (kept off the front)" if short else ""
+
+
 def write_report(study: optuna.Study, out_dir: str | Path, tracking_uri: str | None = None) -> Path:
     """Write ``report.html``, ``front.md`` and ``front.csv`` into ``out_dir``; log them to the study's MLflow run.
 
@@ -136,13 +161,14 @@ def write_report(study: optuna.Study, out_dir: str | Path, tracking_uri: str | N
     (out / "front.md").write_text(f"# {study.study_name}: Pareto front\n\n{md}\n")
 
     spec = spec_of(study)
+    floor = _floor(spec)
     figures = [
         _scatter(table, "sparsity", "sparsity (parameters removed / all)", baseline, chosen,
-                 "Validation accuracy against sparsity"),
+                 "Validation accuracy against sparsity", floor),
         _scatter(table.assign(flops_reduction=1 - table.flops_ratio), "flops_reduction",
                  "FLOPs reduction (1 - exported FLOPs / dense FLOPs)", baseline,
                  None if chosen is None else pd.concat([chosen, pd.Series({"flops_reduction": 1 - chosen.flops_ratio})]),
-                 "Validation accuracy against FLOPs reduction"),
+                 "Validation accuracy against FLOPs reduction", floor),
     ]
     if len(table[table.state == "COMPLETE"]):
         figures.append(_hypervolume(study))
@@ -162,7 +188,7 @@ def write_report(study: optuna.Study, out_dir: str | Path, tracking_uri: str | N
                + (f", {failed} failed (their errors are in the workers' logs and the FAILED MLflow runs)"
                   if failed else "")
                + (f", {interrupted} interrupted and run again (their workers were stopped or died)"
-                  if interrupted else "") + f"; {len(front)} on the front.")
+                  if interrupted else "") + _short_of_floor(table, floor) + f"; {len(front)} on the front.")
     rec = "<p>No complete trial yet.</p>" if chosen is None else (
         f"<p class='rec'><b>Recommended (knee of the front): trial {int(chosen.trial)}</b>: "
         f"lambda {chosen.lam:.4g}, droprate_init {chosen.droprate_init:.3g}, mode {html.escape(str(chosen['mode']))}"

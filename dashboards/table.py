@@ -12,7 +12,13 @@ import pandas as pd
 from optuna.trial import TrialState
 
 COLUMNS = ["trial", "val_accuracy", "test_accuracy", "sparsity", "flops_ratio", "lam", "droprate_init", "mode",
-           "removed_params", "total_params", "mlflow_run_id", "state", "on_front"]
+           "removed_params", "total_params", "mlflow_run_id", "state", "feasible", "on_front"]
+
+
+def feasible(trial: optuna.trial.FrozenTrial) -> bool:
+    """Whether a trial meets its constraints (the study file's ``min_accuracy``), as Optuna judges it: every
+    constraint value <= 0. Trials without constraints (stopped early, or from before floors) are feasible."""
+    return all(v <= 0 for v in trial.constraints.values())
 
 
 def metric_names(study: optuna.Study) -> list[str]:
@@ -21,7 +27,8 @@ def metric_names(study: optuna.Study) -> list[str]:
 
 
 def trials_table(study: optuna.Study) -> pd.DataFrame:
-    """One row per finished trial (complete, or stopped early), front trials flagged ``on_front``.
+    """One row per finished trial (complete, or stopped early), front trials flagged ``on_front``; ``feasible``
+    is False for a trial short of the study's accuracy floor, which keeps it off the front.
 
     Metrics are the final model's: validation accuracy selects, test accuracy is only reported.
     """
@@ -39,10 +46,10 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
                      "sparsity": sparsity, "flops_ratio": a.get("flops_ratio", np.nan), "lam": a.get("lam"),
                      "droprate_init": a.get("droprate_init"), "mode": a.get("mode"),
                      "removed_params": a.get("removed_params"), "total_params": a.get("total_params"),
-                     "mlflow_run_id": a.get("mlflow_run_id"), "state": t.state.name,
+                     "mlflow_run_id": a.get("mlflow_run_id"), "state": t.state.name, "feasible": feasible(t),
                      "on_front": t.number in front})
     # bool even with no rows: an empty object column would select columns, not rows, in table[table.on_front]
-    return pd.DataFrame(rows, columns=COLUMNS).astype({"on_front": bool})
+    return pd.DataFrame(rows, columns=COLUMNS).astype({"on_front": bool, "feasible": bool})
 
 
 def front_table(study: optuna.Study) -> pd.DataFrame:
@@ -55,14 +62,16 @@ def hypervolume_history(study: optuna.Study) -> pd.DataFrame:
     """Hypervolume of the (val_accuracy, sparsity) front after each complete trial, reference point (0, 0).
 
     Both objectives lie in [0, 1], so the origin is the natural worst point and values are comparable
-    between studies.
+    between studies. Trials short of the accuracy floor add nothing, as they are not on the front (a network
+    with every unit removed would otherwise add a strip of its chance accuracy's height up to sparsity 1).
     """
     from optuna._hypervolume import compute_hypervolume
 
     points, rows = [], []
     for t in sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.number):
-        points.append([-t.values[0], -t.values[1]])  # optuna's hypervolume minimises
-        hv = compute_hypervolume(np.array(points), np.array([0.0, 0.0]))
+        if feasible(t):
+            points.append([-t.values[0], -t.values[1]])  # optuna's hypervolume minimises
+        hv = compute_hypervolume(np.array(points), np.array([0.0, 0.0])) if points else 0.0
         rows.append({"trial": t.number, "hypervolume": float(hv)})
     return pd.DataFrame(rows, columns=["trial", "hypervolume"])
 

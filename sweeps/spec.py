@@ -153,6 +153,9 @@ class StudySpec(_Strict):
     search: SearchSpace = Field(default_factory=SearchSpace)
     objectives: list[Literal["accuracy", "sparsity", "flops"]] = Field(
         default_factory=lambda: ["accuracy", "sparsity"], min_length=2)
+    # Trials whose validation accuracy falls short of this are infeasible (Optuna constraints): off the front, and
+    # the sampler steers away from them. "chance": a trial must beat always answering the commonest class.
+    min_accuracy: Union[Literal["chance"], float] = "chance"
     trials: int = Field(20, ge=1)  # the study's budget, in complete trials, however many workers join
     sampler: SamplerSpec = Field(default_factory=SamplerSpec)
     enqueue: list[dict[str, Union[float, int, str, bool]]] = Field(default_factory=list)  # starting points
@@ -167,6 +170,13 @@ class StudySpec(_Strict):
             raise ValueError(f"{v!r} is not a usable study name: letters, digits, '.', '_' and '-', starting with a "
                              "letter or digit, at most 100 (it names the report's folder)")
         return v
+
+    @field_validator("min_accuracy", mode="before")
+    @classmethod
+    def _floor(cls, v: object) -> object:
+        if v == "chance" or (isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v <= 1.0):
+            return v
+        raise ValueError(f"must be 'chance' or a validation accuracy in [0, 1] (0: no floor), got {v!r}")
 
     @field_validator("objectives")
     @classmethod

@@ -4,7 +4,7 @@ from __future__ import annotations
 import optuna
 from optuna.trial import TrialState
 
-from dashboards import front_table
+from dashboards import feasible, front_table
 
 from .study import BUDGET_ATTR, counts, worker_gone
 
@@ -18,6 +18,9 @@ def print_status(study: optuna.Study) -> None:
     if gone:
         print(f"running trials {', '.join(map(str, gone))}: their workers on this machine are gone; the next "
               "'l0sweep run' or worker queues them again")
+    short = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if not feasible(t)]
+    if short:
+        print(f"short of the accuracy floor (min_accuracy), kept off the front: trial(s) {', '.join(map(str, short))}")
     front = front_table(study)
     if len(front):
         cols = ["trial", "val_accuracy", "test_accuracy", "sparsity", "flops_ratio", "lam", "droprate_init", "mode"]

@@ -25,8 +25,9 @@ from .tracking import (PID_SPACE_ATTR, WORKER_ATTR, check_tracking, delete_study
 _log = logging.getLogger(__name__)
 SPEC_ATTR = "spec"
 BUDGET_ATTR = "n_trials"
-# Settings that define what a trial is: resuming a study with any of them changed would mix two studies.
-_IDENTITY = ("trial", "search", "objectives")
+# Settings that define what a trial is, or which trials count: resuming a study with any of them changed would mix
+# two studies.
+_IDENTITY = ("trial", "search", "objectives", "min_accuracy")
 
 
 def retry_trial(study: optuna.Study, trial: FrozenTrial, max_retry: int | None) -> bool:
@@ -129,7 +130,7 @@ def check_same_study(spec: StudySpec, stored_json: str) -> None:
     mine = json.loads(spec.model_dump_json())
     for key in _IDENTITY:
         if stored.get(key) != mine.get(key):
-            raise SpecError(f"study {spec.name!r} already exists with a different '{key}' section; "
+            raise SpecError(f"study {spec.name!r} already exists with a different '{key}'; "
                             "give the changed study a new name")
 
 

@@ -10,7 +10,7 @@ import optuna
 import pytest
 from optuna.distributions import FloatDistribution
 
-from dashboards import PickError, front_table, knee, pick, write_report
+from dashboards import PickError, front_table, hypervolume_history, knee, pick, trials_table, write_report
 
 # (val_accuracy, sparsity, lam, mode, test_accuracy, flops_ratio); trials 0-3 are the front.
 TRIALS = [(0.990, 0.10, 0.01, "scratch", 0.985, 0.92), (0.985, 0.50, 0.1, "finetune", 0.980, 0.55),
@@ -33,6 +33,50 @@ def hand_built_study() -> optuna.Study:
                         "log_alpha_hist": {"edges": [-2, 0, 2], "counts": {"1": [3, 5], "3": [7, 1]}},
                         "history": [[1, acc - 0.1, sp / 2], [2, acc, sp]]}))
     return study
+
+
+def add_collapsed_trial(study: optuna.Study) -> int:
+    """A trial that removed every unit (chance accuracy, sparsity ~1), marked short of the accuracy floor as the
+    worker marks it (an Optuna constraint > 0). Without the floor it would be on the front: nothing is sparser."""
+    trial = study.ask({"lam": FloatDistribution(1e-3, 10, log=True)})
+    for key, value in {"lam": 7.5, "droprate_init": 0.5, "mode": "scratch", "test_accuracy": 0.1, "flops_ratio": 0.0,
+                       "total_params": 1000, "removed_params": 999, "mlflow_run_id": "collapsed",
+                       "accuracy_floor": 0.125}.items():
+        trial.set_user_attr(key, value)
+    trial.set_constraint("min_accuracy", 0.125 - 0.09)
+    study.tell(trial, [0.09, 0.999])
+    return trial.number
+
+
+def test_trials_short_of_the_accuracy_floor_stay_off_the_front(tmp_path, capsys):
+    from sweeps.status import print_status
+
+    study = hand_built_study()
+    hypervolume = hypervolume_history(study).hypervolume.iloc[-1]
+    collapsed = add_collapsed_trial(study)
+    table = trials_table(study)
+    assert not table.set_index("trial").feasible[collapsed] and table.feasible.sum() == len(TRIALS)
+    assert list(front_table(study).trial) == [0, 1, 2, 3]
+    # It adds nothing to the hypervolume (it would add a strip 0.09 high from sparsity 0.95 to 0.999).
+    assert hypervolume_history(study).hypervolume.iloc[-1] == pytest.approx(hypervolume)
+    assert pick(study).trial == 2 and pick(study, min_sparsity=0.9).trial == 3
+    with pytest.raises(PickError, match="no trial reaches sparsity 0.99"):
+        pick(study, min_sparsity=0.99)
+    print_status(study)
+    assert f"short of the accuracy floor (min_accuracy), kept off the front: trial(s) {collapsed}\n" in \
+        capsys.readouterr().out
+    page = write_report(study, tmp_path).read_text()
+    assert "1 no better than chance (kept off the front); 4 on the front." in page
+    assert '"name":"no better than chance"' in page  # its own legend entry, grey crosses
+    study.set_user_attr("spec", json.dumps({**json.loads(study.user_attrs["spec"]), "min_accuracy": 0.95}))
+    page = write_report(study, tmp_path).read_text()
+    assert "1 below the accuracy floor (95.00%) (kept off the front)" in page and "accuracy floor 0.9500" in page
+
+    # A study whose complete trials all fall short: pick says so, not that nothing completed.
+    alone = optuna.create_study(study_name="all-short", directions=["maximize", "maximize"])
+    add_collapsed_trial(alone)
+    with pytest.raises(PickError, match="no complete trial of study 'all-short' reaches its accuracy floor"):
+        pick(alone)
 
 
 def test_front_table_and_pick_known_answers():
@@ -86,6 +130,7 @@ PROBE = """<script>window.addEventListener('load', () => setTimeout(() => {
   const plots = [...document.querySelectorAll('.js-plotly-plot')];
   const out = {plots: plots.length, rendered: document.querySelectorAll('.main-svg').length,
     customdata: plots.flatMap(p => p.data.filter(t => t.customdata).map(t => t.customdata)),
+    names: plots.flatMap(p => p.data.map(t => t.name)),
     rows: [...document.querySelectorAll('#front-table tbody tr')].map(r => r.cells[0].textContent.trim())};
   const pre = document.createElement('pre'); pre.id = 'probe'; pre.textContent = JSON.stringify(out);
   document.body.appendChild(pre);
@@ -97,6 +142,7 @@ def test_report_in_headless_chromium(tmp_path):
     from PIL import Image
 
     study = hand_built_study()
+    add_collapsed_trial(study)
     page = write_report(study, tmp_path / "report")
     assert (tmp_path / "report" / "front.csv").read_text().count("\n") == 5  # header + 4 front trials
     assert "| 97.00%" in (tmp_path / "report" / "front.md").read_text()
@@ -118,3 +164,4 @@ def test_report_in_headless_chromium(tmp_path):
     assert found["rows"][:4] == ["0", "1", "2 ★", "3"]  # the table is the front, the knee starred
     hover_lams = {row[1] for trace in found["customdata"] for row in trace}
     assert {t[2] for t in TRIALS} <= hover_lams  # every trial's lambda is in the hover data
+    assert 7.5 in hover_lams and found["names"].count("no better than chance") == 2  # the collapsed trial, both plots

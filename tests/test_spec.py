@@ -47,6 +47,9 @@ BAD = [
     ({"name": "s", "enqueue": [{"lam": 1, "beta": 2}]}, "enqueue[0] has ['beta']"),
     ({"name": "s", "workers": {"heartbeat_interval": 10, "grace_period": 5}}, "grace_period (5) must exceed"),
     ({"name": "s", "search": {"lam": {"scratch": {"low": 0.1, "high": 1}}}}, "none for ['finetune']"),
+    ({"name": "s", "min_accuracy": 90}, "min_accuracy: must be 'chance' or a validation accuracy in [0, 1] (0: no "
+                                        "floor), got 90"),
+    ({"name": "s", "min_accuracy": "random"}, "min_accuracy: must be 'chance' or a validation accuracy in [0, 1]"),
 ]
 
 
@@ -57,6 +60,17 @@ def test_bad_spec_is_one_clear_line(data, expected):
     message = str(info.value)
     assert "\n" not in message and message.startswith("x.yaml: ")
     assert expected in message
+
+
+def test_accuracy_floor_is_the_number_given_or_one_example_above_chance():
+    from types import SimpleNamespace
+
+    from sweeps.worker import accuracy_floor
+
+    result = SimpleNamespace(chance_accuracy=26 / 216, val_examples=216)
+    assert accuracy_floor(0.9, result) == 0.9 and accuracy_floor(0, result) == 0.0
+    # A tie with always answering the commonest class falls short; one example more reaches it.
+    assert 26 / 216 < accuracy_floor("chance", result) <= 27 / 216
 
 
 def test_broken_yaml_names_the_line(tmp_path):
@@ -97,10 +111,13 @@ def test_a_study_made_before_a_new_setting_existed_still_resumes():
 
     spec = load_spec(Path(__file__).parents[1] / "studies" / "default.yaml")
     older = json.loads(spec.model_dump_json())
-    del older["trial"]["amp"], older["trial"]["channels_last"], older["trial"]["compile"]
+    del older["trial"]["amp"], older["trial"]["channels_last"], older["trial"]["compile"], older["min_accuracy"]
     check_same_study(spec, json.dumps(older))
+    # Which trials count cannot change under a study either: its front would mix two floors.
+    with pytest.raises(SpecError, match="different 'min_accuracy';"):
+        check_same_study(spec, json.dumps({**older, "min_accuracy": 0.9}))
     older["trial"]["seed"] = 99
-    with pytest.raises(SpecError, match="different 'trial' section"):
+    with pytest.raises(SpecError, match="different 'trial';"):
         check_same_study(spec, json.dumps(older))
 
 

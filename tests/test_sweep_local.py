@@ -196,3 +196,31 @@ def test_two_launches_of_one_file_at_once_share_the_study(tmp_path):
     runs = runs_of(f"sqlite:///{out.resolve() / 'mlflow.db'}", "tiny")
     assert [r.info.status for r in runs if r.data.tags.get("l0sweep.role") == "study"] == ["FINISHED"]
     assert all(r.info.status != "RUNNING" for r in runs)
+
+
+def test_a_trial_that_removed_everything_stays_off_the_front(tmp_path):
+    """A trial whose gates all closed answers one class to everything: chance accuracy at sparsity ~1, the sparse
+    end of every front unless the study's accuracy floor (here the default, chance) keeps it off. The worker marks
+    it infeasible (an Optuna constraint, which also steers TPE and NSGA-II away) and logs no model for it."""
+    trial = {**TINY["trial"], "optim": {**TINY["trial"]["optim"], "gate_lr": 0.2, "epochs": 6}}
+    search = {**TINY["search"], "lam": {"low": 1e-3, "high": 1e3, "log": True}, "mode": ["scratch"],
+              "droprate_init": 0.5}
+    study_file = write_study(tmp_path / "tiny.yaml", trial=trial, search=search, trials=2,
+                             enqueue=[{"lam": 100.0}, {"lam": 0.001}])
+    out = tmp_path / "out"
+    result = l0sweep("run", study_file, "--workers", "1", "--out", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = _study(out)
+    by_lam = {t.params["lam"]: t for t in study.get_trials(states=(TrialState.COMPLETE,))}
+    collapsed, healthy = by_lam[100.0], by_lam[0.001]
+    assert collapsed.values[1] > 0.99 and collapsed.values[0] < 0.15  # every unit removed, chance accuracy
+    floor = collapsed.user_attrs["accuracy_floor"]
+    assert floor == pytest.approx(26 / 216 + 0.5 / 216)  # the digits split's commonest class, and half an example
+    assert collapsed.constraints == {"min_accuracy": pytest.approx(floor - collapsed.values[0])}
+    assert healthy.values[0] > 0.8 and healthy.constraints["min_accuracy"] < 0
+    assert [t.number for t in study.best_trials] == [healthy.number]
+    assert collapsed.user_attrs["model_logged"] is False and healthy.user_attrs["model_logged"] is True
+    run = MlflowClient(f"sqlite:///{out.resolve() / 'mlflow.db'}").get_run(collapsed.user_attrs["mlflow_run_id"])
+    assert run.data.metrics["chance_accuracy"] == pytest.approx(26 / 216) and run.info.status == "FINISHED"
+    page = (out / "reports" / "tiny" / "report.html").read_text()
+    assert "1 no better than chance (kept off the front); 1 on the front." in page
