@@ -269,7 +269,8 @@ def compiled(model: nn.Module) -> nn.Module:
     return torch.compile(model)
 
 
-def _load(cfg: TrialConfig) -> Splits:
+def load_splits(cfg: TrialConfig) -> Splits:
+    """The trial's data as its seeded train/validation/test splits."""
     d = cfg.data
     return load_data(d.name, d.data_dir, cfg.seed, d.val_fraction, d.download, **d.kwargs)
 
@@ -295,7 +296,7 @@ def dense_baseline(cfg: TrialConfig, splits: Splits | None = None) -> Path:
     with file_lock(directory / f"{key}.lock"):
         if not path.exists():
             device = resolve_device(cfg.device)
-            splits = splits or _load(cfg)
+            splits = splits or load_splits(cfg)
             torch.manual_seed(cfg.seed)
             dense = build_model(cfg.model.name, splits.input_shape, splits.num_classes, gates=False,
                                 **cfg.model.kwargs).to(device)
@@ -338,7 +339,7 @@ def check_fits(cfg: TrialConfig) -> None:
     if cfg.compile:
         _check_compiler()
     try:
-        splits = _load(cfg)
+        splits = load_splits(cfg)
     except Exception as exc:
         raise SpecError(f"trial.data {cfg.data.name!r} cannot be loaded: {one_line(exc)}") from None
     try:
@@ -364,7 +365,7 @@ def train_trial(cfg: TrialConfig, on_epoch: Callable[[EpochMetrics], bool] | Non
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    splits = _load(cfg)
+    splits = load_splits(cfg)
     baseline = dense_baseline(cfg, splits) if cfg.mode == "finetune" else None
     torch.manual_seed(cfg.seed)
     dense_state = torch.load(baseline, map_location="cpu")["state_dict"] if baseline is not None else None

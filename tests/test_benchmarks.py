@@ -149,3 +149,21 @@ def test_cpu_allocator_compares_fresh_processes_of_each_setting(tmp_path):
     # step: which one is up to the process, so no comparison here; the script exits non-zero if the setting did
     # not take, and test_training checks what it does).
     assert all(int(row[6]) >= 0 and int(row[8]) >= 3 for row in rows.values())
+
+
+@pytest.mark.slow
+def test_accuracy_floor_counts_collapsed_trials_with_and_without_the_floor(tmp_path):
+    from tests.sweep_helpers import TINY
+
+    # Two starting points: one whose gates all close (lam 100 with a fast gate learning rate), one that learns.
+    trial = {**TINY["trial"], "optim": {**TINY["trial"]["optim"], "gate_lr": 0.2, "epochs": 6}}
+    search = {**TINY["search"], "lam": {"low": 1e-3, "high": 1e3, "log": True}, "mode": ["scratch"],
+              "droprate_init": 0.5}
+    study = write_study(tmp_path / "study.yaml", trial=trial, search=search, enqueue=[{"lam": 100.0}, {"lam": 0.001}])
+    text = _bench("accuracy_floor", tmp_path / "results.md", "--study", str(study), "--seeds", "1", "--trials", "2",
+                  "--workers", "1")
+    rows = {row[0]: row for row in _rows(text) if row[0] in ("0", "chance")}
+    # min_accuracy, seed, complete, collapsed, collapsed on the front, front size, ...
+    assert rows["0"][2:6] == ["2", "1", "1", "2"]  # no floor: the collapsed trial is the front's sparse end
+    assert rows["chance"][2:6] == ["2", "1", "0", "1"]
+    assert "collapsed trials (validation accuracy below 0.1227, the chance floor) 1 without a floor, 1 with it" in text
