@@ -4,9 +4,9 @@
 ``pick(study, max_drop=..., min_sparsity=...)`` chooses a trial (a lambda) from the front (the knee by default).
 Nothing here trains: it reads what the sweep stored on the study and its trials.
 """
-from .pick import PickError, describe_pick, knee, pick
+from .pick import PickError, describe_pick, knee, pick, recommend
 from .report import write_report
 from .table import feasible, front_table, hypervolume_history, trials_table
 
 __all__ = ["PickError", "describe_pick", "feasible", "front_table", "hypervolume_history", "knee", "pick",
-           "trials_table", "write_report"]
+           "recommend", "trials_table", "write_report"]

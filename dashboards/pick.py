@@ -35,13 +35,36 @@ def knee(front: pd.DataFrame) -> int:
     return int(np.argmax(-dist if chord[0] < 0 else dist))
 
 
+def recommend(front: pd.DataFrame, baseline: dict | None) -> tuple[int, str]:
+    """Row index of the front's recommended trial, and how it was chosen (words for the report).
+
+    The knee, where the front has one (three trials or more). Two trials are both ends of the chord, so the
+    knee rule could only take the more accurate, however little more accurate and however much less sparse;
+    there, the sparsest trial within 1 accuracy point of the dense baseline (``pick --max-drop 1``), else the
+    more accurate.
+
+    >>> two = pd.DataFrame({"val_accuracy": [0.986, 0.9815], "sparsity": [0.35, 0.82]})
+    >>> recommend(two, {"val_accuracy": 0.977})
+    (1, 'the sparsest front trial within 1 point of the dense baseline; a front of two has no knee')
+    """
+    if len(front) >= 3:
+        return knee(front), "knee of the front"
+    if baseline and len(front) == 2:
+        ok = front.val_accuracy >= baseline["val_accuracy"] - 0.01 - 1e-12
+        if ok.any():
+            return int(front.sparsity.where(ok).idxmax()), \
+                "the sparsest front trial within 1 point of the dense baseline; a front of two has no knee"
+    return int(front.val_accuracy.to_numpy().argmax()), \
+        "the only front trial" if len(front) == 1 else "the most accurate front trial"
+
+
 def pick(study: optuna.Study, max_drop: float | None = None, min_sparsity: float | None = None) -> pd.Series:
     """The chosen front trial as a row of ``front_table``.
 
     - ``max_drop``: the sparsest trial whose validation accuracy is within ``max_drop`` points (percent) of the
       dense baseline (of the best trial when the study has no baseline);
     - ``min_sparsity``: the most accurate trial with at least this sparsity (0-1);
-    - neither: the knee of the front.
+    - neither: the recommended trial (:func:`recommend`: the knee of the front).
     """
     front = front_table(study)
     if front.empty:
@@ -68,7 +91,7 @@ def pick(study: optuna.Study, max_drop: float | None = None, min_sparsity: float
             raise PickError(f"no trial reaches sparsity {min_sparsity:.2f}; the sparsest has "
                             f"{front.sparsity.max():.3f}")
         return ok.sort_values(["val_accuracy", "sparsity"]).iloc[-1]
-    return front.iloc[knee(front)]
+    return front.iloc[recommend(front, study.user_attrs.get("dense_baseline"))[0]]
 
 
 def describe_pick(study: optuna.Study, row: pd.Series, tracking_uri: str | None = None) -> str:

@@ -13,7 +13,7 @@ import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
-from .pick import PickError, pick
+from .pick import recommend
 from .table import failed_and_interrupted, front_table, hypervolume_history, spec_of, trials_table
 
 MODE_COLOURS = {"scratch": "#1f77b4", "finetune": "#d62728"}
@@ -151,10 +151,10 @@ def write_report(study: optuna.Study, out_dir: str | Path, tracking_uri: str | N
     table = trials_table(study)
     front = front_table(study)
     baseline = study.user_attrs.get("dense_baseline")
-    try:
-        chosen = pick(study)
-    except PickError:
-        chosen = None
+    chosen, how = None, ""
+    if not front.empty:
+        row, how = recommend(front, baseline)
+        chosen = front.iloc[row]
     front.to_csv(out / "front.csv", index=False)
     shown = _format_table(front)
     md = shown.to_markdown(index=False)
@@ -190,7 +190,7 @@ def write_report(study: optuna.Study, out_dir: str | Path, tracking_uri: str | N
                + (f", {interrupted} interrupted and run again (their workers were stopped or died)"
                   if interrupted else "") + _short_of_floor(table, floor) + f"; {len(front)} on the front.")
     rec = "<p>No complete trial yet.</p>" if chosen is None else (
-        f"<p class='rec'><b>Recommended (knee of the front): trial {int(chosen.trial)}</b>: "
+        f"<p class='rec'><b>Recommended ({how}): trial {int(chosen.trial)}</b>: "
         f"lambda {chosen.lam:.4g}, droprate_init {chosen.droprate_init:.3g}, mode {html.escape(str(chosen['mode']))}"
         f" &mdash; val acc {chosen.val_accuracy:.2%}, test acc {chosen.test_accuracy:.2%}, sparsity "
         f"{chosen.sparsity:.3f}, FLOPs ratio {chosen.flops_ratio:.3f}, MLflow run "

@@ -69,10 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("study", help="a study file or a study name")
     how = p.add_mutually_exclusive_group()
     how.add_argument("--max-drop", type=float, metavar="PTS",
-                     help="the sparsest trial within PTS accuracy points of the best validation accuracy")
+                     help="the sparsest trial within PTS accuracy points of the dense baseline's validation "
+                          "accuracy (of the best trial's, without a baseline)")
     how.add_argument("--min-sparsity", type=float, metavar="S",
                      help="the most accurate trial with sparsity >= S (0-1)")
-    how.add_argument("--knee", action="store_true", help="the front's knee (default)")
+    how.add_argument("--knee", action="store_true",
+                     help="the report's recommendation (default): the front's knee; on a front of two, which has no "
+                          "knee, the sparsest within 1 point of the dense baseline")
     _common(p)
 
     p = sub.add_parser("dashboard", help="serve optuna-dashboard on the study storage (rides out database restarts)")

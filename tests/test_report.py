@@ -96,6 +96,27 @@ def test_front_table_and_pick_known_answers():
     assert knee(front.iloc[:2]) == 0
 
 
+def test_a_front_of_two_has_no_knee_so_the_recommendation_takes_the_sparsest_within_1_point(tmp_path):
+    """Two trials are both ends of the knee's chord: the knee rule took the more accurate, even 0.5 points more
+    accurate at 0.35 sparsity against 0.82 (as the default study's front of two read)."""
+    study = optuna.create_study(study_name="two", directions=["maximize", "maximize"])
+    study.set_metric_names(["val_accuracy", "sparsity"])
+    for acc, sp in ((0.986, 0.35), (0.9815, 0.82)):
+        study.add_trial(optuna.trial.create_trial(values=[acc, sp], user_attrs={
+            "lam": sp, "droprate_init": 0.05, "mode": "finetune", "test_accuracy": acc, "flops_ratio": 1 - sp,
+            "total_params": 100, "removed_params": int(sp * 100)}))
+    assert pick(study).sparsity == 0.35  # no baseline: the more accurate
+    study.set_user_attr("dense_baseline", {"val_accuracy": 0.977, "test_accuracy": 0.96})
+    assert pick(study).sparsity == 0.82
+    page = write_report(study, tmp_path).read_text()
+    assert "Recommended (the sparsest front trial within 1 point of the dense baseline; a front of two has no " \
+           "knee): trial 1" in page
+    study.set_user_attr("dense_baseline", {"val_accuracy": 0.997, "test_accuracy": 0.99})
+    assert pick(study).sparsity == 0.35  # neither within 1 point: the more accurate
+    assert "Recommended (the most accurate front trial): trial 0" in write_report(study, tmp_path).read_text()
+    assert "Recommended (knee of the front): trial 2" in write_report(hand_built_study(), tmp_path).read_text()
+
+
 def test_a_study_whose_trials_all_failed_still_reports(tmp_path, capsys):
     # What a user meets when every trial of a new study crashes: status, report and pick say so, none crash.
     from sweeps.status import print_status
