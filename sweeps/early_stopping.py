@@ -1,8 +1,10 @@
 """Pareto-aware early stopping: Optuna cannot prune multi-objective trials (optuna#3450), so the sweep does.
 
 A running trial's (validation accuracy, sparsity) after epoch e is compared with what every completed trial
-had after its own epoch e (kept per epoch in the trial's ``history`` user attr). If one completed trial was
-better on both by the study's margins, the running trial is clearly dominated and stops (state PRUNED).
+above the study's accuracy floor had after its own epoch e (kept per epoch in the trial's ``history`` user attr).
+If one was better on both by the study's margins, the running trial is clearly dominated and stops (state
+PRUNED). A trial that ended short of the floor (its gates all closing) is no evidence: on its way down it passes
+through points that beat healthy trials early on, and those trials would be stopped for a model that failed.
 """
 from __future__ import annotations
 
@@ -65,7 +67,9 @@ class ParetoStopper:
     def __call__(self, epoch: int, val_accuracy: float, sparsity: float) -> bool:
         if not self.spec.enabled or epoch < self.spec.warmup_epochs:
             return False
-        completed = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        # Feasible as Optuna judges it (dashboards.feasible; importing dashboards would load plotly into workers).
+        completed = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                     if all(v <= 0 for v in t.constraints.values())]
         if len(completed) < self.spec.min_completed:
             return False
         at_epoch = [h[1:] for t in completed for h in t.user_attrs.get(HISTORY_ATTR, []) if h[0] == epoch]

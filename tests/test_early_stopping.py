@@ -29,6 +29,21 @@ def test_stops_only_clearly_dominated_trials_after_warmup():
     assert not ParetoStopper(study, spec.model_copy(update={"min_completed": 3}))(2, 0.1, 0.0)
 
 
+def test_a_trial_short_of_the_accuracy_floor_stops_nothing():
+    """On its way to removing everything, a collapsing trial is both sparse and still accurate at epoch 2."""
+    healthy = [[1, 0.80, 0.05], [2, 0.85, 0.10], [3, 0.97, 0.40]]
+    collapsing = [[1, 0.85, 0.30], [2, 0.90, 0.60], [3, 0.09, 0.99]]
+    spec = EarlyStoppingSpec(enabled=True, warmup_epochs=2, min_completed=2)
+    for floor, stopped in ((None, True), (0.13, False)):
+        study = _study([healthy, healthy])
+        trial = study.ask()
+        trial.set_user_attr("history", collapsing)
+        if floor is not None:
+            trial.set_constraint("min_accuracy", floor - collapsing[-1][1])  # as the worker marks it
+        study.tell(trial, collapsing[-1][1:])
+        assert ParetoStopper(study, spec)(2, 0.85, 0.10) is stopped
+
+
 def test_history_is_written_on_the_first_epoch_then_throttled_and_whole_at_the_end():
     from sweeps.early_stopping import TrialHistory
 
