@@ -35,6 +35,12 @@ def knee(front: pd.DataFrame) -> int:
     return int(np.argmax(-dist if chord[0] < 0 else dist))
 
 
+def _sparsest_within(front: pd.DataFrame, reference: float, points: float) -> pd.DataFrame:
+    """Front trials within ``points`` accuracy points of ``reference``, the sparsest last."""
+    ok = front[front.val_accuracy >= reference - points / 100 - 1e-12]
+    return ok.sort_values(["sparsity", "val_accuracy"])
+
+
 def recommend(front: pd.DataFrame, baseline: dict | None) -> tuple[int, str]:
     """Row index of the front's recommended trial, and how it was chosen (words for the report).
 
@@ -50,9 +56,9 @@ def recommend(front: pd.DataFrame, baseline: dict | None) -> tuple[int, str]:
     if len(front) >= 3:
         return knee(front), "knee of the front"
     if baseline and len(front) == 2:
-        ok = front.val_accuracy >= baseline["val_accuracy"] - 0.01 - 1e-12
-        if ok.any():
-            return int(front.sparsity.where(ok).idxmax()), \
+        ok = _sparsest_within(front, baseline["val_accuracy"], 1.0)
+        if len(ok):
+            return int(ok.index[-1]), \
                 "the sparsest front trial within 1 point of the dense baseline; a front of two has no knee"
     return int(front.val_accuracy.to_numpy().argmax()), \
         "the only front trial" if len(front) == 1 else "the most accurate front trial"
@@ -78,11 +84,11 @@ def pick(study: optuna.Study, max_drop: float | None = None, min_sparsity: float
         baseline = study.user_attrs.get("dense_baseline")
         reference, what = (baseline["val_accuracy"], "the dense baseline") if baseline else \
             (float(front.val_accuracy.max()), "the best trial")
-        ok = front[front.val_accuracy >= reference - max_drop / 100 - 1e-12]
+        ok = _sparsest_within(front, reference, max_drop)
         if ok.empty:
             raise PickError(f"no trial is within {max_drop} points of {what} ({reference:.2%} validation accuracy); "
                             f"the best reaches {front.val_accuracy.max():.2%}")
-        return ok.sort_values(["sparsity", "val_accuracy"]).iloc[-1]
+        return ok.iloc[-1]
     if min_sparsity is not None:
         if not 0 <= min_sparsity <= 1:
             raise PickError(f"--min-sparsity must lie in [0, 1], got {min_sparsity}")

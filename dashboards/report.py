@@ -44,10 +44,9 @@ def _scatter(table: pd.DataFrame, x: str, x_title: str, baseline: dict | None, c
     floor (``floor``: see :func:`_floor`) crossed out in grey; colour by mode."""
     fig = go.Figure()
     short = table[~table.feasible]
-    table = table[table.feasible]
     for mode, colour in MODE_COLOURS.items():
         for on_front in (True, False):
-            rows = table[(table["mode"] == mode) & (table.on_front == on_front)]
+            rows = table[table.feasible & (table["mode"] == mode) & (table.on_front == on_front)]
             if rows.empty:
                 continue
             fig.add_trace(go.Scatter(
@@ -77,11 +76,10 @@ def _scatter(table: pd.DataFrame, x: str, x_title: str, baseline: dict | None, c
                       height=460, legend={"orientation": "h", "y": -0.2}, margin={"t": 50, "b": 20})
     # Collapsed trials (accuracy near chance) would squash the interesting band into a line: show the band,
     # and say how many lie below it.
-    every = pd.concat([table, short])
-    top = max(every.val_accuracy.max(), baseline["val_accuracy"] if baseline else 0.0)
-    useful = every.val_accuracy[every.val_accuracy >= 0.5 * top]
+    top = max(table.val_accuracy.max(), baseline["val_accuracy"] if baseline else 0.0)
+    useful = table.val_accuracy[table.val_accuracy >= 0.5 * top]
     low = max(0.0, min(useful.min(), top - 0.02) - 0.02) if len(useful) else 0.0
-    below = int((every.val_accuracy < low).sum())
+    below = int((table.val_accuracy < low).sum())
     if floor[1] is not None and floor[1] >= low:
         fig.add_hline(y=floor[1], line={"color": "#999", "dash": "dot"},
                       annotation_text=f"accuracy floor {floor[1]:.4f}", annotation_position="top left")

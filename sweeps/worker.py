@@ -24,19 +24,19 @@ from .study import (BUDGET_ATTR, SPEC_ATTR, check_same_study, counts, load_exist
                     retry_trial, storage_for)
 from .tracking import (PID_SPACE_ATTR, WORKER_ATTR, TrialRun, end_study_run, log_alpha_by_gate, log_alpha_histogram,
                        pid_space, worker_tag)
-from .training import EpochMetrics, StopTrial, TrialResult, check_fits, dense_baseline, train_trial
+from .training import EpochMetrics, StopTrial, check_fits, dense_baseline, train_trial
 
 BASELINE_ATTR = "dense_baseline"
 FLOOR_ATTR = "accuracy_floor"  # the validation accuracy a trial had to reach to count (study file: min_accuracy)
 TRAIN_SECONDS_ATTR = "train_seconds"  # a complete trial's training (and the dense baseline's, if it had it trained)
 
 
-def accuracy_floor(min_accuracy: float | str, result: TrialResult) -> float:
+def accuracy_floor(min_accuracy: float | str, chance_accuracy: float, val_examples: int) -> float:
     """The validation accuracy a trial must reach to be feasible: ``min_accuracy``, or for ``"chance"`` one
-    validation example more than always answering the commonest class (a model that only ties it may answer
-    that class to everything; half an example keeps the comparison clear of rounding)."""
+    validation example more than ``chance_accuracy``, always answering the commonest class (a model that only
+    ties it may answer that class to everything; half an example keeps the comparison clear of rounding)."""
     if min_accuracy == "chance":
-        return result.chance_accuracy + 0.5 / max(result.val_examples, 1)
+        return chance_accuracy + 0.5 / max(val_examples, 1)
     return float(min_accuracy)
 
 
@@ -95,7 +95,7 @@ class Objective:
                 trial.set_user_attr(key, getattr(result, key))
             # An Optuna constraint (feasible when <= 0): a trial short of the floor stays off the front
             # (study.best_trials), and TPE and NSGA-II rank it below every feasible trial, steering away from it.
-            floor = accuracy_floor(spec.min_accuracy, result)
+            floor = accuracy_floor(spec.min_accuracy, result.chance_accuracy, result.val_examples)
             trial.set_user_attr(FLOOR_ATTR, floor)
             trial.set_constraint("min_accuracy", floor - result.val_accuracy)
             feasible = result.val_accuracy >= floor
