@@ -2,22 +2,29 @@
 
 >>> import torch, l0core
 >>> net = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
->>> gated = l0core.attach(net, "neuron")            # gates on each dense layer's inputs
+>>> x = torch.randn(1, 64)
+>>> gated = l0core.attach(net, "neuron", example_inputs=x)   # gates on each dense layer's inputs
 >>> loss = net(torch.randn(8, 64)).logsumexp(1).mean() + l0core.penalty(net, lam=0.1)
->>> report = l0core.sparsity(net, torch.randn(1, 64))
->>> small = l0core.compact(net, torch.randn(1, 64))  # plain, physically smaller model
+>>> report = l0core.sparsity(net, x)
+>>> small = l0core.compact(net, x)                            # plain, physically smaller model
+
+The modules, from the bottom up: ``hard_concrete`` (the distribution), ``kinds`` (gate kinds), ``hooks`` (how z
+reaches the network), ``dependency`` (torch-pruning's graph and the removal rule), ``fold``, ``export``
+(compact), ``costs`` (the expected L0), ``regularizer`` (the penalty), ``placement`` (attach), ``report``.
 """
-from .accounting import LayerReport, SparsityReport, count_flops, measure_unit_costs, sparsity
-from .placement import Gated, attach, gate_parameters, gates
-from .export import compact, fold
-from .kinds import ChannelGate, NeuronGate, ParameterGate, UnitGate
+from .costs import KeptCounter, count_parameters, expected_kept, measure_couplings
+from .export import compact
+from .fold import GateSite, fold
 from .hard_concrete import HardConcrete
-from .regularizer import count_parameters, expected_kept, param_groups, penalty
+from .kinds import ChannelGate, NeuronGate, ParameterGate, UnitGate, gates
+from .placement import Gated, attach, gate_parameters, select
+from .regularizer import param_groups, penalty
+from .report import LayerReport, SparsityReport, count_flops, sparsity
 
 __all__ = [
     "HardConcrete", "ChannelGate", "NeuronGate", "ParameterGate", "UnitGate",
-    "attach", "gate_parameters", "gates", "Gated",
-    "penalty", "param_groups", "count_parameters", "expected_kept",
-    "sparsity", "SparsityReport", "LayerReport", "count_flops", "measure_unit_costs",
-    "compact", "fold",
+    "attach", "gate_parameters", "select", "gates", "Gated",
+    "penalty", "param_groups", "count_parameters", "expected_kept", "measure_couplings", "KeptCounter",
+    "sparsity", "SparsityReport", "LayerReport", "count_flops",
+    "compact", "fold", "GateSite",
 ]

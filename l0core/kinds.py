@@ -3,15 +3,20 @@
 - :class:`ChannelGate` / :class:`NeuronGate` scale whole units of an activation (dim 1 of ``(N, C, ...)``).
 - :class:`ParameterGate` scales single elements of a weight, through ``torch.nn.utils.parametrize``.
 
-All three are :class:`~l0core.hard_concrete.HardConcrete`; they differ only in how ``z`` is applied.
-Each carries ``unit_cost``: how many model parameters one unit governs, which the penalty and the
-sparsity report weigh it by.
+All three are :class:`~l0core.hard_concrete.HardConcrete`; they differ only in how ``z`` is applied. Which
+parameters each one governs is worked out where they are counted (:mod:`l0core.costs`), not stored on the gate.
 """
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from .hard_concrete import HardConcrete
+
+# Where attach puts a structured gate: on the module whose units it governs, so it travels with its state dict.
+GATE_ATTR = "l0_gate"
+# Where l0core.costs keeps, on a gated model, its count of which gates govern each parameter.
+COUNTER_ATTR = "_l0_kept_counter"
 
 
 class UnitGate(HardConcrete):
@@ -28,12 +33,10 @@ class UnitGate(HardConcrete):
         num_units: int,
         droprate_init: float = 0.5,
         per_sample: bool = False,
-        unit_cost: float = 1.0,
         **hard_concrete: float,
     ) -> None:
         super().__init__(num_units, droprate_init, **hard_concrete)
         self.per_sample = per_sample
-        self.register_buffer("unit_cost", torch.full((num_units,), float(unit_cost)))
 
     def _z_for(self, x: torch.Tensor) -> torch.Tensor:
         """This pass's ``z``, shaped to broadcast over ``x``: ``(N, C, 1, ...)`` per example, else ``(C, 1, ...)``."""
@@ -130,10 +133,19 @@ class ParameterGate(HardConcrete):
         shape = torch.Size(shape)
         super().__init__(shape.numel(), droprate_init, **hard_concrete)
         self.shape = shape
-        self.register_buffer("unit_cost", torch.ones(shape.numel()))
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         return weight * self.gate().view(self.shape).to(weight.dtype)
 
     def extra_repr(self) -> str:
         return f"shape={tuple(self.shape)}, droprate_init={self.droprate_init}"
+
+
+def gates(model: nn.Module) -> list[tuple[str, HardConcrete]]:
+    """Every gate in ``model`` with its qualified name."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, HardConcrete)]
+
+
+def gate_modules(model: nn.Module) -> list[HardConcrete]:
+    """Every gate in ``model``, without names: for what runs every step (building the names costs more)."""
+    return [m for m in model.modules() if isinstance(m, HardConcrete)]

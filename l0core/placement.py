@@ -1,28 +1,22 @@
 """Add gates to an existing model without editing its source.
 
-Structured gates live on the module whose units they govern (``conv.l0_gate``, ``linear.l0_gate``), so
-they travel with its state dict. A channel gate acts where the unit leaves the layer (after the BatchNorm
-that follows a conv). With one draw per batch it scales that layer's weight and bias instead of its output
-(``torch.nn.utils.parametrize``): the same function, at the cost of a few hundred multiplications instead of
-a pass over the activation and a second copy of it kept for backward. Per-example channel gates multiply
-the activation through a forward hook; followed by a ReLU, they fuse with it (``relu(x) * z``), keeping for
-backward only the output the ReLU would have kept. Neuron gates (where features enter a dense layer)
-multiply the activation through a forward hook.
-Parameter gates use ``torch.nn.utils.parametrize`` and keep the existing weights untouched.
+Structured gates live on the module whose units they govern (``conv.l0_gate``, ``linear.l0_gate``), so they
+travel with its state dict. A channel gate acts where the unit leaves the layer (after the BatchNorm that
+follows a conv). With one draw per batch it scales that layer's weight and bias instead of its output
+(:class:`~l0core.hooks.ScaleUnits`): the same function, at the cost of a few hundred multiplications instead of
+a pass over the activation and a second copy of it kept for backward. Per-example channel gates multiply the
+activation through a forward hook; followed by a ReLU, they fuse with it (``relu(x) * z``). Neuron gates (where
+features enter a dense layer) multiply the activation through a forward pre-hook. Parameter gates use
+``torch.nn.utils.parametrize`` and keep the existing weights untouched.
 
 In training, the model given to :func:`attach` draws all its once-per-batch gates together when its forward
-starts (:func:`~l0core.hard_concrete.sample_together`, one pass over their concatenated ``log_alpha``), and
-each gate reads its ``current`` draw. The draw stays on the gate (``drawn_for_pass``) until the next pass, for
-activation checkpointing: a checkpointed block recomputed during backward reads the z its forward read (a draw
-made inside the block is made again alike, as checkpointing restores the random state). Per-example gates
-draw where they apply: drawn together at the start of the pass, their ``(N, n)`` samples are reduced to
-``log_alpha``'s gradient only at the end of the backward pass, and a LeNet-5 step held 11% more memory at its
-peak (measured, then reverted).
+starts (:class:`~l0core.hooks.DrawTogether`), and each gate reads its ``current`` draw. The draw stays on the gate
+(``drawn_for_pass``) until the next pass, for activation checkpointing: a checkpointed block recomputed during
+backward reads the z its forward read. Per-example gates draw where they apply.
 """
 from __future__ import annotations
 
 import fnmatch
-import functools
 from dataclasses import dataclass
 from typing import Iterable, Literal, Sequence, Union
 
@@ -30,15 +24,20 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .kinds import ChannelGate, NeuronGate, ParameterGate, UnitGate
-from .hard_concrete import HardConcrete, sample_together
+from .costs import measure_couplings
+from .dependency import check_traceable
+from .hard_concrete import HardConcrete
+from .hooks import (DrawGate, ForgetGate, GateAfterRelu, GateInput, GateOutput, RefreshFlatWeights,
+                    RestoreFlatWeights, ScaleUnits, draw_gates_together)
+from .kinds import GATE_ATTR, ChannelGate, NeuronGate, ParameterGate, UnitGate
 
-GATE_ATTR = "l0_gate"
 Selector = Union[str, type, Sequence[Union[str, type]], None]
 Kind = Literal["channel", "neuron", "parameter"]
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+# Normalisation layers' weights are scales of whole channels, not connections: parameter gates leave them.
+_SCALES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
 
 
 @dataclass(frozen=True)
@@ -50,94 +49,63 @@ class Gated:
     module: str  # the module whose units (or parameter) the gate governs
     applied_at: str  # where z multiplies: a module output, a module input, or a parameter
     units: int
-    params_per_unit: float  # model parameters one unit governs (before downstream slices are measured)
 
 
 def _matches(name: str, module: nn.Module, selector: Selector) -> bool:
-    if selector is None:
-        return False
-    items = [selector] if isinstance(selector, (str, type)) else list(selector)
-    for item in items:
-        if isinstance(item, type) and isinstance(module, item):
-            return True
-        if isinstance(item, str) and fnmatch.fnmatchcase(name, item):
-            return True
-    return False
+    items = [selector] if isinstance(selector, (str, type)) else list(selector or ())
+    return any(isinstance(module, item) if isinstance(item, type) else fnmatch.fnmatchcase(name, item)
+               for item in items)
 
 
-def _selected(name: str, module: nn.Module, default: tuple[type, ...], include: Selector, exclude: Selector) -> bool:
-    chosen = _matches(name, module, include) if include is not None else isinstance(module, default)
-    return chosen and not _matches(name, module, exclude)
+def _within(name: str, named: dict[str, nn.Module], selector: Selector) -> bool:
+    """Whether the module ``name`` or one of the modules holding it matches ``selector``."""
+    parts = name.split(".") if name else []
+    return any(_matches(prefix, named[prefix], selector)
+               for prefix in ([".".join(parts[:k]) for k in range(len(parts), 0, -1)] + [""]))
 
 
-def _gate_output(gate: UnitGate, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-    return gate(output)
+def _own_weights(module: nn.Module) -> list[str]:
+    """The floating-point weight tensors a parameter gate goes on by default: never a norm layer's scales,
+    never a gate's log_alpha."""
+    if isinstance(module, (HardConcrete, _SCALES)):
+        return []
+    return [n for n, p in module._parameters.items() if p is not None and p.is_floating_point() and "weight" in n]
 
 
-def _gate_input(gate: UnitGate, module: nn.Module, args: tuple) -> tuple:
-    return (gate(args[0]), *args[1:])
+def _gateable(module: nn.Module, kind: Kind) -> bool:
+    if kind == "channel":
+        return isinstance(module, _CONV)
+    if kind == "neuron":
+        return isinstance(module, nn.Linear)
+    return bool(_own_weights(module))
 
 
-def _gate_after_relu(gate: UnitGate, target: nn.Module, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-    # Connected to the graph through the ReLU's input, so the ReLU's node (and the output it saved) is dropped.
-    return gate.relu_then_gate(args[0], output)
+def _network_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The model's modules, without the gates and parametrize's containers l0core added to it."""
+    return [(n, m) for n, m in model.named_modules() if not isinstance(m, HardConcrete)
+            and "parametrizations" not in n.split(".") and not isinstance(m, parametrize.ParametrizationList)]
 
 
-def _draw_gate(gate: UnitGate, module: nn.Module, args: tuple) -> None:
-    gate.current = gate.gate()  # one draw for the whole forward pass, shared by weight and bias
+def select(model: nn.Module, kind: Kind, include: Selector = None, exclude: Selector = None) -> list[tuple[str, nn.Module]]:
+    """The modules ``kind`` can gate that ``include`` selects (itself or a module holding it; all when None)
+    and ``exclude`` does not: convolutions for channel gates, dense layers for neuron gates, any module with
+    weights for parameter gates. A selection of nothing is a one-line error naming some modules it could gate.
 
-
-def _forget_gate(gate: UnitGate, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-    gate.current = None
-
-
-def _draw_together(drawn: list, model: nn.Module, args: tuple) -> None:
-    """Forward pre-hook of a gated model: this pass's draw of every once-per-batch gate in it, in one pass.
-
-    ``drawn`` (one list per model, shared with :func:`_forget_together`) keeps the gates drawn, so the
-    forgetting after the pass touches those and does not walk the model again.
+    >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Sequential(nn.Conv2d(4, 4, 3), nn.ReLU()))
+    >>> [name for name, _ in select(net, "channel", include="1*")]
+    ['1.0']
     """
-    if not model.training:
-        return
-    drawn[:] = [g for g in gate_modules(model)
-                if g.training and g.current is None and not getattr(g, "per_sample", False)]
-    if drawn:
-        for gate, z in zip(drawn, sample_together(drawn)):
-            gate.current = gate.drawn_for_pass = z
-
-
-def _forget_together(drawn: list, model: nn.Module, args: tuple, output: torch.Tensor) -> None:
-    for gate in drawn:
-        gate.current = None
-    drawn.clear()
-
-
-def _draw_gates_together(model: nn.Module) -> None:
-    """Hook :func:`_draw_together` (and the forgetting after the pass) onto ``model``, once."""
-    if not any(getattr(h, "func", None) is _draw_together for h in model._forward_pre_hooks.values()):
-        drawn: list[HardConcrete] = []
-        model.register_forward_pre_hook(functools.partial(_draw_together, drawn))
-        model.register_forward_hook(functools.partial(_forget_together, drawn), always_call=True)
-
-
-class ScaleUnits(nn.Module):
-    """Parametrization: a layer's weight (or bias) with its output units scaled by a gate's ``z``.
-
-    ``layer(x; w * z, b * z) == layer(x; w, b) * z`` per output unit, for a conv and for a BatchNorm's
-    affine parameters. Inside a forward pass ``z`` is that pass's draw; outside it, the deterministic gate.
-    """
-
-    def __init__(self, gate: UnitGate) -> None:
-        super().__init__()
-        self._gate = [gate]  # a reference, not a submodule: the gate lives, and is saved, on its conv
-
-    @property
-    def gate(self) -> UnitGate:
-        return self._gate[0]
-
-    def forward(self, tensor: torch.Tensor) -> torch.Tensor:
-        z = self.gate.current if self.gate.current is not None else self.gate.deterministic()
-        return tensor * z.view(-1, *(1,) * (tensor.dim() - 1)).to(tensor.dtype)
+    modules = _network_modules(model)
+    named = dict(modules)
+    gateable = [(n, m) for n, m in modules if _gateable(m, kind)]
+    chosen = [(n, m) for n, m in gateable if (include is None or _within(n, named, include))
+              and (exclude is None or not _within(n, named, exclude))]
+    if not chosen:
+        some = ", ".join(repr(n) for n, _ in gateable[:4]) + (f" (of {len(gateable)})" if len(gateable) > 4 else "")
+        raise ValueError(f"attach(kind={kind!r}) found nothing to gate with include={include!r}, exclude={exclude!r}: "
+                         + (f"the modules it can gate are {some}" if gateable else
+                            f"the model has no {'convolution' if kind == 'channel' else 'Linear layer' if kind == 'neuron' else 'weights'}"))
+    return chosen
 
 
 def _scale_parameters(gate: UnitGate, target: nn.Module) -> bool:
@@ -147,8 +115,8 @@ def _scale_parameters(gate: UnitGate, target: nn.Module) -> bool:
     for name in ("weight", "bias"):
         if getattr(target, name, None) is not None:
             parametrize.register_parametrization(target, name, ScaleUnits(gate))
-    target.register_forward_pre_hook(functools.partial(_draw_gate, gate))
-    target.register_forward_hook(functools.partial(_forget_gate, gate), always_call=True)
+    target.register_forward_pre_hook(DrawGate(gate))
+    target.register_forward_hook(ForgetGate(gate), always_call=True)
     return True
 
 
@@ -184,17 +152,6 @@ def _fusable_relu(model: nn.Module, parent: nn.Module, child_name: str) -> nn.Re
     return nxt if uses == 1 else None
 
 
-def _local_unit_cost(module: nn.Module, dim: int, norm: nn.Module | None = None) -> float:
-    """Parameters of ``module`` (and its norm) one unit along ``dim`` of its weight owns."""
-    weight = module.weight
-    cost = weight.numel() / weight.shape[dim]
-    if dim == 0 and getattr(module, "bias", None) is not None:
-        cost += 1
-    if norm is not None and norm.affine:
-        cost += 2
-    return float(cost)
-
-
 def attach(
     model: nn.Module,
     kind: Kind = "channel",
@@ -208,11 +165,13 @@ def attach(
 
     - ``kind="channel"``: output channels of every ``Conv*d`` (applied after its BatchNorm when one follows).
     - ``kind="neuron"``: input features of every ``Linear`` (the paper's L0Dense).
-    - ``kind="parameter"``: every element of the weights of ``Conv*d`` and ``Linear`` layers.
+    - ``kind="parameter"``: every element of the weight tensors of any module (convolutions, dense layers,
+      LSTM/GRU, MultiheadAttention, Embedding, a user's own; not normalisation scales, not biases).
 
-    ``include`` / ``exclude`` take qualified-name patterns (``"layer4.*"``) or module types. With
-    ``example_inputs``, the cost of each unit is measured on the model's dependency graph (downstream
-    input slices included); otherwise it counts the layer's own parameters.
+    ``include`` / ``exclude`` take qualified-name patterns (``"layer4.*"``) or module types; a module selected
+    selects the gateable modules inside it too. With ``example_inputs``, the model's dependency graph is traced
+    (:func:`l0core.measure_couplings`) so that the expected L0 and the penalty count exactly what
+    :func:`l0core.compact` removes.
 
     >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 10))
     >>> [g.gate for g in attach(net, "channel")]
@@ -220,102 +179,93 @@ def attach(
     """
     if kind not in ("channel", "neuron", "parameter"):
         raise ValueError(f"kind must be 'channel', 'neuron' or 'parameter', got {kind!r}")
+    chosen = select(model, kind, include, exclude)
     if example_inputs is not None and kind != "parameter":
-        from .export import check_traceable
-
-        check_traceable(model, example_inputs)  # before any gate goes on: a model it refuses stays as it was
+        check_traceable(model, example_inputs)  # a model it cannot trace stays as it was
     if kind == "parameter":
-        result = _attach_parameters(model, include, exclude, droprate_init)
+        result = [g for name, module in chosen for g in _gate_weights(module, _own_weights(module), droprate_init, name)]
     else:
-        result = _attach_units(model, kind, include, exclude, droprate_init, per_sample)
-    if not result:
-        raise ValueError(f"attach(kind={kind!r}) found nothing to gate: check include={include!r} / exclude={exclude!r}")
-    _draw_gates_together(model)
-    if example_inputs is not None and kind != "parameter":
-        from .accounting import measure_unit_costs
-
-        measure_unit_costs(model, example_inputs)
+        result = _attach_units(model, kind, chosen, droprate_init, per_sample)
+    draw_gates_together(model)
+    if example_inputs is not None:
+        measure_couplings(model, example_inputs)
     return result
 
 
-def _attach_units(model, kind, include, exclude, droprate_init, per_sample) -> list[Gated]:
-    default = _CONV if kind == "channel" else (nn.Linear,)
+def _attach_units(model: nn.Module, kind: Kind, chosen: list[tuple[str, nn.Module]], droprate_init: float,
+                  per_sample: bool) -> list[Gated]:
+    named = dict(model.named_modules())
     found: list[Gated] = []
-    for parent_name, parent in list(model.named_modules()):
-        for child_name, child in list(parent.named_children()):
-            name = f"{parent_name}.{child_name}" if parent_name else child_name
-            if not _selected(name, child, default, include, exclude):
-                continue
-            if hasattr(child, GATE_ATTR):
-                raise ValueError(f"module {name!r} is already gated")
-            if kind == "channel":
-                if not isinstance(child, _CONV):
-                    raise ValueError(f"channel gates go on Conv1d/2d/3d; {name!r} is {type(child).__name__}")
-                norm = _following_norm(parent, child_name, child)
-                gate = ChannelGate(child.out_channels, droprate_init, per_sample, _local_unit_cost(child, 0, norm and norm[1]))
-                target_name, target = (f"{parent_name}.{norm[0]}" if parent_name else norm[0], norm[1]) if norm else (name, child)
-                if not per_sample and _scale_parameters(gate, target):
-                    applied = f"output of {target_name} (scaling its weight and bias)"
-                elif (relu := _fusable_relu(model, parent, norm[0] if norm else child_name)) is not None:
-                    relu.register_forward_hook(functools.partial(_gate_after_relu, gate, target))
-                    applied = f"output of {target_name} (fused with the ReLU after it)"
-                else:
-                    target.register_forward_hook(functools.partial(_gate_output, gate))
-                    applied = f"output of {target_name}"
+    for name, child in chosen:
+        if hasattr(child, GATE_ATTR):
+            raise ValueError(f"module {name!r} is already gated")
+        parent_name, _, child_name = name.rpartition(".")
+        parent = named[parent_name]
+        if kind == "channel":
+            gate: UnitGate = ChannelGate(child.out_channels, droprate_init, per_sample)
+            norm = _following_norm(parent, child_name, child)
+            target_name, target = (f"{parent_name}.{norm[0]}".lstrip("."), norm[1]) if norm else (name, child)
+            if not per_sample and _scale_parameters(gate, target):
+                applied = f"output of {target_name} (scaling its weight and bias)"
+            elif (relu := _fusable_relu(model, parent, norm[0] if norm else child_name)) is not None:
+                relu.register_forward_hook(GateAfterRelu(gate, target))
+                applied = f"output of {target_name} (fused with the ReLU after it)"
             else:
-                if not isinstance(child, nn.Linear):
-                    raise ValueError(f"neuron gates go on Linear layers; {name!r} is {type(child).__name__}")
-                gate = NeuronGate(child.in_features, droprate_init, per_sample, _local_unit_cost(child, 1))
-                child.register_forward_pre_hook(functools.partial(_gate_input, gate))
-                applied = f"input of {name}"
-            child.add_module(GATE_ATTR, gate.to(child.weight.device).train(child.training))
-            found.append(Gated(f"{name}.{GATE_ATTR}", kind, name, applied, gate.n, float(gate.unit_cost[0])))
-    return found
-
-
-def _attach_parameters(model, include, exclude, droprate_init) -> list[Gated]:
-    found: list[Gated] = []
-    for name, module in list(model.named_modules()):
-        if isinstance(module, HardConcrete) or not _selected(name, module, _CONV + (nn.Linear,), include, exclude):
-            continue
-        for gated in gate_parameters(module, ["weight"], droprate_init):
-            found.append(Gated(f"{name}.{gated.gate}" if name else gated.gate, "parameter", name, f"{name}.weight", gated.units, 1.0))
+                target.register_forward_hook(GateOutput(gate))
+                applied = f"output of {target_name}"
+        else:
+            gate = NeuronGate(child.in_features, droprate_init, per_sample)
+            child.register_forward_pre_hook(GateInput(gate))
+            applied = f"input of {name}"
+        child.add_module(GATE_ATTR, gate.to(child.weight.device).train(child.training))
+        found.append(Gated(f"{name}.{GATE_ATTR}".lstrip("."), kind, name, applied, gate.n))
     return found
 
 
 def gate_parameters(module: nn.Module, names: Iterable[str] | None = None, droprate_init: float = 0.5) -> list[Gated]:
-    """Put one hard-concrete gate on every element of the named parameters of ``module`` (all, if ``names`` is None).
+    """Put one hard-concrete gate on every element of the named parameters of ``module``.
 
-    The weights are kept exactly as they are, so a trained network can be fine-tuned: with gates fully
-    open (``droprate_init`` small) its outputs start close to the original's.
+    ``names`` may reach into submodules (``"out_proj.weight"``); by default, every floating-point weight tensor
+    of ``module`` and the modules inside it (normalisation scales and biases left out). The weights are kept
+    exactly as they are, so a trained network can be fine-tuned: with gates fully open (``droprate_init``
+    small) its outputs start close to the original's.
 
     >>> lin = nn.Linear(4, 2)
-    >>> [g.gate for g in gate_parameters(lin, ["weight"])]
+    >>> [g.gate for g in gate_parameters(lin)]
     ['parametrizations.weight.0']
     >>> lin.weight.shape  # still a weight of the same shape, now gated
     torch.Size([2, 4])
+    >>> [g.gate for g in gate_parameters(nn.MultiheadAttention(8, 2))]
+    ['parametrizations.in_proj_weight.0', 'out_proj.parametrizations.weight.0']
     """
     if names is None:
-        names = [n for n, _ in module.named_parameters(recurse=False)]
-    names = list(names)
+        found = []
+        for prefix, sub in _network_modules(module):
+            found += _gate_weights(sub, _own_weights(sub), droprate_init, prefix)
+        return found
     found = []
-    for pname in names:
-        param = getattr(module, pname, None)
-        if not isinstance(param, torch.Tensor):
-            raise ValueError(f"{type(module).__name__} has no parameter {pname!r}")
-        if parametrize.is_parametrized(module, pname):
-            raise ValueError(f"parameter {pname!r} of {type(module).__name__} is already parametrized")
-        gate = ParameterGate(param.shape, droprate_init).to(param.device).train(module.training)
-        parametrize.register_parametrization(module, pname, gate)
-        found.append(Gated(f"parametrizations.{pname}.0", "parameter", "", pname, gate.n, 1.0))
+    for dotted in names:
+        prefix, _, pname = dotted.rpartition(".")
+        owner = module.get_submodule(prefix) if prefix else module
+        found += _gate_weights(owner, [pname], droprate_init, prefix)
     return found
 
 
-def gates(model: nn.Module) -> list[tuple[str, HardConcrete]]:
-    """Every gate in ``model`` with its qualified name."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, HardConcrete)]
-
-
-def gate_modules(model: nn.Module) -> list[HardConcrete]:
-    """Every gate in ``model``, without names: for what runs every step (building the names costs more)."""
-    return [m for m in model.modules() if isinstance(m, HardConcrete)]
+def _gate_weights(module: nn.Module, names: list[str], droprate_init: float, prefix: str = "") -> list[Gated]:
+    """One :class:`ParameterGate` per named parameter of ``module`` (``prefix``: its name in the caller's model)."""
+    found = []
+    at = f"{prefix}." if prefix else ""
+    for pname in names:
+        param = getattr(module, pname, None)
+        if not isinstance(param, torch.Tensor) or not param.is_floating_point():
+            raise ValueError(f"{type(module).__name__} has no floating-point parameter {pname!r}")
+        if parametrize.is_parametrized(module, pname):
+            raise ValueError(f"parameter {at}{pname} of {type(module).__name__} is already gated or parametrized")
+        gate = ParameterGate(param.shape, droprate_init).to(param.device).train(module.training)
+        parametrize.register_parametrization(module, pname, gate)
+        found.append(Gated(f"{at}parametrizations.{pname}.0", "parameter", prefix, f"{at}{pname}", gate.n))
+    if found and isinstance(module, nn.RNNBase) and \
+            not any(isinstance(h, RefreshFlatWeights) for h in module._forward_pre_hooks.values()):
+        module.register_forward_pre_hook(RefreshFlatWeights())
+        module.register_forward_hook(RestoreFlatWeights(), always_call=True)
+    return found

@@ -17,57 +17,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .placement import GATE_ATTR, gate_modules, gates
-from .kinds import ParameterGate, UnitGate
+from .costs import gates_and_size, kept_counter, require_gates
 from .hard_concrete import HardConcrete, prob_nonzero_together
-
-
-def gate_parameter_ids(model: nn.Module) -> set[int]:
-    return {id(g.log_alpha) for g in gate_modules(model)}
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Parameters of the network itself: everything except the gates' log_alpha."""
-    return _gates_and_size(model)[1]
-
-
-def _gates_and_size(model: nn.Module) -> tuple[list[HardConcrete], int]:
-    """The model's gates and its network size (:func:`count_parameters`), in one walk over its modules.
-
-    The penalty needs both every step; ``gate_modules`` then ``model.parameters()`` walked the model twice.
-    Each parameter counts once however many modules share it, as ``model.parameters()`` counts it.
-    """
-    found: list[HardConcrete] = []
-    seen: set[int] = set()
-    size = 0
-    for module in model.modules():
-        if isinstance(module, HardConcrete):
-            found.append(module)
-        for p in module._parameters.values():
-            if p is not None and id(p) not in seen:
-                seen.add(id(p))
-                size += p.numel()
-    return found, size - sum(g.n for g in found)
-
-
-def expected_kept(model: nn.Module) -> torch.Tensor:
-    """E[number of parameters the gates keep] (differentiable): sum_g P(z_g != 0) * unit_cost_g.
-
-    One pass over all gates (:func:`~l0core.hard_concrete.prob_nonzero_together`), not one per gate.
-    """
-    return _expected_kept(_require_gates(gate_modules(model)))
-
-
-def _require_gates(found: list[HardConcrete]) -> list[HardConcrete]:
-    if not found:
-        raise ValueError("the model has no L0 gates: use l0core.attach or gate_parameters first")
-    return found
-
-
-def _expected_kept(found: list[HardConcrete]) -> torch.Tensor:
-    unit_cost = torch.cat([g.unit_cost for g in found])
-    # Not torch.dot: autocast may run that in float16, and a big network's count overflows it.
-    return (prob_nonzero_together(found) * unit_cost).sum()
+from .kinds import GATE_ATTR, ParameterGate, UnitGate, gate_modules, gates
 
 
 def _governed_weights(model: nn.Module) -> dict[int, tuple[torch.Tensor, int | None]]:
@@ -87,11 +39,9 @@ def _governed_weights(model: nn.Module) -> dict[int, tuple[torch.Tensor, int | N
     return found
 
 
-def _paper_term(gate: HardConcrete, governed: tuple[torch.Tensor, int | None] | None, lam: float, wd: float) -> torch.Tensor:
+def _paper_term(gate: HardConcrete, governed: tuple[torch.Tensor, int | None], lam: float, wd: float) -> torch.Tensor:
     """sum_i P(z_i != 0) * sum_{w in unit i} (lam + 0.5 * wd * w^2) for one gate vector."""
     p = gate.prob_nonzero()
-    if governed is None:  # a gate placed by hand: its weights are unknown, count its units' cost
-        return lam * (p * gate.unit_cost).sum()
     weight, dim = governed
     if dim is None:
         return (p * (lam + 0.5 * wd * weight.pow(2).reshape(-1))).sum()
@@ -120,19 +70,23 @@ def penalty(
     if scale == "model":
         if weight_decay:
             raise ValueError("weight_decay belongs to scale='paper'; with scale='model' use the optimizer's decay")
-        found, size = _gates_and_size(model)  # one walk over the model a step, for both terms
-        _require_gates(found)
+        found, size = gates_and_size(model)  # one walk over the model a step, for both terms
+        require_gates(found)
         if size == 0:
             raise ValueError("scale='model' divides by the network's parameter count, and this model has none "
                              "besides its gates' log_alpha: use scale='paper' or gate a model with weights")
-        return _expected_kept(found) * (lam / size)  # one multiply (and one node in backward), not two
+        # One multiply (and one node in backward), not two.
+        return kept_counter(model, found)(prob_nonzero_together(found)) * (lam / size)
     if scale == "paper":
         if not n_train or n_train < 1:
             raise ValueError("scale='paper' needs n_train, the training-set size N")
         governed = _governed_weights(model)
-        terms = [_paper_term(g, governed.get(id(g)), lam, weight_decay) for _, g in gates(model)]
-        if not terms:
-            raise ValueError("the model has no L0 gates: use l0core.attach or gate_parameters first")
+        found = require_gates(gates(model))
+        unplaced = [name for name, g in found if id(g) not in governed]
+        if unplaced:
+            raise ValueError(f"scale='paper' weighs each gate by the weights it governs, and {unplaced[0]} was "
+                             "placed by hand: place gates with l0core.attach or l0core.gate_parameters")
+        terms = [_paper_term(g, governed[id(g)], lam, weight_decay) for _, g in found]
         return torch.stack(terms).sum() / n_train
     raise ValueError(f"scale must be 'model' or 'paper', got {scale!r}")
 
@@ -145,7 +99,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
     >>> opt = torch.optim.AdamW(param_groups(nn.Linear(2, 2), 1e-4), lr=1e-3)
     """
-    skip = gate_parameter_ids(model)
+    skip = {id(g.log_alpha) for g in gate_modules(model)}
     weights = [p for p in model.parameters() if id(p) not in skip]
     log_alphas = [g.log_alpha for g in gate_modules(model)]
     groups = [{"params": weights, "weight_decay": weight_decay}]

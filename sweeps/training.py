@@ -346,7 +346,7 @@ def check_fits(cfg: TrialConfig) -> None:
         model = build_model(cfg.model.name, splits.input_shape, splits.num_classes, gates=True,
                             droprate_init=cfg.droprate_init, per_sample=cfg.model.per_sample, **cfg.model.kwargs)
         x = next(iter(data_loader(splits.val, 2)))[0]
-        l0core.measure_unit_costs(model, x[:1])  # what a trial does first: needs the model's dependency graph
+        l0core.measure_couplings(model, x[:1])  # what a trial does first: needs the model's dependency graph
         with torch.no_grad():
             out = model.eval()(x)
         if tuple(out.shape) != (len(x), splits.num_classes):
@@ -379,7 +379,7 @@ def train_trial(cfg: TrialConfig, on_epoch: Callable[[EpochMetrics], bool] | Non
         raise RuntimeError(f"baseline {baseline} does not fit the model: {str(exc).splitlines()[0]}") from None
     model.to(device)
     example = next(iter(data_loader(splits.val, 1)))[0].to(device)
-    l0core.measure_unit_costs(model, example)
+    l0core.measure_couplings(model, example)
     history, report = _run_epochs(model, cfg, splits, device, cfg.lam, example, on_epoch, cfg.optim.epochs)
     test_loader = _loaders(splits, cfg, device)[2]
     # The last epoch already evaluated the final model: its validation accuracy and report are the final ones.

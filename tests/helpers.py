@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 import l0core
 
@@ -44,9 +45,13 @@ def randomize_batchnorm(model: nn.Module) -> None:
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.running_mean.uniform_(-0.5, 0.5)
                 m.running_var.uniform_(0.5, 2.0)
-                if m.affine:
-                    m.weight.uniform_(0.5, 1.5)
-                    m.bias.uniform_(-0.5, 0.5)
+                if m.affine:  # the stored tensors: a per-batch channel gate may scale the BatchNorm's own
+                    _stored(m, "weight").uniform_(0.5, 1.5)
+                    _stored(m, "bias").uniform_(-0.5, 0.5)
+
+
+def _stored(module: nn.Module, name: str) -> torch.Tensor:
+    return module.parametrizations[name].original if parametrize.is_parametrized(module, name) else getattr(module, name)
 
 
 def tiny_dataset(n: int = 120):

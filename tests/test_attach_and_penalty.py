@@ -105,12 +105,15 @@ def test_model_scale_penalty_is_expected_fraction_kept():
     with torch.no_grad():
         for _, g in gates(mlp):
             g.log_alpha.fill_(50.0)  # P(z != 0) == 1
-    # every governed weight kept: inputs of layer 0 govern 20 weights each, of layer 2: 4 each
-    assert penalty(mlp, lam=2.0).item() == pytest.approx(2.0 * (10 * 20 + 20 * 4) / total)
+    assert penalty(mlp, lam=2.0).item() == pytest.approx(2.0)  # the whole network kept: lam itself
     with torch.no_grad():
         for _, g in gates(mlp):
             g.log_alpha.fill_(-50.0)
-    assert penalty(mlp, lam=2.0).item() == pytest.approx(0.0, abs=1e-12)
+    # Without a dependency graph, what the folded model keeps: both biases.
+    assert penalty(mlp, lam=2.0).item() == pytest.approx(2.0 * (20 + 4) / total)
+    l0core.measure_couplings(mlp, torch.randn(1, 10))
+    # With it, what the exported model keeps: the hidden units are gone with their bias, the output bias stays.
+    assert penalty(mlp, lam=2.0).item() == pytest.approx(2.0 * 4 / total, rel=1e-4)
 
 
 def test_model_scale_means_the_same_for_a_bigger_model():
@@ -315,8 +318,8 @@ def test_a_training_pass_draws_every_per_batch_gate_once_and_together(monkeypatc
     reads that draw (no gate samples on its own), and the draws are forgotten after the pass, even a failed one."""
     net = _lenet_like().train()
     calls = []
-    real = l0core.placement.sample_together
-    monkeypatch.setattr(l0core.placement, "sample_together", lambda gs: calls.append(len(gs)) or real(gs))
+    real = l0core.hooks.sample_together
+    monkeypatch.setattr(l0core.hooks, "sample_together", lambda gs: calls.append(len(gs)) or real(gs))
     monkeypatch.setattr(l0core.HardConcrete, "sample", lambda *a: pytest.fail("a gate drew on its own"))
     x = torch.randn(5, 1, 8, 8)
     net(x).sum().backward()
@@ -333,8 +336,8 @@ def test_a_training_pass_draws_every_per_batch_gate_once_and_together(monkeypatc
 def test_per_example_gates_draw_where_they_apply_not_with_the_rest(monkeypatch):
     net = _lenet_like(per_sample=True).train()
     calls = []
-    real = l0core.placement.sample_together
-    monkeypatch.setattr(l0core.placement, "sample_together", lambda gs, shape=(): calls.append(len(gs)) or real(gs))
+    real = l0core.hooks.sample_together
+    monkeypatch.setattr(l0core.hooks, "sample_together", lambda gs, shape=(): calls.append(len(gs)) or real(gs))
     x = torch.randn(1, 1, 8, 8).expand(64, -1, -1, -1).contiguous()
     with torch.no_grad():
         for _, g in gates(net):
@@ -422,14 +425,18 @@ def test_gates_in_activation_checkpointed_blocks_train_as_without_checkpointing(
     copy.deepcopy(nets[1])  # a pass's draw kept for recomputation does not stop a copy
 
 
-def test_penalty_in_one_pass_equals_the_sum_over_gates():
+def test_penalty_is_lambda_times_the_expected_fraction_kept_of_the_folded_model():
     net = _lenet_like()
     with torch.no_grad():
         for i, (_, g) in enumerate(gates(net)):
             g.log_alpha.normal_(i - 1.0, 1.0)
-    per_gate = sum((g.prob_nonzero() * g.unit_cost).sum() for _, g in gates(net))
-    torch.testing.assert_close(l0core.expected_kept(net), per_gate)
-    torch.testing.assert_close(penalty(net, 0.3), 0.3 * per_gate / l0core.count_parameters(net))
+    torch.testing.assert_close(penalty(net, 0.3), 0.3 * l0core.expected_kept(net) / l0core.count_parameters(net))
+    randomize_batchnorm(net)  # no zeros but the gates'
+    with torch.no_grad():
+        for _, g in gates(net):
+            g.log_alpha.copy_(torch.where(torch.rand(g.n) < 0.5, -10.0, 10.0))
+    folded = sum(int(p.count_nonzero()) for p in l0core.fold(net)[0].parameters())
+    assert l0core.expected_kept(net).item() == pytest.approx(folded, rel=1e-3)  # no example inputs: fold's count
 
 
 def test_the_folded_model_keeps_none_of_the_gates_hooks():

@@ -5,6 +5,7 @@ from torch import nn
 
 import l0core
 from l0core import attach, sparsity
+from tests.helpers import randomize_batchnorm
 
 
 def _close(gate, idx):
@@ -25,7 +26,7 @@ def test_mlp_sparsity_agrees_with_hand_count():
     assert report.total_params == total
     assert report.removed_params == total - kept + zeroed
     assert report.sparsity == pytest.approx((total - kept + zeroed) / total)
-    assert report.exact
+    assert report.compacted
     layer0 = report.layers[0]
     assert (layer0.units, layer0.kept, layer0.open) == (10, 7, 7)
 
@@ -37,18 +38,16 @@ def test_conv_sparsity_counts_filter_bias_batchnorm_and_downstream_slices():
     attach(net, "channel", example_inputs=x)
     _close(net[0].l0_gate, [0, 1, 2])
     _close(net[3].l0_gate, [5])
+    randomize_batchnorm(net)  # a fresh BatchNorm's zero biases would count as zeros too
     per_conv0_channel = 3 * 9 + 1 + 2 + 16 * 9  # filter, bias, BN weight+bias, conv1 input slice
     per_conv3_channel = 8 * 9 + 1 + 16 * 10  # filter, bias, 4x4 flattened features into the classifier
     overlap = 3 * 9  # conv3's closed filter already lost its 3 input slices
     report = sparsity(net, x)
     assert report.removed_params == 3 * per_conv0_channel + per_conv3_channel - overlap
-    # measured unit costs are what the penalty weighs each unit by
-    assert net[0].l0_gate.unit_cost[0].item() == per_conv0_channel
-    assert net[3].l0_gate.unit_cost[0].item() == per_conv3_channel
-    # without example inputs: first-order estimate, flagged as such
+    # without example inputs: the zeros the gates write into the folded model (filters, biases, BatchNorm)
     estimate = sparsity(net)
-    assert not estimate.exact
-    assert estimate.removed_params == 3 * per_conv0_channel + per_conv3_channel
+    assert not estimate.compacted
+    assert estimate.removed_params == 3 * (3 * 9 + 1 + 2) + (8 * 9 + 1)
     assert report.flops_ratio < 1.0 and estimate.flops_ratio is None
 
 
@@ -59,7 +58,7 @@ def test_parameter_gates_count_zeros_and_keep_shape():
     report = sparsity(lin, torch.randn(1, 6))
     assert report.removed_params == 9 and report.total_params == 28
     assert report.flops_ratio == 1.0  # dense shape unchanged: no FLOPs saved, said honestly
-    assert sparsity(lin).removed_params == 9 and sparsity(lin).exact
+    assert sparsity(lin).removed_params == 9 and not sparsity(lin).compacted
 
 
 @pytest.mark.slow
