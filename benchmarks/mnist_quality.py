@@ -33,11 +33,11 @@ PAPER = {  # Louizos et al. 2018, table 1 (kept units per layer, test error on f
 }
 STUDIES = {
     "mlp": {"model": {"name": "mlp"}, "optim": {"name": "adam", "lr": 0.002, "gate_lr": 0.05, "epochs": 30},
-            "lam": {"scratch": {"low": 0.01, "high": 1.0, "log": True},
-                    "finetune": {"low": 0.05, "high": 3.0, "log": True}}},
+            "lam": {"scratch": {"low": 0.02, "high": 2.0, "log": True},
+                    "finetune": {"low": 0.1, "high": 6.0, "log": True}}},
     "lenet5": {"model": {"name": "lenet5"}, "optim": {"name": "adam", "lr": 0.002, "gate_lr": 0.05, "epochs": 12},
-               "lam": {"scratch": {"low": 0.01, "high": 1.0, "log": True},
-                       "finetune": {"low": 0.05, "high": 3.0, "log": True}}},
+               "lam": {"scratch": {"low": 0.03, "high": 3.0, "log": True},
+                       "finetune": {"low": 0.15, "high": 9.0, "log": True}}},
 }
 
 
@@ -69,7 +69,10 @@ def _study_file(model: str, data: Path, trials: int, tmp: Path) -> Path:
                    "mode": ["scratch", "finetune"]},
         "trials": trials,
         "sampler": {"name": "tpe", "seed": 0, "n_startup_trials": max(2, trials // 2)},
-        "enqueue": [{"mode": "finetune", "lam": 0.3}, {"mode": "scratch", "lam": 0.05, "droprate_init": 0.5}],
+        # Starting points at the same place in each model's range (lambda's scale is per model only in how much
+        # of it a trial can remove and stay accurate).
+        "enqueue": [{"mode": "finetune", "lam": s["lam"]["finetune"]["low"] * 6},
+                    {"mode": "scratch", "lam": s["lam"]["scratch"]["low"] * 5, "droprate_init": 0.5}],
         "early_stopping": {"enabled": False},
     }
     path = tmp / f"{model}.yaml"
