@@ -91,8 +91,8 @@ class _ReluThenScale(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
         y, z = ctx.saved_tensors
-        # Per (example, unit): sum over positions of grad * y. vecdot takes 0.45 ms where a batched matmul of
-        # the (N*C) little dot products took 1.07 ms (LeNet-5's conv1 at batch 128); its temporary is gone at once.
+        # Per (example, unit): sum over positions of grad * y; vecdot, which is faster than a batched matmul of
+        # the (N*C) little dot products and frees its temporary at once.
         dot = torch.linalg.vecdot(grad.flatten(2), y.flatten(2)).view_as(z)
         grad_z = torch.where(z > 0, dot / z, 0.0)
         grad_x = torch.ops.aten.threshold_backward(grad, y, 0).mul_(z)  # ReLU's own backward kernel

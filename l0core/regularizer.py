@@ -2,10 +2,11 @@
 
 The scale, written down once (README "What lambda means"):
 
-    penalty(model, lam) = lam * E[number of model parameters the gates keep] / (number of model parameters)
+    penalty(model, lam) = lam * expected_kept(model) / count_parameters(model)
 
-so ``lam`` is the loss a user is willing to pay to keep the whole network, whatever its size: lam = 0.1
-trades 0.1 nats of cross-entropy for removing all of it, on an MLP or on a GoogleNet alike.
+with :func:`l0core.expected_kept` the exact E[number of the model's parameters kept] (:mod:`l0core.costs`), so
+``lam`` is the loss a user is willing to pay to keep the whole network, whatever its size: with every gate
+open the penalty is ``lam``, and lam = 0.1 trades 0.1 nats of cross-entropy for removing all of it.
 ``scale="paper"`` gives Louizos et al.'s per-weight term (1/N) * sum_g P(z_g != 0) * sum_{w in g}
 (lam + 0.5 * weight_decay * w^2) for reproducing the paper's numbers.
 """
