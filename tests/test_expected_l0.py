@@ -60,8 +60,8 @@ ZOO = {
     "digits-mlp": lambda: (build_model("mlp", (1, 8, 8), 10), torch.randn(1, 1, 8, 8)),
     "lenet5": lambda: (build_model("lenet5", (1, 28, 28), 10), torch.randn(1, 1, 28, 28)),
     "googlenet": lambda: (build_model("googlenet", (3, 32, 32), 10), torch.randn(1, 3, 32, 32)),
-    "resnet18": lambda: (torchvision.models.resnet18(num_classes=10), torch.randn(1, 3, 64, 64)),
-    "mobilenet_v2": lambda: (torchvision.models.mobilenet_v2(num_classes=10), torch.randn(1, 3, 64, 64)),
+    "resnet18": lambda: (torchvision.models.resnet18(num_classes=10), torch.randn(1, 3, 32, 32)),
+    "mobilenet_v2": lambda: (torchvision.models.mobilenet_v2(num_classes=10), torch.randn(1, 3, 32, 32)),
 }
 
 
@@ -73,7 +73,7 @@ def test_open_penalty_is_lambda_and_decided_expected_l0_is_the_exported_nonzero_
         attach(model, "channel", example_inputs=x)
     else:
         l0core.measure_couplings(model, x)  # as a sweep's trial does, after building its zoo model
-    _check_exact(model, x)
+    _check_exact(model, x, seeds=(0,) if name.startswith(("resnet", "mobilenet")) else (0, 1))  # big: one draw
 
 
 def test_the_count_is_an_outer_product_per_layer():
