@@ -70,7 +70,7 @@ class KeptCounter:
         self.gates: list[HardConcrete] = gate_modules(model)
         self.example_inputs = _detached(example_inputs)
         self._tensors: dict[str, torch.Tensor] = {}
-        self._device: torch.device | None = None
+        self._device: tuple[torch.device, torch.dtype] | None = None
         self._build(model)
 
     def counts(self, model_gates: list[HardConcrete]) -> bool:
@@ -90,28 +90,8 @@ class KeptCounter:
                     gate.log_alpha.fill_(10.0)  # nothing folded to zero: tracing needs the whole network
             plain, sites = fold(opened)
             graph = DependencyGraph(plain, self.example_inputs) if self.example_inputs is not None and sites else None
-        named = dict(model.named_modules())
-        own: dict[tuple[int, bool, int], int] = {}
-        for site in sites:
-            off, n = offsets[id(named[site.name]._modules[GATE_ATTR])], _units(site)
-            for module, out in ((site.owner, site.kind == "channel"), (site.target, site.kind == "channel")):
-                for u in range(n):
-                    own[(id(module), out, u)] = off + u
-
-        terminal_sets: list[list[int]] = []
-        consumer_sets: list[list[int]] = []
-        group_of: dict[tuple[int, bool, int], int] = {}
-        if graph is not None:
-            owners = [(site.owner, site.kind == "neuron", _units(site)) for site in sites]
-            for coupled in graph.coupled_units(owners):
-                if coupled.terminal is None:
-                    continue  # never removed: its slices keep only their own gates
-                g = len(terminal_sets)
-                terminal_sets.append([own.get((id(m), out, idx), one) for m, out, idx in coupled.slices
-                                      if out and id(m) in coupled.terminal])
-                consumer_sets.append([own.get((id(m), out, idx), one) for m, out, idx in coupled.slices if not out])
-                for m, out, idx in coupled.slices:
-                    group_of[(id(m), out, idx)] = g
+        own = _own_entries(model, sites, offsets)
+        terminal_sets, consumer_sets, group_of = _removable_groups(graph, sites, own, one)
         no_group = len(terminal_sets)
         # A side with no member, or an ungated one, is never 'all closed': its slices need no factor for it.
         never_a = [not t or one in t for t in terminal_sets]
@@ -224,6 +204,43 @@ class KeptCounter:
                 f_in = factor[in_range[0]:in_range[0] + cols] if in_range else prob.new_ones(cols)
                 total = total + (elements * f_out.view(-1, 1, 1) * f_in.view(1, -1, 1)).sum()
         return total
+
+
+SliceKey = tuple[int, bool, int]  # (id of the layer, its outputs (else inputs), unit index)
+
+
+def _own_entries(model: nn.Module, sites: list[GateSite], offsets: dict[int, int]) -> dict[SliceKey, int]:
+    """Each slice a structured gate zeroes when folded (its owner's and target's units), with the gate's entry."""
+    named = dict(model.named_modules())
+    own: dict[SliceKey, int] = {}
+    for site in sites:
+        first, out = offsets[id(named[site.name]._modules[GATE_ATTR])], site.kind == "channel"
+        for module in (site.owner, site.target):
+            for u in range(_units(site)):
+                own[(id(module), out, u)] = first + u
+    return own
+
+
+def _removable_groups(graph: DependencyGraph | None, sites: list[GateSite], own: dict[SliceKey, int], one: int
+                      ) -> tuple[list[list[int]], list[list[int]], dict[SliceKey, int]]:
+    """The coupled groups export can remove: per group, its terminal producers' and its consumers' gate entries
+    (``one`` for an ungated member), and which group each slice belongs to."""
+    terminal_sets: list[list[int]] = []
+    consumer_sets: list[list[int]] = []
+    group_of: dict[SliceKey, int] = {}
+    if graph is None:
+        return terminal_sets, consumer_sets, group_of
+    owners = [(site.owner, site.kind == "neuron", _units(site)) for site in sites]
+    for coupled in graph.coupled_units(owners):
+        if coupled.terminal is None:
+            continue  # never removed: its slices keep only their own gates
+        g = len(terminal_sets)
+        terminal_sets.append([own.get((id(m), out, idx), one) for m, out, idx in coupled.slices
+                              if out and id(m) in coupled.terminal])
+        consumer_sets.append([own.get((id(m), out, idx), one) for m, out, idx in coupled.slices if not out])
+        for m, out, idx in coupled.slices:
+            group_of[(id(m), out, idx)] = g
+    return terminal_sets, consumer_sets, group_of
 
 
 def _units(site: GateSite) -> int:
