@@ -38,6 +38,11 @@ def _floor(spec: dict) -> tuple[str, float | None]:
     return f"below the accuracy floor ({floor:.2%})", float(floor)
 
 
+def _baseline_name(baseline: dict) -> str:
+    """What the reference line is: the user's checkpoint (``trial.model.checkpoint``) or a dense model trained."""
+    return "dense baseline (your checkpoint)" if baseline.get("source") == "checkpoint" else "dense baseline"
+
+
 def _scatter(table: pd.DataFrame, x: str, x_title: str, baseline: dict | None, chosen: pd.Series | None,
              title: str, floor: tuple[str, float | None]) -> go.Figure:
     """Accuracy against ``x``: front trials solid and joined, dominated ones faded, trials short of the accuracy
@@ -66,7 +71,8 @@ def _scatter(table: pd.DataFrame, x: str, x_title: str, baseline: dict | None, c
                                  hoverinfo="skip"))
     if baseline:
         fig.add_hline(y=baseline["val_accuracy"], line={"color": "#2ca02c", "dash": "dash"},
-                      annotation_text=f"dense baseline {baseline['val_accuracy']:.4f}", annotation_position="bottom left")
+                      annotation_text=f"{_baseline_name(baseline)} {baseline['val_accuracy']:.4f}",
+                      annotation_position="bottom left")
     if chosen is not None:
         fig.add_trace(go.Scatter(x=[chosen[x]], y=[chosen.val_accuracy], mode="markers", name="recommended",
                                  customdata=_customdata(chosen.to_frame().T), hovertemplate=HOVER,
@@ -194,8 +200,11 @@ def write_report(study: optuna.Study, out_dir: str | Path, tracking_uri: str | N
         f"{chosen.sparsity:.3f}, FLOPs ratio {chosen.flops_ratio:.3f}, MLflow run "
         f"<code>{html.escape(str(chosen.mlflow_run_id))}</code>. Other choices: "
         f"<code>l0sweep pick {html.escape(study.study_name)} --max-drop 1</code> or <code>--min-sparsity 0.8</code>.</p>")
-    base = "" if not baseline else (f"<p>Dense baseline: val acc {baseline['val_accuracy']:.2%}, test acc "
-                                    f"{baseline['test_accuracy']:.2%}.</p>")
+    base = "" if not baseline else (
+        f"<p>{_baseline_name(baseline).capitalize()}: val acc {baseline['val_accuracy']:.2%}, test acc "
+        f"{baseline['test_accuracy']:.2%}."
+        + (" Fine-tuning trials start from it; scratch trials do not." if baseline.get("source") == "checkpoint"
+           else "") + "</p>")
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(study.study_name)}: L0 sparsity report</title>
 <script type="text/javascript">{get_plotlyjs()}</script>

@@ -61,6 +61,9 @@ class ModelConfig(_Strict):
     name: str = "mlp"
     kwargs: dict = Field(default_factory=dict)
     per_sample: bool = False
+    # A trained dense model (a state dict, a whole module, or a Lightning-style checkpoint holding "state_dict"):
+    # fine-tuning trials start from it instead of a baseline l0sweep trains. Relative to the study file.
+    checkpoint: str | None = None
 
 
 class OptimConfig(_Strict):

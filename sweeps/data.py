@@ -2,7 +2,8 @@
 
 ``digits`` (scikit-learn's bundled 8x8 digits) works offline and trains in seconds; ``synthetic`` is for
 tests; ``mnist``, ``fashion-mnist`` and ``cifar10`` come through torchvision (downloaded when online, or
-read from ``data_dir``, else ``$L0SWEEP_DATA_DIR``, else ``~/.cache/l0sweep/data``); ``package.module:factory`` is a user's own ``factory() -> (train, test)`` datasets.
+read from ``data_dir``, else ``$L0SWEEP_DATA_DIR``, else ``~/.cache/l0sweep/data``); ``package.module:factory`` is a user's own factory returning ``(train, test)`` or ``(train, val, test)``
+datasets, or an object with ``train``, ``val`` and ``test`` datasets (a DataModule's, say).
 """
 from __future__ import annotations
 
@@ -175,11 +176,28 @@ def load_data(name: str, data_dir: str | None = None, seed: int = 0, val_fractio
     if name in _TORCHVISION:
         return _torchvision(name, data_dir, seed, val_fraction, download)
     check_dataset(name)  # what is left is a user's 'package.module:factory'
-    train_full, test = import_object(name, "dataset")(**kwargs)
+    train_full, val, test = _factory_splits(name, import_object(name, "dataset")(**kwargs))
     # In-memory tensors are read a batch at a time (the same tensors, not a copy).
-    train_full, test = (TensorBatches(*d.tensors) if type(d) is TensorDataset else d for d in (train_full, test))
+    train_full, val, test = (TensorBatches(*d.tensors) if type(d) is TensorDataset else d for d in (train_full, val, test))
     x0, _ = train_full[0]
     classes = getattr(train_full, "classes", None)
-    num_classes = len(classes) if classes else int(max(int(train_full[i][1]) for i in range(len(train_full)))) + 1
+    num_classes = len(classes) if classes else int(labels(train_full).max()) + 1
+    if val is not None:
+        return Splits(train_full, val, test, tuple(x0.shape), num_classes)
     train_idx, val_idx = _split_indices(len(train_full), val_fraction, seed)
     return Splits(Subset(train_full, train_idx), Subset(train_full, val_idx), test, tuple(x0.shape), num_classes)
+
+
+_FACTORY_FORMS = ("(train, test) or (train, val, test) datasets, or an object with train, val and test "
+                  "(or train_dataset, val_dataset and test_dataset) datasets")
+
+
+def _factory_splits(name: str, made: object) -> tuple[Dataset, Dataset | None, Dataset]:
+    """What a user's data factory returned, as (train, validation or None, test); one clear error otherwise."""
+    if isinstance(made, (tuple, list)) and len(made) in (2, 3) and all(isinstance(d, Dataset) for d in made):
+        return (made[0], None, made[1]) if len(made) == 2 else tuple(made)  # type: ignore[return-value]
+    for names in (("train", "val", "test"), ("train_dataset", "val_dataset", "test_dataset")):
+        found = [getattr(made, n, None) for n in names]
+        if all(isinstance(d, Dataset) for d in found):
+            return found[0], found[1], found[2]
+    raise ValueError(f"dataset {name!r} returned {type(made).__name__}: a data factory returns {_FACTORY_FORMS}")

@@ -4,10 +4,13 @@
 - ``lenet5``: LeNet-5-Caffe 20-50-800-500, channel gates on the convs, neuron gates on the dense inputs.
 - ``googlenet``: the CIFAR-10 GoogleNet of the GoogleNet study, channel gates on every branch conv.
 - ``torchvision:NAME``: any torchvision classification model, channel gates on every conv.
-- ``package.module:factory``: a user's own model, called with the spec's kwargs, gated with ``attach``.
+- ``package.module:factory``: a user's own model, called with the spec's kwargs (and ``num_classes`` and
+  ``input_shape`` from the data, where its signature takes them and the kwargs do not set them), gated with
+  ``attach``.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -100,7 +103,24 @@ def _gate_lenet5(model: nn.Module, droprate_init: float, per_sample: bool) -> No
     _gate_mlp(model, droprate_init, per_sample)
 
 
-def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, gates: bool = True,
+def _with_data_facts(factory: Any, kwargs: dict[str, Any], **facts: Any) -> dict[str, Any]:
+    """``kwargs`` plus each of ``facts`` (the data's class count and input shape) that ``factory``'s signature
+    takes and ``kwargs`` does not already give: the study file's value wins, nothing is passed twice.
+
+    >>> def net(num_classes, width=8): ...
+    >>> _with_data_facts(net, {"width": 4}, num_classes=3, input_shape=(1, 8, 8))
+    {'num_classes': 3, 'width': 4}
+    """
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # a builtin or C extension: nothing to read, pass what the file says
+        return dict(kwargs)
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    given = {k: v for k, v in facts.items() if k not in kwargs and (k in params or takes_any)}
+    return {**given, **kwargs}
+
+
+def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, /, gates: bool = True,
                 droprate_init: float = 0.5, per_sample: bool = False, state_dict: dict | None = None,
                 **kwargs: Any) -> nn.Module:
     """Build zoo model ``name`` for inputs of ``input_shape`` (C, H, W) and gate it (unless ``gates=False``).
@@ -112,7 +132,11 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, gates
     >>> [g for g, _ in l0core.gates(net)]
     ['1.l0_gate', '3.l0_gate', '5.l0_gate']
     """
-    c, h, w = input_shape if len(input_shape) == 3 else (1, *input_shape)
+    # The study file's model.kwargs may set the class count and input shape; they win over the data's.
+    num_classes = kwargs.pop("num_classes", num_classes)
+    input_shape = tuple(kwargs.pop("input_shape", input_shape))
+    c, h, w = input_shape if len(input_shape) == 3 else (1, 1, *input_shape) if len(input_shape) == 1 else \
+        (1, *input_shape)
     if name == "mlp":
         model: nn.Module = LeNet300100(c * h * w, num_classes, **kwargs)
         gate = _gate_mlp
@@ -126,12 +150,13 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, gates
         import torchvision
 
         check_model(name)
-        model = torchvision.models.get_model(name.split(":", 1)[1], weights=None, num_classes=num_classes,
-                                             **kwargs)
+        model = torchvision.models.get_model(name.split(":", 1)[1], **{"weights": None, "num_classes": num_classes,
+                                                                        **kwargs})
         gate = _gate_convnet
     else:
         check_model(name)
-        model = import_object(name, "model")(**kwargs)
+        factory = import_object(name, "model")
+        model = factory(**_with_data_facts(factory, kwargs, num_classes=num_classes, input_shape=tuple(input_shape)))
         gate = _gate_convnet if any(isinstance(m, nn.Conv2d) for m in model.modules()) else _gate_mlp
     if state_dict is not None:
         model.load_state_dict(state_dict)

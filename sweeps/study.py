@@ -17,7 +17,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from .search import VALUE_ATTRS, starting_point
 from .settings import Settings, file_lock
-from .spec import SpecError, StudySpec
+from .spec import STUDY_PATHS, SpecError, StudySpec
 from .storage import open_storage
 from .tracking import (PID_SPACE_ATTR, WORKER_ATTR, check_tracking, delete_study_run, end_run_of, ensure_study_run,
                        pid_space)
@@ -128,6 +128,13 @@ def check_same_study(spec: StudySpec, stored_json: str) -> None:
     except ValueError:
         stored = json.loads(stored_json)
     mine = json.loads(spec.model_dump_json())
+    for spec_dict in (stored, mine):  # where a file lies on this machine is not what the trial is
+        for *parents, leaf in STUDY_PATHS:
+            node = spec_dict
+            for part in parents:
+                node = node.get(part, {}) if isinstance(node, dict) else {}
+            if isinstance(node, dict):
+                node.pop(leaf, None)
     for key in _IDENTITY:
         if stored.get(key) != mine.get(key):
             raise SpecError(f"study {spec.name!r} already exists with a different '{key}'; "

@@ -276,9 +276,13 @@ def load_splits(cfg: TrialConfig) -> Splits:
 
 
 def baseline_key(cfg: TrialConfig) -> str:
-    """Content hash of what determines the dense baseline: data, model, optimisation and seed."""
+    """Content hash of what determines the dense baseline: data, model, optimisation and seed (and the
+    checkpoint file, by size and modification time, where the baseline is the user's)."""
     ident = {"data": cfg.data.model_dump(exclude={"data_dir", "download"}), "model": cfg.model.model_dump(),
              "optim": cfg.optim.model_dump(), "seed": cfg.seed}
+    if cfg.model.checkpoint:
+        stat = Path(cfg.model.checkpoint).stat()
+        ident["checkpoint"] = [stat.st_size, stat.st_mtime_ns]
     if cfg.amp or cfg.channels_last:  # only then, so existing baselines keep their keys
         ident["precision"] = {"amp": cfg.amp, "channels_last": cfg.channels_last}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
@@ -300,14 +304,65 @@ def dense_baseline(cfg: TrialConfig, splits: Splits | None = None) -> Path:
             torch.manual_seed(cfg.seed)
             dense = build_model(cfg.model.name, splits.input_shape, splits.num_classes, gates=False,
                                 **cfg.model.kwargs).to(device)
-            epochs = cfg.optim.baseline_epochs or cfg.optim.epochs
-            history, _ = _run_epochs(dense, cfg, splits, device, None, None, None, epochs)
+            if cfg.model.checkpoint:  # the user's trained model is the baseline: measured, not trained
+                load_checkpoint(cfg.model.checkpoint, dense)
+                val_accuracy, source = accuracy(dense, _loaders(splits, cfg, device)[1], device), "checkpoint"
+            else:
+                epochs = cfg.optim.baseline_epochs or cfg.optim.epochs
+                history, _ = _run_epochs(dense, cfg, splits, device, None, None, None, epochs)
+                val_accuracy, source = history[-1].val_accuracy, "trained"
             tmp = path.with_suffix(f".tmp{os.getpid()}")
-            torch.save({"state_dict": dense.state_dict(), "val_accuracy": history[-1].val_accuracy,
+            torch.save({"state_dict": dense.state_dict(), "val_accuracy": val_accuracy,
                         "test_accuracy": accuracy(dense, _loaders(splits, cfg, device)[2], device),
-                        "config": json.loads(cfg.model_dump_json())}, tmp)
+                        "source": source, "config": json.loads(cfg.model_dump_json())}, tmp)
             os.replace(tmp, path)  # atomic: a reader never sees half a file
     return path
+
+
+def load_checkpoint(path: str | Path, model: nn.Module) -> None:
+    """Load a trained dense model's weights into ``model`` (built plain, without gates).
+
+    ``path`` holds a state dict, a whole module, or a dict with a ``"state_dict"`` (Lightning's checkpoints);
+    keys under a common prefix (Lightning's ``"model."``) are matched. Raises one-line ValueErrors: no such
+    file, not a checkpoint, or keys that do not fit (the first missing and the first unexpected named).
+    """
+    where = f"trial.model.checkpoint {str(path)!r}"
+    if not Path(path).is_file():
+        raise ValueError(f"{where}: no such file")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        try:  # a whole pickled module needs its classes: the user's own file, so unpickling it is theirs to allow
+            saved = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:
+            raise ValueError(f"{where}: torch.load cannot read it ({type(exc).__name__})") from None
+    state = saved.state_dict() if isinstance(saved, nn.Module) else saved.get("state_dict", saved) \
+        if isinstance(saved, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{where} holds {type(saved).__name__}: give a state dict, a whole module, or a dict with "
+                         "'state_dict'")
+    wanted = list(model.state_dict())
+    state = _without_prefix(state, wanted)
+    missing, unexpected = [k for k in wanted if k not in state], [k for k in state if k not in set(wanted)]
+    if missing or unexpected:
+        raise ValueError(f"{where} does not fit trial.model {type(model).__name__}: "
+                         + "; ".join(f"{what} key {keys[0]!r} ({len(keys)} in all)" for what, keys in
+                                     (("missing", missing), ("unexpected", unexpected)) if keys))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ValueError(f"{where} does not fit trial.model: {one_line(exc)}") from None
+
+
+def _without_prefix(state: dict[str, torch.Tensor], wanted: list[str]) -> dict[str, torch.Tensor]:
+    """``state`` with the prefix its keys share before the model's own names removed (``model.conv1.weight`` ->
+    ``conv1.weight``), where there is one; other entries under other prefixes (a loss's buffers) dropped."""
+    if not wanted or wanted[0] in state:
+        return state
+    prefix = next((k[: -len(wanted[0])] for k in state if k.endswith("." + wanted[0])), None)
+    if prefix is None:
+        return state
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def _check_compiler() -> None:
@@ -355,6 +410,12 @@ def check_fits(cfg: TrialConfig) -> None:
     except Exception as exc:
         raise SpecError(f"trial.model {cfg.model.name!r} cannot train on trial.data {cfg.data.name!r} (inputs "
                         f"{tuple(splits.input_shape)}): {one_line(exc)}") from None
+    if cfg.model.checkpoint:
+        try:
+            load_checkpoint(cfg.model.checkpoint, build_model(cfg.model.name, splits.input_shape, splits.num_classes,
+                                                              gates=False, **cfg.model.kwargs))
+        except ValueError as exc:
+            raise SpecError(str(exc)) from None
 
 
 def train_trial(cfg: TrialConfig, on_epoch: Callable[[EpochMetrics], bool] | None = None) -> TrialResult:

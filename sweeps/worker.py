@@ -135,7 +135,8 @@ class Objective:
         took = time.perf_counter() - start
         saved = torch.load(path, map_location="cpu")
         study.set_user_attr(BASELINE_ATTR, {"val_accuracy": saved["val_accuracy"],
-                                            "test_accuracy": saved["test_accuracy"]})
+                                            "test_accuracy": saved["test_accuracy"],
+                                            "source": saved.get("source", "trained")})
         return took
 
 

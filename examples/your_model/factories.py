@@ -1,0 +1,28 @@
+"""A user's own model and data, as a study file names them (``examples.your_model.factories:wine_mlp``).
+
+l0sweep calls the model factory with ``num_classes`` and ``input_shape`` taken from the data (the study file's
+``model.kwargs`` set the rest), and the data factory with ``data.kwargs``.
+"""
+from __future__ import annotations
+
+import torch
+from sklearn.datasets import load_wine
+from torch import nn
+from torch.utils.data import TensorDataset
+
+
+def wine_mlp(num_classes: int, input_shape: tuple[int, ...], hidden: int = 64) -> nn.Module:
+    """A two-layer MLP for ``input_shape`` features; l0sweep gates its dense layers' inputs."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(input_shape[-1], hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+
+
+def wine(seed: int = 0) -> tuple[TensorDataset, TensorDataset, TensorDataset]:
+    """scikit-learn's bundled wine data (178 examples, 13 features, 3 classes), standardised and split
+    120 / 29 / 29 into train, validation and test: a data factory may return its own validation split."""
+    x, y = load_wine(return_X_y=True)
+    x = torch.tensor(x, dtype=torch.float32)
+    x = (x - x.mean(0)) / x.std(0)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    x, y = x[perm], torch.tensor(y)[perm]
+    return (TensorDataset(x[:120], y[:120]), TensorDataset(x[120:149], y[120:149]),
+            TensorDataset(x[149:], y[149:]))
