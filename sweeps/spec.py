@@ -283,14 +283,14 @@ def load_spec(path: str | Path) -> StudySpec:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise SpecError(f"{path}: broken YAML{where}: {problem}") from None
-    return parse_spec(_paths_from(path.parent, data), str(path))
+    return parse_spec(resolve_study_paths(path.parent, data), str(path))
 
 
 # File paths a study file may give, resolved against the file's folder (not the shell's).
 STUDY_PATHS = (("trial", "data", "data_dir"), ("trial", "model", "checkpoint"))
 
 
-def _paths_from(folder: Path, data: object) -> object:
+def resolve_study_paths(folder: Path, data: object) -> object:
     """``data`` with each relative path of :data:`STUDY_PATHS` joined to ``folder``, the study file's."""
     for keys in STUDY_PATHS:
         node = data

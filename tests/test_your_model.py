@@ -122,3 +122,19 @@ def test_the_example_fine_tunes_from_the_users_checkpoint_without_training_a_bas
     assert baseline["val_accuracy"] == pytest.approx(expected)
     page = (out / "reports" / "your-model" / "report.html").read_text()
     assert "dense baseline (your checkpoint)" in page.lower() and "scratch trials do not" in page
+
+
+@pytest.mark.slow
+def test_a_sweep_runs_from_python_with_the_study_as_a_dict(tmp_path, monkeypatch):
+    import sweeps
+
+    monkeypatch.chdir(tmp_path)
+    study = sweeps.run({**TINY, "name": "from-python", "trials": 2, "enqueue": []}, workers=1, out="out")
+    assert study.study_name == "from-python"
+    assert len([t for t in study.trials if t.state.name == "COMPLETE"]) == 2
+    assert (tmp_path / "out" / "studies" / "from-python.yaml").is_file()
+    assert (tmp_path / "out" / "reports" / "from-python" / "report.html").is_file()
+    table, front = sweeps.load("from-python", out="out")
+    assert len(table) == 2 and 1 <= len(front) <= 2 and set(front.trial) <= set(table.trial)
+    with pytest.raises(sweeps.spec.SpecError, match="search.lam"):
+        sweeps.run({**TINY, "name": "bad", "search": {"lam": {"low": 2.0, "high": 1.0}}}, out="out")
