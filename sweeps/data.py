@@ -141,6 +141,9 @@ def _torchvision(name: str, data_dir: str | None, seed: int, val_fraction: float
     cls = getattr(datasets, cls_name)
     root = Path(data_dir or os.environ.get("L0SWEEP_DATA_DIR") or Path.home() / ".cache" / "l0sweep" / "data")
     root = root.expanduser()
+    # What a failed download must not leave behind: the folders up to root it makes, the ones it makes inside.
+    made = [p for p in (root, *root.parents) if not p.exists()]
+    existing = {p for p in root.rglob("*") if p.is_dir()} if root.exists() else set()
     root.mkdir(parents=True, exist_ok=True)
     plain = transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])
     train_tf = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(), plain]) \
@@ -152,11 +155,25 @@ def _torchvision(name: str, data_dir: str | None, seed: int, val_fraction: float
             train_plain = cls(str(root), train=True, transform=plain, download=False)
             test = cls(str(root), train=False, transform=plain, download=download)
         except (RuntimeError, OSError) as exc:
+            _remove_if_unused(root / f".{name}.lock", [*sorted((p for p in root.rglob("*") if p.is_dir() and p
+                                                                not in existing), key=lambda p: -len(p.parts)),
+                                                        *made])
             raise ValueError(f"dataset {name!r}: no files under {root} and the download failed "
                              f"({type(exc).__name__}); put torchvision's {cls_name} files in {root} (data_dir) or "
                              "run where the internet is reachable") from None
     train_idx, val_idx = _split_indices(len(train_aug), val_fraction, seed)
     return Splits(Subset(train_aug, train_idx), Subset(train_plain, val_idx), test, shape, 10)
+
+
+def _remove_if_unused(lock: Path, made: list[Path]) -> None:
+    """Remove the lock file and the folders this call made (deepest first), where nothing else lies in them
+    (another worker downloading into the same folder keeps it)."""
+    lock.unlink(missing_ok=True)
+    for folder in made:
+        try:
+            folder.rmdir()
+        except OSError:
+            pass
 
 
 def load_data(name: str, data_dir: str | None = None, seed: int = 0, val_fraction: float = 0.15,

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -120,6 +121,31 @@ def _with_data_facts(factory: Any, kwargs: dict[str, Any], **facts: Any) -> dict
     return {**given, **kwargs}
 
 
+def _pretrained(arch: str, num_classes: int, weights: str, **kwargs: Any) -> nn.Module:
+    """torchvision's ``arch`` with its pretrained ``weights`` ("DEFAULT" or a name such as "IMAGENET1K_V1"), its
+    last classifier layer replaced by a fresh one for ``num_classes`` where the weights know another count.
+    Offline, one line naming the file to put in torch's hub cache."""
+    import torchvision
+
+    try:
+        chosen = torchvision.models.get_model_weights(arch).verify(weights)
+    except (ValueError, KeyError):
+        known = ", ".join(["DEFAULT", *(w.name for w in torchvision.models.get_model_weights(arch))])
+        raise ValueError(f"model 'torchvision:{arch}': no weights {weights!r}; torchvision has {known}") from None
+    try:
+        model = torchvision.models.get_model(arch, weights=chosen, **kwargs)
+    except (OSError, RuntimeError) as exc:  # urllib's URLError is an OSError
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(chosen.url).name
+        raise ValueError(f"model 'torchvision:{arch}': its {chosen} weights could not be downloaded "
+                         f"({type(exc).__name__}); put {Path(chosen.url).name} (from {chosen.url}) at {cached}") from None
+    head = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if head and head[-1][1].out_features != num_classes:
+        parent_name, _, leaf = head[-1][0].rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, leaf, nn.Linear(head[-1][1].in_features, num_classes))
+    return model
+
+
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, /, gates: bool = True,
                 droprate_init: float = 0.5, per_sample: bool = False, state_dict: dict | None = None,
                 **kwargs: Any) -> nn.Module:
@@ -150,8 +176,11 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, /, ga
         import torchvision
 
         check_model(name)
-        model = torchvision.models.get_model(name.split(":", 1)[1], **{"weights": None, "num_classes": num_classes,
-                                                                        **kwargs})
+        arch = name.split(":", 1)[1]
+        if kwargs.get("weights") is not None:
+            model = _pretrained(arch, num_classes, **kwargs)
+        else:
+            model = torchvision.models.get_model(arch, **{"weights": None, "num_classes": num_classes, **kwargs})
         gate = _gate_convnet
     else:
         check_model(name)

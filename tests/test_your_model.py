@@ -138,3 +138,26 @@ def test_a_sweep_runs_from_python_with_the_study_as_a_dict(tmp_path, monkeypatch
     assert len(table) == 2 and 1 <= len(front) <= 2 and set(front.trial) <= set(table.trial)
     with pytest.raises(sweeps.spec.SpecError, match="search.lam"):
         sweeps.run({**TINY, "name": "bad", "search": {"lam": {"low": 2.0, "high": 1.0}}}, out="out")
+
+
+def test_torchvision_pretrained_weights_come_from_the_hub_cache_with_a_head_for_the_data(tmp_path, monkeypatch):
+    import torchvision
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    file = Path(torchvision.models.ResNet18_Weights.DEFAULT.url).name
+    with pytest.raises(ValueError, match=rf"could not be downloaded .*; put {file} .* at {tmp_path}/hub/checkpoints/{file}$"):
+        build_model("torchvision:resnet18", (3, 32, 32), 10, weights="DEFAULT", gates=False)
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True, exist_ok=True)  # the failed download made it
+    trained = torchvision.models.resnet18()  # stands in for the downloaded ImageNet weights
+    torch.save(trained.state_dict(), tmp_path / "hub" / "checkpoints" / file)
+    model = build_model("torchvision:resnet18", (3, 32, 32), 10, weights="DEFAULT", gates=False)
+    assert torch.equal(model.conv1.weight, trained.conv1.weight) and model.fc.out_features == 10
+    with pytest.raises(ValueError, match="no weights 'NOPE'; torchvision has DEFAULT, IMAGENET1K_V1"):
+        build_model("torchvision:resnet18", (3, 32, 32), 10, weights="NOPE", gates=False)
+
+
+def test_a_failed_download_leaves_nothing_behind(tmp_path):
+    data_dir = tmp_path / "data" / "mnist"
+    with pytest.raises(ValueError, match="no files under .* and the download failed"):
+        load_data("mnist", str(data_dir))
+    assert list(tmp_path.iterdir()) == []
