@@ -1,10 +1,16 @@
-"""Pareto-aware early stopping: Optuna cannot prune multi-objective trials (optuna#3450), so the sweep does.
+"""Early stopping of multi-objective trials: Optuna cannot prune them (optuna#3450), so the sweep does.
 
-A running trial's (validation accuracy, sparsity) after epoch e is compared with what every completed trial
-above the study's accuracy floor had after its own epoch e (kept per epoch in the trial's ``history`` user attr).
-If one was better on both by the study's margins, the running trial is clearly dominated and stops (state
-PRUNED). A trial that ended short of the floor (its gates all closing) is no evidence: on its way down it passes
-through points that beat healthy trials early on, and those trials would be stopped for a model that failed.
+Two methods, both reading every trial's per-epoch (validation accuracy, sparsity) from its ``history`` user
+attr, so they decide alike on any worker of any machine:
+
+- ``dominance`` (:class:`ParetoStopper`): a running trial's point after epoch e is compared with what every
+  completed trial had after its own epoch e; if one was better on both by the study's margins, it stops.
+- ``asha`` (:class:`AshaStopper`, MO-ASHA, Schmucker et al. 2021): at rungs ``min_epochs * eta**k``, the trials
+  that reached the rung are ranked by non-dominated sorting (ties broken by crowding distance), and a trial goes
+  on only if it ranks in the top ``max(1, n // eta)``.
+
+A stopped trial is PRUNED. A trial that ended short of the accuracy floor (its gates all closing) is no
+evidence: on its way down it passes through points that beat healthy trials early on.
 """
 from __future__ import annotations
 
@@ -14,7 +20,7 @@ from typing import Iterable, Sequence
 import optuna
 from optuna.trial import TrialState
 
-from .spec import EarlyStoppingSpec
+from .spec import EarlyStoppingSpec, StudySpec
 
 HISTORY_ATTR = "history"  # [[epoch, val_accuracy, sparsity], ...]
 
@@ -64,6 +70,10 @@ class ParetoStopper:
         self.study = study
         self.spec = spec
 
+    def at_rung(self, epoch: int) -> bool:
+        """Dominance decides at every epoch from completed trials only: nothing to write early for others."""
+        return False
+
     def __call__(self, epoch: int, val_accuracy: float, sparsity: float) -> bool:
         if not self.spec.enabled or epoch < self.spec.warmup_epochs:
             return False
@@ -75,3 +85,112 @@ class ParetoStopper:
         at_epoch = [h[1:] for t in completed for h in t.user_attrs.get(HISTORY_ATTR, []) if h[0] == epoch]
         return clearly_dominated((val_accuracy, sparsity), at_epoch,
                                  (self.spec.margin_accuracy, self.spec.margin_sparsity))
+
+
+def rungs(min_epochs: int, eta: int, epochs: int) -> list[int]:
+    """The epochs at which MO-ASHA decides: ``min_epochs * eta**k`` before the last epoch.
+
+    >>> rungs(1, 3, 30)
+    [1, 3, 9, 27]
+    """
+    found, r = [], min_epochs
+    while r < epochs:
+        found.append(r)
+        r *= eta
+    return found
+
+
+def nondominated_ranks(points: Sequence[Sequence[float]]) -> list[int]:
+    """Each point's Pareto rank, every objective maximised: 0 for the front, 1 for the front of the rest, ...
+
+    >>> nondominated_ranks([(0.9, 0.1), (0.8, 0.5), (0.7, 0.05), (0.9, 0.1)])
+    [0, 0, 1, 0]
+    """
+    left, ranks, rank = set(range(len(points))), [0] * len(points), 0
+    while left:
+        front = {i for i in left if not any(
+            all(a >= b for a, b in zip(points[j], points[i])) and any(a > b for a, b in zip(points[j], points[i]))
+            for j in left)}
+        for i in front:
+            ranks[i] = rank
+        left -= front
+        rank += 1
+    return ranks
+
+
+def crowding(points: Sequence[Sequence[float]]) -> list[float]:
+    """NSGA-II's crowding distance of each point among ``points`` (one front): ends of an axis are infinite.
+
+    >>> crowding([(0.0, 1.0), (0.5, 0.5), (1.0, 0.0)])
+    [inf, 2.0, inf]
+    """
+    n = len(points)
+    distance = [0.0] * n
+    for axis in range(len(points[0]) if n else 0):
+        order = sorted(range(n), key=lambda i: points[i][axis])
+        span = points[order[-1]][axis] - points[order[0]][axis]
+        distance[order[0]] = distance[order[-1]] = float("inf")
+        for k in range(1, n - 1):
+            if span > 0:
+                distance[order[k]] += (points[order[k + 1]][axis] - points[order[k - 1]][axis]) / span
+    return distance
+
+
+def goes_on(point: Sequence[float], others: Sequence[Sequence[float]], eta: int) -> bool:
+    """Whether ``point`` ranks in the top ``max(1, n // eta)`` of itself and ``others`` (Pareto rank, then
+    crowding distance within its front; a tie with another point counts in its favour).
+
+    >>> goes_on((0.9, 0.5), [(0.8, 0.4), (0.7, 0.9)], eta=3)   # on the front, at an end
+    True
+    >>> goes_on((0.6, 0.3), [(0.8, 0.4), (0.7, 0.9)], eta=3)   # dominated
+    False
+    """
+    points = [tuple(point), *map(tuple, others)]
+    ranks = nondominated_ranks(points)
+    spread = [0.0] * len(points)
+    for r in set(ranks):
+        members = [i for i in range(len(points)) if ranks[i] == r]
+        for i, d in zip(members, crowding([points[i] for i in members])):
+            spread[i] = d
+    ahead = sum(1 for i in range(1, len(points)) if (ranks[i], -spread[i]) < (ranks[0], -spread[0]))
+    return ahead < max(1, len(points) // eta)
+
+
+def _evidence(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Trials whose histories may count: all but complete ones short of the floor (Optuna's feasibility, as
+    dashboards.feasible reads it; importing dashboards would load plotly into workers)."""
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
+                                                                 TrialState.RUNNING))
+            if t.state != TrialState.COMPLETE or all(v <= 0 for v in t.constraints.values())]
+
+
+class AshaStopper:
+    """MO-ASHA: decides, at each rung, whether a trial ranks well enough among those that reached it."""
+
+    def __init__(self, study: optuna.Study, spec: EarlyStoppingSpec, epochs: int, trial_number: int) -> None:
+        self.study, self.spec, self.trial_number = study, spec, trial_number
+        self.rungs = set(rungs(spec.min_epochs, spec.eta, epochs)) if spec.enabled else set()
+
+    def at_rung(self, epoch: int) -> bool:
+        """Whether ``epoch`` is a rung: the trial's history must be in the storage then, for the others."""
+        return epoch in self.rungs
+
+    def __call__(self, epoch: int, val_accuracy: float, sparsity: float) -> bool:
+        if epoch not in self.rungs:
+            return False
+        others = [h[1:] for t in _evidence(self.study) if t.number != self.trial_number
+                  for h in t.user_attrs.get(HISTORY_ATTR, []) if h[0] == epoch]
+        return not goes_on((val_accuracy, sparsity), others, self.spec.eta)
+
+
+def stopper_for(study: optuna.Study, spec: StudySpec, epochs: int, trial_number: int):
+    """The study's stopper for one trial of ``epochs`` epochs: called after each epoch, True stops the trial."""
+    if spec.early_stopping.method == "asha":
+        return AshaStopper(study, spec.early_stopping, epochs, trial_number)
+    return ParetoStopper(study, spec.early_stopping)
+
+
+def epochs_trained(study: optuna.Study) -> int:
+    """Epochs the study's trials have trained, stopped and running ones included (a running trial's as far as
+    its history was last written)."""
+    return sum(len(t.user_attrs.get(HISTORY_ATTR, [])) for t in study.get_trials(deepcopy=False))

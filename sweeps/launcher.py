@@ -112,7 +112,8 @@ def _run(spawn: Callable[[int], subprocess.Popen], spec: StudySpec, settings: Se
         from tqdm import tqdm
 
         from .tracking import end_study_run
-        from .study import BUDGET_ATTR, counts, create_or_resume, discard_new_study, recover_orphaned_trials
+        from .study import (BUDGET_ATTR, budget_reached, counts, create_or_resume, discard_new_study,
+                            recover_orphaned_trials)
 
         study, created = create_or_resume(spec, settings, trials)
     except BaseException:
@@ -159,7 +160,7 @@ def _run(spawn: Callable[[int], subprocess.Popen], spec: StudySpec, settings: Se
                     tqdm.write(f"l0sweep: worker {i} exited with status {code} ({recovered} trial(s) retried); "
                                f"its log ends:\n{_tail(log_dir / f'worker-{i}.log')}", file=sys.stderr)
                     # A worker killed by a signal is replaced; one that gave up (failing trials) is not.
-                    if code < 0 and counts(study)["COMPLETE"] < budget and restarts < MAX_RESTARTS:
+                    if code < 0 and not budget_reached(study, spec, budget) and restarts < MAX_RESTARTS:
                         restarts += 1
                         procs[i] = spawn(i + workers * restarts)
     except KeyboardInterrupt:
@@ -171,7 +172,7 @@ def _run(spawn: Callable[[int], subprocess.Popen], spec: StudySpec, settings: Se
     finally:
         bar.close()
     n = counts(study)
-    reached = n["COMPLETE"] >= budget
+    reached = budget_reached(study, spec, budget)
     if status == "FINISHED" and not reached:
         status = "FAILED"
     end_study_run(study, settings.tracking_uri, status)

@@ -113,13 +113,28 @@ class SamplerSpec(_Strict):
 
 
 class EarlyStoppingSpec(_Strict):
-    """Pareto-aware early stopping: stop a trial that completed trials clearly dominated at the same epoch."""
+    """Early stopping of multi-objective trials.
+
+    ``dominance``: stop a trial that completed trials clearly dominated at the same epoch. ``asha``: asynchronous
+    successive halving on the Pareto ranks (MO-ASHA): at rungs ``min_epochs * eta**k``, a trial goes on only if
+    it ranks in the top 1/eta of the trials that reached the rung.
+    """
 
     enabled: bool = False
+    method: Literal["dominance", "asha"] = "dominance"
+    min_epochs: int = Field(1, ge=1)  # asha: the first rung
+    eta: int = Field(3, ge=2)  # asha: a rung keeps the top 1/eta
     warmup_epochs: int = Field(2, ge=1)  # never stop before this epoch
     min_completed: int = Field(3, ge=1)  # completed trials needed before anything is stopped
     margin_accuracy: float = Field(0.02, ge=0)  # "clearly": better by at least this much validation accuracy
     margin_sparsity: float = Field(0.02, ge=0)  # ... and at least this much sparsity
+
+
+class BudgetSpec(_Strict):
+    """A budget in epochs beside ``trials``: no new trial starts once the study's trials, stopped ones included,
+    have trained this many epochs, so sweeps with and without early stopping can be compared at equal cost."""
+
+    epochs: int | None = Field(None, ge=1)
 
 
 class MlflowSpec(_Strict):
@@ -160,6 +175,7 @@ class StudySpec(_Strict):
     sampler: SamplerSpec = Field(default_factory=SamplerSpec)
     enqueue: list[dict[str, Union[float, int, str, bool]]] = Field(default_factory=list)  # starting points
     early_stopping: EarlyStoppingSpec = Field(default_factory=EarlyStoppingSpec)
+    budget: BudgetSpec = Field(default_factory=BudgetSpec)
     mlflow: MlflowSpec = Field(default_factory=MlflowSpec)
     workers: WorkerSpec = Field(default_factory=WorkerSpec)
 

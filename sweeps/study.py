@@ -17,6 +17,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from .search import VALUE_ATTRS, starting_point
 from .settings import Settings, file_lock
+from .early_stopping import epochs_trained
 from .spec import STUDY_PATHS, SpecError, StudySpec
 from .storage import open_storage
 from .tracking import (PID_SPACE_ATTR, WORKER_ATTR, check_tracking, delete_study_run, end_run_of, ensure_study_run,
@@ -206,6 +207,12 @@ def load_existing(name: str, storage: optuna.storages.BaseStorage, sampler=None)
     if SPEC_ATTR not in study.user_attrs:
         raise SpecError(f"study {name!r} was not made by l0sweep (it has no spec)")
     return study
+
+
+def budget_reached(study: optuna.Study, spec: StudySpec, budget: int) -> bool:
+    """Whether the study has its ``budget`` of complete trials, or has trained ``spec.budget.epochs`` epochs."""
+    return counts(study)["COMPLETE"] >= budget or (
+        spec.budget.epochs is not None and epochs_trained(study) >= spec.budget.epochs)
 
 
 def counts(study: optuna.Study) -> dict[str, int]:

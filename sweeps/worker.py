@@ -16,11 +16,11 @@ from typing import Sequence
 import optuna
 from optuna.trial import FrozenTrial
 
-from .early_stopping import ParetoStopper, TrialHistory
+from .early_stopping import TrialHistory, stopper_for
 from .search import VALUE_ATTRS, first_point, make_sampler, suggest, trial_config
 from .settings import CONFIG_ERROR, ERROR_PREFIX, Settings, check_stop, stop_on_signals
 from .spec import SpecError, StudySpec
-from .study import (BUDGET_ATTR, SPEC_ATTR, check_same_study, counts, load_existing, recover_orphaned_trials,
+from .study import (BUDGET_ATTR, SPEC_ATTR, budget_reached, check_same_study, counts, load_existing, recover_orphaned_trials,
                     retry_trial, storage_for)
 from .tracking import (PID_SPACE_ATTR, WORKER_ATTR, TrialRun, end_study_run, log_alpha_by_gate, log_alpha_histogram,
                        pid_space, worker_tag)
@@ -65,7 +65,7 @@ class Objective:
         trial.set_user_attr(WORKER_ATTR, worker_tag())
         trial.set_user_attr(PID_SPACE_ATTR, pid_space())
         run = TrialRun(trial, settings.tracking_uri, values, cfg)
-        stopper = ParetoStopper(trial.study, spec.early_stopping)
+        stopper = stopper_for(trial.study, spec, cfg.optim.epochs, trial.number)
         history = TrialHistory(trial)
 
         in_hook = 0.0  # seconds of the epoch hook (logging, early stopping), which are the sweep's, not training
@@ -77,6 +77,8 @@ class Objective:
                 check_stop()
                 run.log_epoch(m)
                 history.add(m.epoch, m.val_accuracy, m.sparsity)
+                if stopper.at_rung(m.epoch):
+                    history.flush()  # the trials ranked at this rung after it must see it
                 return stopper(m.epoch, m.val_accuracy, m.sparsity)
             finally:
                 in_hook += time.perf_counter() - start
@@ -114,7 +116,8 @@ class Objective:
         except StopTrial as stop:
             trial.set_user_attr("stopped_at_epoch", stop.metrics.epoch)
             run.end("KILLED")
-            raise optuna.TrialPruned(f"clearly dominated at epoch {stop.metrics.epoch}") from None
+            raise optuna.TrialPruned(f"stopped early at epoch {stop.metrics.epoch} ({spec.early_stopping.method})") \
+                from None
         except BaseException as exc:
             self.failed = True
             if isinstance(exc, KeyboardInterrupt):
@@ -196,7 +199,7 @@ def run_worker(spec: StudySpec, settings: Settings, poll: float = 1.0,
             recover_orphaned_trials(study, settings.tracking_uri, spec.workers.max_retry)
             budget = int(study.user_attrs[BUDGET_ATTR])
             n = counts(study)
-            if n["COMPLETE"] >= budget:
+            if budget_reached(study, spec, budget):
                 if not n["RUNNING"]:  # the sweep is over: whichever worker sees it last closes the study's run
                     end_study_run(study, settings.tracking_uri, "FINISHED")
                 return 0

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import optuna
+import pytest
 
 from sweeps.early_stopping import ParetoStopper
 from sweeps.spec import EarlyStoppingSpec
@@ -59,3 +60,54 @@ def test_history_is_written_on_the_first_epoch_then_throttled_and_whole_at_the_e
     every_epoch.add(1, 0.5, 0.1)
     every_epoch.add(2, 0.6, 0.2)
     assert study.trials[1].user_attrs["history"] == [[1, 0.5, 0.1], [2, 0.6, 0.2]]
+
+
+def test_mo_asha_keeps_the_top_third_of_a_rung_by_pareto_rank_then_crowding():
+    from sweeps.early_stopping import AshaStopper, goes_on, nondominated_ranks, rungs
+
+    assert rungs(2, 3, 30) == [2, 6, 18] and rungs(1, 4, 16) == [1, 4]
+    # Three objectives: ranks by non-dominated sorting on all of them.
+    assert nondominated_ranks([(0.9, 0.5, 0.1), (0.9, 0.5, 0.2), (0.8, 0.6, 0.0), (0.7, 0.4, 0.0)]) == [1, 0, 0, 2]
+    front = [(0.95, 0.1), (0.9, 0.5), (0.8, 0.8), (0.5, 0.95)]
+    behind = [(0.7, 0.3), (0.6, 0.2)]
+    # 7 points, eta 3: the top 2 go on. Front ends have infinite crowding distance; the dominated never go on.
+    assert goes_on((0.97, 0.05), front + behind, eta=3)  # a new end of the front
+    assert not goes_on((0.85, 0.6), front + behind, eta=3)  # on the front, but in its crowded middle
+    assert not goes_on((0.65, 0.25), front + behind, eta=3)
+    assert goes_on((0.1, 0.1), [], eta=3)  # alone at a rung: nothing to lose to (the first trials always go on)
+    assert not goes_on((0.1, 0.1), [(0.9, 0.9), (0.8, 0.95)], eta=3)  # fewer than eta: only the best goes on
+
+    spec = EarlyStoppingSpec(enabled=True, method="asha", min_epochs=1, eta=2)
+    study = _study([[[1, 0.9, 0.5], [2, 0.95, 0.6]], [[1, 0.5, 0.1], [2, 0.6, 0.2]]])
+    stop = AshaStopper(study, spec, epochs=4, trial_number=99)
+    assert stop.rungs == {1, 2} and stop.at_rung(2) and not stop.at_rung(3)
+    assert stop(1, 0.4, 0.05) and not stop(1, 0.96, 0.7) and not stop(3, 0.1, 0.0)  # epoch 3 is no rung
+    collapsed = _study([])
+    trial = collapsed.ask()
+    trial.set_user_attr("history", [[1, 0.9, 0.9]])
+    trial.set_constraint("min_accuracy", 0.5)  # ended short of the floor: no evidence at any rung
+    collapsed.tell(trial, [0.1, 0.99])
+    assert not AshaStopper(collapsed, spec, epochs=4, trial_number=99)(1, 0.85, 0.45)
+
+
+@pytest.mark.slow
+def test_a_two_worker_sweep_stops_trials_at_rungs_within_an_epoch_budget(tmp_path):
+    """MO-ASHA across two worker processes on one journal: trials are pruned at rungs (and only there), and no
+    trial starts once the study has trained its epoch budget, however many complete trials the file asks for."""
+    from sweeps.early_stopping import epochs_trained
+    from sweeps.storage import open_storage
+    from tests.sweep_helpers import TINY, l0sweep, write_study
+
+    # TINY's trials train 3 epochs: with eta 2 the rungs are epochs 1 and 2, each keeping the top half.
+    path = write_study(tmp_path / "study.yaml", trials=40, budget={"epochs": 30},
+                       early_stopping={"enabled": True, "method": "asha", "min_epochs": 1, "eta": 2})
+    result = l0sweep("run", path, "--out", tmp_path / "out", "--workers", "2", timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    study = optuna.load_study(study_name="tiny", storage=open_storage(str(tmp_path / "out" / "optuna.journal")))
+    pruned = [t for t in study.trials if t.state.name == "PRUNED"]
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert pruned and {t.user_attrs["stopped_at_epoch"] for t in pruned} <= {1, 2}
+    assert all(len(t.user_attrs["history"]) == 3 for t in complete)
+    trained = epochs_trained(study)
+    # The budget holds: reached, and overshot by at most what the two workers had in flight.
+    assert 30 <= trained < 30 + 2 * 3 and len(complete) < 40
