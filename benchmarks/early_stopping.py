@@ -1,18 +1,24 @@
-"""Pareto-aware early stopping: epochs trained and final-front hypervolume, with and without.
+"""Early stopping at an equal epoch budget: no stopping, ``dominance`` and MO-ASHA, over sampler seeds.
 
-Runs the same study (same sampler seed, same budget of complete trials) twice through ``l0sweep run``, once
-with ``early_stopping.enabled`` false and once true, and compares the epochs trained over all trials and the
-hypervolume of the final (val accuracy, sparsity) front (reference point (0, 0)).
+Every sweep of a setting gets the same budget in epochs (``budget.epochs`` = trials x epochs per trial; the
+budget of complete trials set out of reach), so stopping can only spend what it saves on more trials. Per
+method and seed, against the sweep without stopping of the same seed:
 
-Stopped trials do not count towards the budget, so the 'on' run trains extra trials and may train more epochs
-in all. The fair comparisons are therefore also printed: the 'on' run's hypervolume once it had trained as
-many epochs as the whole 'off' run, and the epochs it took to reach the 'off' run's final hypervolume.
+- epochs ratio: the epochs (stopped trials included) each sweep trained until its front's hypervolume first
+  reached 0.99 of the lower of the two final hypervolumes, with stopping over without (below 1: stopping found
+  as good a front sooner);
+- final hypervolume of the (validation accuracy, sparsity) front, reference point (0, 0), at that equal budget;
+- wall time, trials stopped, trials complete.
 
-    python -m benchmarks.early_stopping [--study studies/default.yaml] [--epochs E] [--trials 16] [--workers 1]
+Whether a stopped trial would have reached the final front (running it to the end) is not measured here.
+
+    python -m benchmarks.early_stopping [--study studies/default.yaml] [--epochs E] [--trials 16] [--seeds 1 2 3 4]
+        [--methods none dominance asha-3 asha-4] [--workers 1]
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -21,6 +27,8 @@ from optuna.trial import TrialState
 
 from benchmarks.results import append, timed_sweep
 from dashboards import hypervolume_history
+
+METHODS = ("none", "dominance", "asha-3", "asha-4")
 
 
 def _curve(study) -> list[tuple[int, float]]:
@@ -37,61 +45,85 @@ def _curve(study) -> list[tuple[int, float]]:
     return curve
 
 
-def _hv_at(curve: list[tuple[int, float]], epochs: int) -> float:
-    """Hypervolume reached within ``epochs`` epochs of training."""
-    return max([hv for e, hv in curve if e <= epochs], default=0.0)
-
-
 def _epochs_to(curve: list[tuple[int, float]], hv: float) -> int | None:
     """Epochs trained until the hypervolume first reached ``hv`` (None: never)."""
     return next((e for e, h in curve if h >= hv - 1e-12), None)
 
 
-def one(study_file: Path, enabled: bool, trials: int, workers: int, tmp: Path, epochs: int | None) -> dict:
+def _stopping(method: str, base: dict) -> dict:
+    if method == "none":
+        return {**base, "enabled": False}
+    if method == "dominance":
+        return {**base, "enabled": True, "method": "dominance"}
+    return {**base, "enabled": True, "method": "asha", "eta": int(method.split("-")[1]), "min_epochs": 1}
+
+
+def one(study_file: Path, method: str, seed: int, trials: int, workers: int, tmp: Path, epochs: int | None) -> dict:
     data = yaml.safe_load(study_file.read_text())
-    data["early_stopping"] = {**data.get("early_stopping", {}), "enabled": enabled}
     if epochs:
         data["trial"]["optim"]["epochs"] = epochs
-    path = tmp / f"es-{enabled}.yaml"
+    per_trial = data["trial"]["optim"]["epochs"]
+    data["early_stopping"] = _stopping(method, data.get("early_stopping", {}))
+    data["sampler"] = {**data.get("sampler", {}), "seed": seed}
+    data["budget"] = {"epochs": trials * per_trial}
+    data["trials"] = 100 * trials  # out of reach: the epoch budget ends every sweep
+    path = tmp / f"{method}-{seed}.yaml"
     path.write_text(yaml.safe_dump(data))
-    wall, study = timed_sweep(path, tmp / f"out-{enabled}", "--trials", str(trials), "--workers", str(workers))
+    wall, study = timed_sweep(path, tmp / f"out-{method}-{seed}", "--workers", str(workers))
     finished = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
-    epochs = sum(len(t.user_attrs.get("history", [])) for t in finished)
     pruned = sum(t.state == TrialState.PRUNED for t in finished)
-    hv = hypervolume_history(study).hypervolume.iloc[-1]
-    return {"enabled": enabled, "epochs": epochs, "pruned": pruned, "hv": float(hv), "wall": wall,
-            "complete": len(finished) - pruned, "curve": _curve(study)}
+    history = hypervolume_history(study)
+    return {"method": method, "seed": seed, "epochs": sum(len(t.user_attrs.get("history", [])) for t in finished),
+            "pruned": pruned, "complete": len(finished) - pruned, "wall": wall, "curve": _curve(study),
+            "hv": float(history.hypervolume.iloc[-1]) if len(history) else 0.0}
+
+
+def compare(run: dict, base: dict) -> tuple[float | None, float]:
+    """(epochs ratio to 0.99 of the lower final hypervolume, final hypervolume ratio) of ``run`` against the
+    sweep without stopping of its seed."""
+    target = 0.99 * min(run["hv"], base["hv"])
+    mine, theirs = _epochs_to(run["curve"], target), _epochs_to(base["curve"], target)
+    ratio = mine / theirs if mine is not None and theirs else None
+    return ratio, (run["hv"] / base["hv"] if base["hv"] else float("nan"))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--study", type=Path, default=Path("studies/default.yaml"))
-    parser.add_argument("--epochs", type=int, default=None,
-                        help="epochs per trial (default: the study's); stopping can save at most epochs - warmup")
-    parser.add_argument("--trials", type=int, default=16)
+    parser.add_argument("--epochs", type=int, default=None, help="epochs per trial (default: the study's)")
+    parser.add_argument("--trials", type=int, default=16, help="the epoch budget, in trials' worth of epochs")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args()
+    methods = ["none", *[m for m in args.methods if m != "none"]]
     with tempfile.TemporaryDirectory() as tmp:
-        results = [one(args.study, enabled, args.trials, args.workers, Path(tmp), args.epochs)
-                   for enabled in (False, True)]
-    off, on = results
-    rows = [["off", off["complete"], off["pruned"], off["epochs"], off["hv"], off["wall"]],
-            ["on", on["complete"], on["pruned"], on["epochs"], on["hv"], on["wall"]]]
-    reached = _epochs_to(on["curve"], off["hv"])
-    notes = (f"Epochs saved per complete trial: {(off['epochs'] / off['complete'] - on['epochs'] / on['complete']):.2f}; "
-             f"total epochs on/off {on['epochs'] / off['epochs']:.2f}; hypervolume on/off {on['hv'] / off['hv']:.3f}. "
-             "Stopped trials do not count towards the budget, so 'on' trains extra trials to reach it. "
-             f"At equal training ({off['epochs']} epochs, the whole 'off' run) 'on' had reached hypervolume "
-             f"{_hv_at(on['curve'], off['epochs']):.3f} (off: {off['hv']:.3f}); it reached the 'off' run's final "
-             "hypervolume " + (f"after {reached} epochs ({reached / off['epochs']:.2f} of 'off')." if reached
-                               else "never."))
+        runs = {(m, s): one(args.study, m, s, args.trials, args.workers, Path(tmp), args.epochs)
+                for s in args.seeds for m in methods}
+    rows, medians = [], []
+    for m in methods:
+        ratios, hvs = [], []
+        for s in args.seeds:
+            r = runs[(m, s)]
+            ratio, hv_ratio = compare(r, runs[("none", s)])
+            ratios.append(ratio)
+            hvs.append(hv_ratio)
+            rows.append([m, s, r["complete"], r["pruned"], r["epochs"], f"{r['hv']:.4f}", f"{hv_ratio:.3f}",
+                         "never" if ratio is None else f"{ratio:.2f}", f"{r['wall']:.1f}"])
+        known = [x for x in ratios if x is not None]
+        medians.append(f"{m}: epochs ratio {statistics.median(known):.2f}" if known else f"{m}: epochs ratio n/a")
+        medians[-1] += f", hypervolume ratio {statistics.median(hvs):.3f} (median over seeds)"
+    per_trial = args.epochs or yaml.safe_load(args.study.read_text())["trial"]["optim"]["epochs"]
+    notes = ("Every sweep: the same budget of " + f"{args.trials * per_trial} epochs. " + "; ".join(medians) +
+             ". Goal: epochs ratio <= 0.5 and hypervolume ratio >= 1. Whether stopped trials would have reached "
+             "the front is not measured.")
     epochs = f" --epochs {args.epochs}" if args.epochs else ""
-    print(append(f"Pareto-aware early stopping ({args.study.name}{f', {args.epochs} epochs' if args.epochs else ''}, "
-                 f"{args.trials} complete trials, {args.workers} worker(s))",
+    print(append(f"Early stopping at an equal epoch budget ({args.study.name}, {per_trial} epochs a trial, "
+                 f"{args.trials} trials' worth, {args.workers} worker(s))",
                  f"python -m benchmarks.early_stopping --study {args.study}{epochs} --trials {args.trials} "
-                 f"--workers {args.workers}",
-                 ["early stopping", "complete", "stopped early", "epochs trained", "final hypervolume", "wall s"],
-                 rows, notes))
+                 f"--seeds {' '.join(map(str, args.seeds))} --methods {' '.join(methods)} --workers {args.workers}",
+                 ["method", "seed", "complete", "stopped", "epochs trained", "final hypervolume", "vs none",
+                  "epochs ratio to 0.99", "wall s"], rows, notes))
 
 
 if __name__ == "__main__":

@@ -167,3 +167,14 @@ def test_accuracy_floor_counts_collapsed_trials_with_and_without_the_floor(tmp_p
     assert rows["0"][2:6] == ["2", "1", "1", "2"]  # no floor: the collapsed trial is the front's sparse end
     assert rows["chance"][2:6] == ["2", "1", "0", "1"]
     assert "collapsed trials (validation accuracy below 0.1227, the chance floor) 1 without a floor, 1 with it" in text
+
+
+@pytest.mark.slow
+def test_early_stopping_compares_methods_at_an_equal_epoch_budget(tmp_path):
+    study = write_study(tmp_path / "study.yaml")
+    text = _bench("early_stopping", tmp_path / "results.md", "--study", str(study), "--trials", "1",
+                  "--seeds", "1", "--methods", "none", "asha-3")
+    rows = [r for r in _rows(text) if r[0] in ("none", "asha-3")]
+    assert [r[:2] for r in rows] == [["none", "1"], ["asha-3", "1"]]
+    assert all(int(r[4]) >= 3 for r in rows)  # both reached the budget: one trial's worth of TINY's 3 epochs
+    assert "same budget of 3 epochs" in text and "asha-3: epochs ratio" in text
