@@ -1,4 +1,5 @@
-"""Choosing a lambda: one trial of the Pareto front, by an accuracy budget, a sparsity target, or the knee.
+"""Choosing a lambda: one trial of the Pareto front, by an accuracy budget, a least sparsity, a target sparsity,
+or the knee.
 
 All choices use validation accuracy; test accuracy is shown, never used to choose.
 """
@@ -64,12 +65,15 @@ def recommend(front: pd.DataFrame, baseline: dict | None) -> tuple[int, str]:
         "the only front trial" if len(front) == 1 else "the most accurate front trial"
 
 
-def pick(study: optuna.Study, max_drop: float | None = None, min_sparsity: float | None = None) -> pd.Series:
+def pick(study: optuna.Study, max_drop: float | None = None, min_sparsity: float | None = None,
+         target: float | None = None) -> pd.Series:
     """The chosen front trial as a row of ``front_table``.
 
     - ``max_drop``: the sparsest trial whose validation accuracy is within ``max_drop`` points (percent) of the
       dense baseline (of the best trial when the study has no baseline);
     - ``min_sparsity``: the most accurate trial with at least this sparsity (0-1);
+    - ``target``: the trial whose target sparsity (in a lambda study, whose sparsity) lies nearest ``target``, the
+      more accurate of equals;
     - neither: the recommended trial (:func:`recommend`: the knee of the front).
     """
     front = front_table(study)
@@ -97,6 +101,12 @@ def pick(study: optuna.Study, max_drop: float | None = None, min_sparsity: float
             raise PickError(f"no trial reaches sparsity {min_sparsity:.2f}; the sparsest has "
                             f"{front.sparsity.max():.3f}")
         return ok.sort_values(["val_accuracy", "sparsity"]).iloc[-1]
+    if target is not None:
+        if not 0 < target < 1:
+            raise PickError(f"--target must lie in (0, 1), got {target}")
+        aimed = front.target_sparsity.where(front.target_sparsity.notna(), front.sparsity)
+        distance = (aimed - target).abs().round(9)  # equal targets tie, whatever their floating-point noise
+        return front.assign(_distance=-distance).sort_values(["_distance", "val_accuracy"]).iloc[-1].drop("_distance")
     return front.iloc[recommend(front, study.user_attrs.get("dense_baseline"))[0]]
 
 
@@ -104,13 +114,23 @@ def describe_pick(study: optuna.Study, row: pd.Series, tracking_uri: str | None 
     """What ``l0sweep pick`` prints: the values to reuse, the metrics, and where the model is."""
     trial = study.trials[int(row.trial)]
     run = row.mlflow_run_id
-    lines = [f"trial {int(row.trial)} of study {study.study_name!r}",
-             f"  lambda         {row.lam:.6g}", f"  droprate_init  {row.droprate_init:.4g}", f"  mode           {row['mode']}",
-             f"  val accuracy   {row.val_accuracy:.4f}   (selects)",
-             f"  test accuracy  {row.test_accuracy:.4f}   (reported only)",
-             f"  sparsity       {row.sparsity:.4f}   ({int(row.removed_params)} of {int(row.total_params)} parameters removed)",
-             f"  FLOPs ratio    {row.flops_ratio:.4f}",
-             f"  MLflow run     {run}" + (f"  ({tracking_uri})" if tracking_uri else "")]
+    lines = [f"trial {int(row.trial)} of study {study.study_name!r}"]
+    if pd.notna(row.get("target_sparsity")):
+        lines.append(f"  target         {row.target_sparsity:.4g}   (achieved {row.sparsity:.4f})")
+        lines.append(f"  lambda         {row.lam:.6g}   (what the target cost: its Lagrangian's effective lambda)")
+    else:
+        lines.append(f"  lambda         {row.lam:.6g}")
+    lines += [f"  droprate_init  {row.droprate_init:.4g}", f"  mode           {row['mode']}",
+              f"  val accuracy   {row.val_accuracy:.4f}   (selects)",
+              f"  test accuracy  {row.test_accuracy:.4f}   (reported only)",
+              f"  sparsity       {row.sparsity:.4f}   ({int(row.removed_params)} of {int(row.total_params)} parameters removed)",
+              f"  FLOPs ratio    {row.flops_ratio:.4f}",
+              f"  MLflow run     {run}" + (f"  ({tracking_uri})" if tracking_uri else "")]
+    if trial.user_attrs.get("exact_target"):
+        e = trial.user_attrs["exact_target"]
+        lines.append(f"  exact target   the top-k of log_alpha closed {e['closed']} and opened {e['opened']} units against "
+                     f"the deterministic gates (sparsity {e['sparsity_before']:.4f} -> {e['sparsity_after']:.4f}, val "
+                     f"accuracy {e['val_accuracy_before']:.4f} -> {row.val_accuracy:.4f})")
     if trial.user_attrs.get("model_logged"):
         lines.append(f"  exported model: mlflow.pytorch.load_model('runs:/{run}/model')  (physically smaller, no gates)")
     else:

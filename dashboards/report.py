@@ -14,7 +14,8 @@ from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
 from .pick import recommend
-from .table import failed_and_interrupted, front_table, hypervolume_history, spec_of, trials_table
+from .table import (TARGET_TOLERANCE, failed_and_interrupted, front_table, hypervolume_history, missed_target,
+                    spec_of, trials_table)
 
 MODE_COLOURS = {"scratch": "#1f77b4", "finetune": "#d62728"}
 TABLE_COLUMNS = {"trial": "trial", "val_accuracy": "val acc", "test_accuracy": "test acc", "sparsity": "sparsity",
@@ -105,6 +106,37 @@ def _hypervolume(study: optuna.Study) -> go.Figure:
     return fig
 
 
+def _target_scatter(table: pd.DataFrame, chosen: pd.Series | None) -> go.Figure:
+    """Achieved against target sparsity, the diagonal and its tolerance band; trials that missed their target by
+    more than the tolerance crossed in red, the recommended trial starred with the lambda its target cost."""
+    rows = table[table.target_sparsity.notna()]
+    missed = missed_target(rows)
+    fig = go.Figure()
+    lo, hi = float(min(rows.target_sparsity.min(), rows.sparsity.min())), 1.0
+    for offset, dash in ((0.0, "solid"), (TARGET_TOLERANCE, "dot"), (-TARGET_TOLERANCE, "dot")):
+        fig.add_trace(go.Scatter(x=[lo, hi], y=[lo + offset, hi + offset], mode="lines", hoverinfo="skip",
+                                 line={"color": "#999", "dash": dash}, showlegend=offset == 0.0,
+                                 name=f"on target (dotted: +-{TARGET_TOLERANCE * 100:g} points)"))
+    for label, part, marker in (("within tolerance", rows[~missed], {"color": "#1f77b4", "size": 9}),
+                                (f"missed by more than {TARGET_TOLERANCE * 100:g} points", rows[missed],
+                                 {"color": "#d62728", "size": 11, "symbol": "x"})):
+        if len(part):
+            fig.add_trace(go.Scatter(
+                x=part.target_sparsity, y=part.sparsity, mode="markers", name=label, marker=marker,
+                text=[f"trial {int(r.trial)} ({r['mode']}): effective lambda {r.effective_lambda:.4g}, val acc "
+                      f"{r.val_accuracy:.4f}" for _, r in part.iterrows()], hovertemplate="%{text}<extra></extra>"))
+    if chosen is not None and pd.notna(chosen.get("target_sparsity")):
+        fig.add_trace(go.Scatter(x=[chosen.target_sparsity], y=[chosen.sparsity], mode="markers+text",
+                                 name="recommended", text=[f"effective lambda {chosen.effective_lambda:.4g}"],
+                                 textposition="middle left", hoverinfo="skip",
+                                 marker={"symbol": "star", "size": 20, "color": "gold",
+                                         "line": {"width": 1.5, "color": "black"}}))
+    fig.update_layout(title="Achieved sparsity against each trial's target", xaxis_title="target sparsity",
+                      yaxis_title="achieved sparsity (deterministic gates)", template="plotly_white", height=420,
+                      legend={"orientation": "h", "y": -0.2}, margin={"t": 50, "b": 20})
+    return fig
+
+
 def _recommended_detail(trial: optuna.trial.FrozenTrial) -> go.Figure | None:
     kept = trial.user_attrs.get("kept_units") or {}
     hist = trial.user_attrs.get("log_alpha_hist")
@@ -129,7 +161,14 @@ def _recommended_detail(trial: optuna.trial.FrozenTrial) -> go.Figure | None:
 
 
 def _format_table(front: pd.DataFrame) -> pd.DataFrame:
-    shown = front[list(TABLE_COLUMNS)].rename(columns=TABLE_COLUMNS).copy()
+    columns = dict(TABLE_COLUMNS)
+    targets = front.target_sparsity.notna().any()
+    if targets:  # a target study: its lambda column is what each target cost
+        columns = {**columns, "target_sparsity": "target"}
+    shown = front[list(columns)].rename(columns=columns).copy()
+    if targets:
+        shown["target"] = [f"{t:.3f}" + (" (missed)" if m else "") for t, m in zip(front.target_sparsity,
+                                                                                 missed_target(front))]
     for col in ("val acc", "test acc"):
         shown[col] = shown[col].map(lambda v: f"{v:.2%}")
     for col in ("sparsity", "FLOPs ratio"):
@@ -143,6 +182,13 @@ def _short_of_floor(table: pd.DataFrame, floor: tuple[str, float | None]) -> str
     """The summary's words for trials short of the accuracy floor (study file: ``min_accuracy``)."""
     short = int((~table.feasible).sum())
     return f", {short} {floor[0]} (kept off the front)" if short else ""
+
+
+def _missed(table: pd.DataFrame) -> str:
+    """The summary's words for trials farther from their target sparsity than the tolerance (flagged, kept)."""
+    missed = int(missed_target(table).sum())
+    return (f", {missed} missed their target sparsity by more than {TARGET_TOLERANCE * 100:g} points (flagged, "
+            "not hidden)") if missed else ""
 
 
 def write_report(study: optuna.Study, out_dir: str | Path, tracking_uri: str | None = None) -> Path:
@@ -176,6 +222,8 @@ def write_report(study: optuna.Study, out_dir: str | Path, tracking_uri: str | N
     ]
     if len(table[table.state == "COMPLETE"]):
         figures.append(_hypervolume(study))
+    if table.target_sparsity.notna().any():
+        figures.insert(1, _target_scatter(table, chosen))
     if chosen is not None:
         detail = _recommended_detail(study.trials[int(chosen.trial)])
         if detail is not None:
@@ -192,10 +240,13 @@ def write_report(study: optuna.Study, out_dir: str | Path, tracking_uri: str | N
                + (f", {failed} failed (their errors are in the workers' logs and the FAILED MLflow runs)"
                   if failed else "")
                + (f", {interrupted} interrupted and run again (their workers were stopped or died)"
-                  if interrupted else "") + _short_of_floor(table, floor) + f"; {len(front)} on the front.")
+                  if interrupted else "") + _short_of_floor(table, floor) + _missed(table)
+               + f"; {len(front)} on the front.")
+    target = "" if chosen is None or pd.isna(chosen.target_sparsity) else \
+        f"target sparsity {chosen.target_sparsity:.3f} (it cost lambda {chosen.effective_lambda:.4g}), "
     rec = "<p>No complete trial yet.</p>" if chosen is None else (
         f"<p class='rec'><b>Recommended ({how}): trial {int(chosen.trial)}</b>: "
-        f"lambda {chosen.lam:.4g}, droprate_init {chosen.droprate_init:.3g}, mode {html.escape(str(chosen['mode']))}"
+        f"{target or f'lambda {chosen.lam:.4g}, '}droprate_init {chosen.droprate_init:.3g}, mode {html.escape(str(chosen['mode']))}"
         f" &mdash; val acc {chosen.val_accuracy:.2%}, test acc {chosen.test_accuracy:.2%}, sparsity "
         f"{chosen.sparsity:.3f}, FLOPs ratio {chosen.flops_ratio:.3f}, MLflow run "
         f"<code>{html.escape(str(chosen.mlflow_run_id))}</code>. Other choices: "

@@ -12,7 +12,20 @@ import pandas as pd
 from optuna.trial import TrialState
 
 COLUMNS = ["trial", "val_accuracy", "test_accuracy", "sparsity", "flops_ratio", "lam", "droprate_init", "mode",
-           "removed_params", "total_params", "mlflow_run_id", "state", "feasible", "on_front"]
+           "removed_params", "total_params", "mlflow_run_id", "state", "feasible", "on_front", "target_sparsity",
+           "effective_lambda"]
+# A trial of a target study misses its target when its sparsity lies farther from it than this (2 points).
+TARGET_TOLERANCE = 0.02
+
+
+def missed_target(table: pd.DataFrame, tolerance: float = TARGET_TOLERANCE) -> pd.Series:
+    """Which rows of :func:`trials_table` ended farther than ``tolerance`` from their target sparsity (False for
+    trials without one).
+
+    >>> missed_target(pd.DataFrame({"sparsity": [0.79, 0.75, 0.5], "target_sparsity": [0.8, 0.8, None]})).tolist()
+    [False, True, False]
+    """
+    return (table.sparsity - table.target_sparsity.astype(float)).abs().gt(tolerance + 1e-12).fillna(False)
 
 
 def feasible(trial: optuna.trial.FrozenTrial) -> bool:
@@ -28,7 +41,8 @@ def metric_names(study: optuna.Study) -> list[str]:
 
 def trials_table(study: optuna.Study) -> pd.DataFrame:
     """One row per finished trial (complete, or stopped early), front trials flagged ``on_front``; ``feasible``
-    is False for a trial short of the study's accuracy floor, which keeps it off the front.
+    is False for a trial short of the study's accuracy floor, which keeps it off the front. In a target study
+    ``target_sparsity`` is the trial's target and ``lam`` the lambda it cost (``effective_lambda``).
 
     Metrics are the final model's: validation accuracy selects, test accuracy is only reported.
     """
@@ -43,11 +57,14 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
         else:  # stopped early: its last epoch
             val_acc, sparsity = history[-1][1], history[-1][2]
         rows.append({"trial": t.number, "val_accuracy": val_acc, "test_accuracy": a.get("test_accuracy", np.nan),
-                     "sparsity": sparsity, "flops_ratio": a.get("flops_ratio", np.nan), "lam": a.get("lam"),
+                     # A target trial's lambda is the one its target cost (its Lagrangian's effective lambda).
+                     "sparsity": sparsity, "flops_ratio": a.get("flops_ratio", np.nan),
+                     "lam": a.get("lam", a.get("effective_lambda")),
                      "droprate_init": a.get("droprate_init"), "mode": a.get("mode"),
                      "removed_params": a.get("removed_params"), "total_params": a.get("total_params"),
                      "mlflow_run_id": a.get("mlflow_run_id"), "state": t.state.name, "feasible": feasible(t),
-                     "on_front": t.number in front})
+                     "on_front": t.number in front, "target_sparsity": a.get("target_sparsity", np.nan),
+                     "effective_lambda": a.get("effective_lambda", np.nan)})
     # bool even with no rows: an empty object column would select columns, not rows, in table[table.on_front]
     return pd.DataFrame(rows, columns=COLUMNS).astype({"on_front": bool, "feasible": bool})
 

@@ -10,7 +10,8 @@
 
 The modules, from the bottom up: ``hard_concrete`` (the distribution), ``kinds`` (gate kinds), ``hooks`` (how z
 reaches the network), ``dependency`` (torch-pruning's graph and the removal rule), ``fold``, ``export``
-(compact), ``costs`` (the expected L0), ``regularizer`` (the penalty), ``placement`` (attach), ``report``.
+(compact), ``costs`` (the expected L0), ``regularizer`` (the penalty), ``target`` (a sparsity target instead of
+a penalty), ``placement`` (attach), ``report``.
 """
 from .costs import KeptCounter, count_parameters, expected_kept, measure_couplings
 from .export import compact
@@ -19,6 +20,7 @@ from .hard_concrete import HardConcrete
 from .kinds import ChannelGate, NeuronGate, ParameterGate, UnitGate, gates
 from .placement import Gated, attach, gate_parameters, select
 from .regularizer import param_groups, penalty
+from .target import ExactKeep, SparsityTarget, expected_sparsity, keep_exactly
 from .report import LayerReport, SparsityReport, count_flops, sparsity
 
 __all__ = [
@@ -27,4 +29,5 @@ __all__ = [
     "penalty", "param_groups", "count_parameters", "expected_kept", "measure_couplings", "KeptCounter",
     "sparsity", "SparsityReport", "LayerReport", "count_flops",
     "compact", "fold", "GateSite",
+    "SparsityTarget", "expected_sparsity", "keep_exactly", "ExactKeep",
 ]

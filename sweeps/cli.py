@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "accuracy (of the best trial's, without a baseline)")
     how.add_argument("--min-sparsity", type=float, metavar="S",
                      help="the most accurate trial with sparsity >= S (0-1)")
+    how.add_argument("--target", type=float, metavar="S",
+                     help="the trial whose target sparsity (in a lambda study, whose sparsity) is nearest S (0-1)")
     how.add_argument("--knee", action="store_true",
                      help="the report's recommendation (default): the front's knee; on a front of two, which has no "
                           "knee, the sparsest within 1 point of the dense baseline")
@@ -175,7 +177,7 @@ def dispatch(args: argparse.Namespace) -> int:
         from dashboards import pick, describe_pick
 
         study, settings = _open_study(args)
-        choice = pick(study, max_drop=args.max_drop, min_sparsity=args.min_sparsity)
+        choice = pick(study, max_drop=args.max_drop, min_sparsity=args.min_sparsity, target=args.target)
         print(describe_pick(study, choice, settings.tracking_uri))
         return 0
     if args.command == "dashboard":

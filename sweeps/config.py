@@ -78,15 +78,28 @@ class OptimConfig(_Strict):
     gamma: float = Field(0.1, gt=0, le=1)
     epochs: int = Field(10, ge=1)
     baseline_epochs: int | None = Field(None, ge=1)
+    # A sparsity target (trial.target_sparsity): the target rises from 0 over this fraction of the training
+    # steps, and the Lagrange multipliers climb at this learning rate (Adam, gradient ascent).
+    target_warmup: float = Field(0.3, ge=0, le=1)
+    multiplier_lr: float = Field(0.05, gt=0)
+
+
+class ExportConfig(_Strict):
+    # With a target_sparsity: close or open units by the top-k of log_alpha so that the deterministic gates (and
+    # the exported model) remove exactly the target's share of the parameters, to one unit.
+    exact_target: bool = False
 
 
 class TrialConfig(_Strict):
-    """Everything one trial needs; the sweep fills lam, droprate_init and mode from the sampler."""
+    """Everything one trial needs; the sweep fills lam (or target_sparsity), droprate_init and mode from the
+    sampler. With ``target_sparsity`` set, a Lagrangian steers the expected sparsity to it and lam is unused."""
 
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
     lam: float = Field(0.1, ge=0)
+    target_sparsity: float | None = Field(None, gt=0, lt=1)
     penalty_scale: Literal["model", "paper"] = "model"
     droprate_init: float = Field(0.5, gt=0, lt=1)
     mode: Literal["scratch", "finetune"] = "scratch"
@@ -103,4 +116,6 @@ class TrialConfig(_Strict):
         bad = [m for m in self.optim.milestones if not 0 < m < self.optim.epochs]
         if bad:
             raise ValueError(f"optim.milestones {bad} must lie between 0 and optim.epochs={self.optim.epochs}")
+        if self.target_sparsity is not None and self.penalty_scale != "model":
+            raise ValueError("a target_sparsity is a share of the model's parameters: penalty_scale must be 'model'")
         return self

@@ -1,9 +1,10 @@
 """The search space of a study and its sampler: Optuna suggestions turned into one trial's ``TrialConfig``.
 
-The sampler's parameter names are ``lam``, ``droprate_init``, ``mode`` and the dotted ``search.params`` paths;
-when a study gives ``lam`` (or ``droprate_init``) a range per mode, the names are ``lam_scratch`` /
+The sampler's parameter names are ``lam`` (or ``target_sparsity``), ``droprate_init``, ``mode`` and the dotted
+``search.params`` paths; when a study gives one of the first two a range per mode, the names are ``lam_scratch`` /
 ``lam_finetune`` so that the sampler models the two ranges separately. Whatever the names, the values a trial
-used are kept on the trial as ``user_attrs["lam"]``, ``["droprate_init"]``, ``["mode"]``.
+used are kept on the trial as ``user_attrs["lam"]`` (or ``["target_sparsity"]``), ``["droprate_init"]``,
+``["mode"]``.
 """
 from __future__ import annotations
 
@@ -17,7 +18,13 @@ from optuna.trial import FrozenTrial, TrialState
 from .config import TrialConfig
 from .spec import Choices, Param, Range, StudySpec
 
-VALUE_ATTRS = ("lam", "droprate_init", "mode")  # a trial's values, kept on it as user attrs whatever their names
+# A trial's values, kept on it as user attrs whatever their names (a study searches lam or target_sparsity).
+VALUE_ATTRS = ("lam", "target_sparsity", "droprate_init", "mode")
+
+
+def _searched(spec: StudySpec) -> tuple[str, str]:
+    """The searched fields besides mode: lam or target_sparsity, and droprate_init."""
+    return spec.search.size_field, "droprate_init"
 
 
 def _suggest(trial: optuna.Trial, name: str, param: Param) -> Any:
@@ -37,11 +44,12 @@ def _sampler_name(spec: StudySpec, field: str, mode: str) -> str:
 
 
 def suggest(trial: optuna.Trial, spec: StudySpec) -> tuple[TrialConfig, dict[str, Any]]:
-    """Ask the sampler for this trial's values; return its TrialConfig and the values (lam, mode, ...)."""
+    """Ask the sampler for this trial's values; return its TrialConfig and the values (lam or target_sparsity,
+    droprate_init, mode, dotted paths)."""
     modes = spec.search.mode
     mode = trial.suggest_categorical("mode", modes) if len(modes) > 1 else modes[0]
     values: dict[str, Any] = {"mode": mode}
-    for field in ("lam", "droprate_init"):
+    for field in _searched(spec):
         values[field] = _suggest(trial, _sampler_name(spec, field, mode), _per_mode(getattr(spec.search, field), mode))
     for path, param in spec.search.params.items():
         values[path] = _suggest(trial, path, param)
@@ -49,7 +57,8 @@ def suggest(trial: optuna.Trial, spec: StudySpec) -> tuple[TrialConfig, dict[str
 
 
 def trial_config(spec: StudySpec, values: dict[str, Any]) -> TrialConfig:
-    """The study's fixed trial settings with ``values`` (lam, droprate_init, mode, dotted paths) applied."""
+    """The study's fixed trial settings with ``values`` (lam or target_sparsity, droprate_init, mode, dotted
+    paths) applied."""
     data = spec.trial.model_dump()
     for key, value in values.items():
         node = data
@@ -70,7 +79,7 @@ def first_point(spec: StudySpec) -> dict[str, Any]:
         return param.low if isinstance(param, Range) else param.choices[0] if isinstance(param, Choices) else param
 
     values: dict[str, Any] = {"mode": mode}
-    for field in ("lam", "droprate_init"):
+    for field in _searched(spec):
         values[field] = point.get(field, example(_per_mode(getattr(spec.search, field), mode)))
     for path, param in spec.search.params.items():
         values[path] = point.get(path, example(param))
@@ -82,7 +91,7 @@ def starting_point(spec: StudySpec, point: dict[str, Any]) -> dict[str, Any]:
     modes = spec.search.mode
     mode = point.get("mode", modes[0])
     params: dict[str, Any] = {"mode": mode} if len(modes) > 1 else {}
-    for field in ("lam", "droprate_init"):
+    for field in _searched(spec):
         if field in point and not isinstance(_per_mode(getattr(spec.search, field), mode), (int, float)):
             params[_sampler_name(spec, field, mode)] = point[field]
     for path in spec.search.params:

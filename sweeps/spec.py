@@ -5,8 +5,10 @@ sampler searches (``search``), what is maximised (``objectives``), and how the s
 early stopping, MLflow, heartbeats). ``studies/default.yaml`` is the small offline example.
 
 >>> spec = StudySpec.model_validate({"name": "s", "search": {"lam": {"low": 0.01, "high": 1.0}}})
->>> spec.objectives, spec.search.mode
-(['accuracy', 'sparsity'], ['scratch', 'finetune'])
+>>> spec.objectives, spec.search.mode, spec.search.size_field
+(['accuracy', 'sparsity'], ['scratch', 'finetune'], 'lam')
+>>> StudySpec.model_validate({"name": "s", "search": {"target_sparsity": {"low": 0.3, "high": 0.97}}}).search.size_field
+'target_sparsity'
 """
 from __future__ import annotations
 
@@ -65,9 +67,11 @@ PerMode = dict[Literal["scratch", "finetune"], Param]  # a different range per t
 
 
 class SearchSpace(_Strict):
-    """What the sampler varies. ``lam`` and ``droprate_init`` may differ per mode (fine-tuning wants larger lam)."""
+    """What the sampler varies: how much to remove, as a price (``lam``) or as a size (``target_sparsity``, one
+    of the two), and ``droprate_init``; each may differ per mode (fine-tuning wants larger lam)."""
 
-    lam: Union[Param, PerMode] = Field(default_factory=lambda: Range(low=1e-3, high=3.0, log=True))
+    lam: Union[Param, PerMode, None] = None
+    target_sparsity: Union[Param, PerMode, None] = None
     droprate_init: Union[Param, PerMode] = 0.5
     mode: list[Literal["scratch", "finetune"]] = Field(default_factory=lambda: list(MODES), min_length=1)
     params: dict[str, Param] = Field(default_factory=dict)  # further knobs: dotted TrialConfig path -> Param
@@ -83,10 +87,18 @@ class SearchSpace(_Strict):
     @classmethod
     def _known_paths(cls, v: dict[str, Param]) -> dict[str, Param]:
         for path in v:
-            if path in ("lam", "droprate_init", "mode"):
+            if path in ("lam", "target_sparsity", "droprate_init", "mode"):
                 raise ValueError(f"{path!r} has its own entry under search, not under params")
             _check_path(path)
         return v
+
+    @property
+    def size_field(self) -> str:
+        """``"lam"`` or ``"target_sparsity"``: which of the two says how much a trial removes."""
+        return "lam" if self.lam is not None else "target_sparsity"
+
+
+SIZE_FIELDS = ("lam", "target_sparsity")
 
 
 def _check_path(path: str) -> None:
@@ -203,19 +215,30 @@ class StudySpec(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> "StudySpec":
-        for field in ("lam", "droprate_init"):
+        for field in ("lam", "target_sparsity", "droprate_init"):
             value = getattr(self.search, field)
             if isinstance(value, dict):
                 missing = [m for m in self.search.mode if m not in value]
                 if missing:
                     raise ValueError(f"search.{field} gives ranges per mode but none for {missing}")
         _check_bounds("search.lam", self.search.lam, lambda x: x >= 0, ">= 0")
+        _check_bounds("search.target_sparsity", self.search.target_sparsity, lambda x: 0 < x < 1, "in (0, 1)")
         _check_bounds("search.droprate_init", self.search.droprate_init, lambda x: 0 < x < 1, "in (0, 1)")
+        given = [f for f in SIZE_FIELDS if getattr(self.search, f) is not None]
+        if len(given) != 1:
+            raise ValueError(f"search: give either lam (a price on the parameters kept) or target_sparsity (the share "
+                             f"of parameters to remove), {'not both' if given else 'one of them'}")
+        if self.trial.export.exact_target and self.search.target_sparsity is None:
+            raise ValueError("trial.export.exact_target needs search.target_sparsity: with lam there is no target "
+                             "to keep exactly")
+        size = self.search.size_field
         for i, point in enumerate(self.enqueue):
-            unknown = set(point) - {"lam", "droprate_init", "mode", *self.search.params}
+            unknown = set(point) - {size, "droprate_init", "mode", *self.search.params}
             if unknown:
-                raise ValueError(f"enqueue[{i}] has {sorted(unknown)}: starting points may set lam, droprate_init, "
+                raise ValueError(f"enqueue[{i}] has {sorted(unknown)}: starting points may set {size}, droprate_init, "
                                  f"mode and the search.params keys")
+            if size == "target_sparsity" and "target_sparsity" in point and not 0 < point["target_sparsity"] < 1:
+                raise ValueError(f"enqueue[{i}].target_sparsity must be in (0, 1), got {point['target_sparsity']}")
             if "mode" in point and point["mode"] not in self.search.mode:
                 raise ValueError(f"enqueue[{i}].mode {point['mode']!r} is not searched (search.mode is "
                                  f"{self.search.mode})")
@@ -227,7 +250,7 @@ class StudySpec(_Strict):
 
 
 def _check_bounds(name: str, value: object, ok, allowed: str) -> None:
-    values = value.values() if isinstance(value, dict) else [value]
+    values = value.values() if isinstance(value, dict) else [] if value is None else [value]
     for v in values:
         numbers = [v] if isinstance(v, (int, float)) else [v.low, v.high] if isinstance(v, Range) else \
             [c for c in v.choices if isinstance(c, (int, float))]

@@ -149,6 +149,8 @@ class TrialRun:
         metrics = {"val_accuracy": m.val_accuracy, "sparsity": m.sparsity, "flops_ratio": m.flops_ratio,
                    "expected_density": m.expected_density, "train_task_loss": m.train_task_loss,
                    "train_penalty": m.train_penalty}
+        if m.target_sparsity is not None:  # a target study: where the target stood, and the lambda it acted as
+            metrics.update(target_sparsity=m.target_sparsity, effective_lambda=m.effective_lambda)
         self._pending += [mlflow.entities.Metric(k, float(v), _now_ms(), m.epoch) for k, v in metrics.items()]
         if time.monotonic() - self._flushed >= self.FLUSH_SECONDS:
             self.flush()
@@ -169,6 +171,11 @@ class TrialRun:
                  "sparsity": result.sparsity, "flops_ratio": result.flops_ratio,
                  "total_params": result.total_params, "removed_params": result.removed_params,
                  "chance_accuracy": result.chance_accuracy}
+        if result.target_sparsity is not None:
+            final.update(target_sparsity=result.target_sparsity, effective_lambda=result.effective_lambda,
+                         target_miss=result.sparsity - result.target_sparsity)
+            if result.exact_target is not None:
+                final.update({f"exact_{k}": v for k, v in result.exact_target.items()})
         self.client.log_batch(self.run_id, metrics=[
             mlflow.entities.Metric(k, float(v), _now_ms(), step) for k, v in final.items()])
         self.client.log_dict(self.run_id, result.kept_units, "kept_units.json")

@@ -1,4 +1,8 @@
-"""Train one trial: a gated model at one (lambda, droprate_init, mode), with per-epoch metrics.
+"""Train one trial: a gated model at one (lambda or target sparsity, droprate_init, mode), with per-epoch metrics.
+
+With ``target_sparsity`` the penalty is :class:`l0core.SparsityTarget`'s Lagrangian, its target ramped up over
+``optim.target_warmup`` of the steps and its multipliers trained at ``optim.multiplier_lr``; the lambda it cost
+(its effective lambda) is reported with the figures.
 
 ``mode="scratch"`` trains weights and gates together from initialisation; ``mode="finetune"`` starts from
 a dense baseline (no gates) trained once per (data, model, optimisation, seed) and shared through a file
@@ -40,6 +44,8 @@ class EpochMetrics:
     expected_density: float  # E[kept parameters] / parameters
     sparsity: float
     flops_ratio: float
+    target_sparsity: float | None = None  # the target this epoch ended at (ramped up during the warm-up)
+    effective_lambda: float | None = None  # the lambda the target's Lagrangian acted as at the epoch's end
 
 
 @dataclass
@@ -55,6 +61,11 @@ class TrialResult:
     val_examples: int
     epochs: list[EpochMetrics] = field(default_factory=list)
     stopped_early: bool = False
+    target_sparsity: float | None = None
+    effective_lambda: float | None = None  # with a target: the lambda it cost at the end of training
+    # With export.exact_target: what the top-k changed against the deterministic gates (l0core.ExactKeep's
+    # fields, and the validation accuracy before it).
+    exact_target: dict | None = None
     # The trained gated model and one example input, for logging and export; not part of the figures.
     model: nn.Module | None = field(default=None, repr=False, compare=False)
     example_inputs: torch.Tensor | None = field(default=None, repr=False, compare=False)
@@ -132,9 +143,11 @@ def _loaders(splits: Splits, cfg: TrialConfig, device: torch.device) -> tuple[Da
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                lam: float | None = None, *, autocast: torch.dtype | None = None,
-               scaler: torch.amp.GradScaler | None = None, **penalty_kw) -> tuple[torch.Tensor, torch.Tensor]:
+               scaler: torch.amp.GradScaler | None = None, target: l0core.SparsityTarget | None = None,
+               multipliers: torch.optim.Optimizer | None = None, **penalty_kw) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimisation step on a batch: cross-entropy, plus ``l0core.penalty(model, lam, **penalty_kw)`` when
-    ``lam`` is given, under ``torch.autocast`` to ``autocast`` if set (with ``scaler`` for float16).
+    ``lam`` is given, or ``target(model)`` (a sparsity target, its multipliers stepped by ``multipliers``) when
+    that is, under ``torch.autocast`` to ``autocast`` if set (with ``scaler`` for float16).
     Returns (task loss, penalty), detached and left on the device (no sync).
 
     >>> net = nn.Linear(4, 3)
@@ -144,19 +157,30 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y:
     """
     with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
         task = nn.functional.cross_entropy(model(x), y)
-        if lam is None:
+        if target is not None:
+            pen = target(model)
+            loss = task + pen
+        elif lam is None:
             loss, pen = task, torch.zeros((), device=task.device)
         else:
             pen = l0core.penalty(model, lam, **penalty_kw)
             loss = task + pen
     opt.zero_grad(set_to_none=True)
+    if multipliers is not None:
+        multipliers.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(loss).backward()
         scaler.step(opt)
+        if multipliers is not None:
+            scaler.step(multipliers)
         scaler.update()
     else:
         loss.backward()
         opt.step()
+        if multipliers is not None:
+            multipliers.step()
+    if target is not None:
+        target.step()
     return task.detach(), pen.detach()
 
 
@@ -202,13 +226,18 @@ def keep_freed_memory() -> bool:
 
 def _run_epochs(model: nn.Module, cfg: TrialConfig, splits: Splits, device: torch.device, lam: float | None,
                 example: torch.Tensor | None, on_epoch: Callable[[EpochMetrics], bool] | None, epochs: int,
+                target: l0core.SparsityTarget | None = None,
                 ) -> tuple[list[EpochMetrics], l0core.SparsityReport | None]:
     """Train for ``epochs``; returns the per-epoch metrics and the last epoch's sparsity report (gated models:
-    ``lam`` given, and ``example``, one input on ``device``, to measure the report on)."""
+    ``lam`` or ``target`` given, and ``example``, one input on ``device``, to measure the report on)."""
     if device.type == "cpu":
         keep_freed_memory()
     train, val, _ = _loaders(splits, cfg, device)
     opt, sched = build_optimizer(model, cfg.optim.model_copy(update={"epochs": epochs}))
+    multipliers = None
+    if target is not None:
+        target.warmup_steps = round(cfg.optim.target_warmup * epochs * len(train))
+        multipliers = target.optimizer(cfg.optim.multiplier_lr)
     penalty_kw = {"scale": cfg.penalty_scale, "n_train": len(splits.train),
                   "weight_decay": cfg.optim.weight_decay if cfg.penalty_scale == "paper" else 0.0}
     autocast, scaler = _precision(cfg, device)
@@ -227,7 +256,8 @@ def _run_epochs(model: nn.Module, cfg: TrialConfig, splits: Splits, device: torc
         batches = 0
         for x, y in train:
             x, y = _to_device(x, device, cfg.channels_last), y.to(device, non_blocking=True)
-            task, pen = train_step(forward, opt, x, y, lam, autocast=autocast, scaler=scaler, **penalty_kw)
+            task, pen = train_step(forward, opt, x, y, lam, autocast=autocast, scaler=scaler, target=target,
+                                   multipliers=multipliers, **penalty_kw)
             task_sum += task
             pen_sum += pen
             batches += 1
@@ -240,7 +270,11 @@ def _run_epochs(model: nn.Module, cfg: TrialConfig, splits: Splits, device: torc
         if sched is not None:
             sched.step()
         val_acc = accuracy(model, val, device)
-        if lam is not None:
+        if target is not None:
+            report = l0core.sparsity(model, example)
+            metrics = EpochMetrics(epoch, task_mean, pen_mean, val_acc, report.expected_density, report.sparsity,
+                                   report.flops_ratio, target.current_target, target.effective_lambda)
+        elif lam is not None:
             report = l0core.sparsity(model, example)
             metrics = EpochMetrics(epoch, task_mean, pen_mean, val_acc, report.expected_density,
                                    report.sparsity, report.flops_ratio)
@@ -278,11 +312,14 @@ def load_splits(cfg: TrialConfig) -> Splits:
 def baseline_key(cfg: TrialConfig) -> str:
     """Content hash of what determines the dense baseline: data, model, optimisation and seed (and the
     checkpoint file, by size and modification time, where the baseline is the user's)."""
-    ident = {"data": cfg.data.model_dump(exclude={"data_dir", "download"}), "model": cfg.model.model_dump(),
-             "optim": cfg.optim.model_dump(), "seed": cfg.seed}
+    # Settings that train no dense model (the target's) or came later (checkpoint) are left out when unset, so
+    # baselines keep their keys.
+    ident = {"data": cfg.data.model_dump(exclude={"data_dir", "download"}),
+             "model": cfg.model.model_dump(exclude={"checkpoint"}),
+             "optim": cfg.optim.model_dump(exclude={"target_warmup", "multiplier_lr"}), "seed": cfg.seed}
     if cfg.model.checkpoint:
         stat = Path(cfg.model.checkpoint).stat()
-        ident["checkpoint"] = [stat.st_size, stat.st_mtime_ns]
+        ident["checkpoint"] = [str(cfg.model.checkpoint), stat.st_size, stat.st_mtime_ns]
     if cfg.amp or cfg.channels_last:  # only then, so existing baselines keep their keys
         ident["precision"] = {"amp": cfg.amp, "channels_last": cfg.channels_last}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
@@ -441,13 +478,24 @@ def train_trial(cfg: TrialConfig, on_epoch: Callable[[EpochMetrics], bool] | Non
     model.to(device)
     example = next(iter(data_loader(splits.val, 1)))[0].to(device)
     l0core.measure_couplings(model, example)
-    history, report = _run_epochs(model, cfg, splits, device, cfg.lam, example, on_epoch, cfg.optim.epochs)
-    test_loader = _loaders(splits, cfg, device)[2]
-    # The last epoch already evaluated the final model: its validation accuracy and report are the final ones.
+    if cfg.export.exact_target and cfg.target_sparsity is None:
+        raise ValueError("export.exact_target needs a target_sparsity")
+    target = l0core.SparsityTarget(cfg.target_sparsity).to(device) if cfg.target_sparsity is not None else None
+    history, report = _run_epochs(model, cfg, splits, device, cfg.lam, example, on_epoch, cfg.optim.epochs, target)
+    _, val_loader, test_loader = _loaders(splits, cfg, device)
+    # The last epoch already evaluated the final model: its validation accuracy and report are the final ones,
+    # unless the exact target changes the gates.
+    val_accuracy, exact = history[-1].val_accuracy, None
+    if cfg.export.exact_target:
+        change = l0core.keep_exactly(model, cfg.target_sparsity)
+        report = l0core.sparsity(model, example)
+        exact = {**asdict(change), "val_accuracy_before": val_accuracy}
+        val_accuracy = accuracy(model, val_loader, device)
     return TrialResult(
-        val_accuracy=history[-1].val_accuracy, test_accuracy=accuracy(model, test_loader, device),
+        val_accuracy=val_accuracy, test_accuracy=accuracy(model, test_loader, device),
         sparsity=report.sparsity, flops_ratio=report.flops_ratio, total_params=report.total_params,
         removed_params=report.removed_params,
         kept_units={layer.gate: [layer.kept, layer.units] for layer in report.layers},
         chance_accuracy=chance_accuracy(splits.val), val_examples=len(splits.val), epochs=history,
-        model=model, example_inputs=example)
+        target_sparsity=cfg.target_sparsity, effective_lambda=target.effective_lambda if target is not None else None,
+        exact_target=exact, model=model, example_inputs=example)

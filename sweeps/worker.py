@@ -61,7 +61,8 @@ class Objective:
         cfg = cfg.model_copy(update={"baseline_dir": str(settings.out / "baselines"),
                                      "threads": settings.threads or cfg.threads})
         for key in VALUE_ATTRS:
-            trial.set_user_attr(key, values[key])
+            if key in values:  # a study searches lam or target_sparsity
+                trial.set_user_attr(key, values[key])
         trial.set_user_attr(WORKER_ATTR, worker_tag())
         trial.set_user_attr(PID_SPACE_ATTR, pid_space())
         run = TrialRun(trial, settings.tracking_uri, values, cfg)
@@ -95,6 +96,10 @@ class Objective:
             objectives = [metrics[name] for name in spec.metric_names]
             for key in ("test_accuracy", "flops_ratio", "total_params", "removed_params", "kept_units"):
                 trial.set_user_attr(key, getattr(result, key))
+            if result.target_sparsity is not None:  # what the target cost, in lambda's units, and what exact changed
+                trial.set_user_attr("effective_lambda", result.effective_lambda)
+                if result.exact_target is not None:
+                    trial.set_user_attr("exact_target", result.exact_target)
             # An Optuna constraint (feasible when <= 0): a trial short of the floor stays off the front
             # (study.best_trials), and TPE and NSGA-II rank it below every feasible trial, steering away from it.
             floor = accuracy_floor(spec.min_accuracy, result.chance_accuracy, result.val_examples)

@@ -178,3 +178,30 @@ def test_early_stopping_compares_methods_at_an_equal_epoch_budget(tmp_path):
     assert [r[:2] for r in rows] == [["none", "1"], ["asha-3", "1"]]
     assert all(int(r[4]) >= 3 for r in rows)  # both reached the budget: one trial's worth of TINY's 3 epochs
     assert "same budget of 3 epochs" in text and "asha-3: epochs ratio" in text
+
+
+@pytest.mark.slow
+def test_target_vs_lambda_reports_both_sweeps_per_seed(tmp_path):
+    from tests.sweep_helpers import TINY
+
+    lam = write_study(tmp_path / "lam.yaml", trials=2, enqueue=[])
+    target = write_study(tmp_path / "target.yaml", trials=2, enqueue=[],
+                         trial={**TINY["trial"], "export": {"exact_target": True}},
+                         search={**TINY["search"], "lam": None, "target_sparsity": {"low": 0.3, "high": 0.97}})
+    text = _bench("target_vs_lambda", tmp_path / "results.md", "--seeds", "1", "--trials", "2", "--workers", "1",
+                  "--epochs", "2", "--lambda-study", str(lam), "--target-study", str(target))
+    rows = {row[0]: row for row in _rows(text) if row[0] in ("lambda", "target")}
+    assert set(rows) == {"lambda", "target"}
+    for row in rows.values():
+        # searched, seed, complete, front size, largest gap, hypervolume, collapsed, best at >= 0.8, wall
+        assert row[1] == "1" and row[2] == "2" and 1 <= int(row[3]) <= 2
+        assert 0 <= float(row[4]) <= 1 and 0 <= float(row[5]) <= 1 and 0 <= int(row[6]) <= 2
+    assert re.search(r"Goal \(target gap at most half the lambda gap, at equal or better hypervolume\): (met|not met)\.",
+                     text)
+
+
+def test_target_vs_lambda_measures_the_largest_step_between_neighbouring_front_trials():
+    from benchmarks.target_vs_lambda import largest_gap
+
+    assert largest_gap([0.9, 0.1, 0.3]) == pytest.approx(0.6)
+    assert largest_gap([0.5]) == 0.0

@@ -39,6 +39,11 @@ CASES = {
     "bad-workers": ({}, ["--workers", "0"], "--workers must be at least 1"),
     "unwritable-out": ({}, ["--out", "/proc/l0sweep-out"], "--out /proc/l0sweep-out: cannot create it"),
     "missing-file": (None, [], "cannot read the study file"),
+    "lam-and-target": ({"search": {"target_sparsity": 0.8}}, [],
+                       "search: give either lam (a price on the parameters kept) or target_sparsity (the share of "
+                       "parameters to remove), not both"),
+    "target-outside": ({"search": {"lam": None, "target_sparsity": {"low": 0.5, "high": 1.2}}}, [],
+                       "search.target_sparsity must be in (0, 1), got 1.2"),
 }
 
 

@@ -50,11 +50,25 @@ BAD = [
     ({"name": "s", "min_accuracy": 90}, "min_accuracy: must be 'chance' or a validation accuracy in [0, 1] (0: no "
                                         "floor), got 90"),
     ({"name": "s", "min_accuracy": "random"}, "min_accuracy: must be 'chance' or a validation accuracy in [0, 1]"),
+    ({"name": "s", "search": {"lam": 0.1, "target_sparsity": 0.8}},
+     "search: give either lam (a price on the parameters kept) or target_sparsity (the share of parameters to remove), "
+     "not both"),
+    ({"name": "s", "search": {"droprate_init": 0.5}}, "search: give either lam (a price on the parameters kept) or "
+                                                      "target_sparsity (the share of parameters to remove), one of them"),
+    ({"name": "s", "search": {"target_sparsity": 1.0}}, "search.target_sparsity must be in (0, 1), got 1.0"),
+    ({"name": "s", "search": {"target_sparsity": {"low": 0.0, "high": 0.9}}}, "search.target_sparsity must be in (0, 1)"),
+    ({"name": "s", "search": {"target_sparsity": {"scratch": 0.5}}}, "search.target_sparsity gives ranges per mode "
+                                                                     "but none for ['finetune']"),
+    ({"name": "s", "search": {"lam": 0.1}, "trial": {"export": {"exact_target": True}}},
+     "trial.export.exact_target needs search.target_sparsity"),
+    ({"name": "s", "search": {"target_sparsity": 0.8}, "enqueue": [{"lam": 1.0}]},
+     "enqueue[0] has ['lam']: starting points may set target_sparsity"),
 ]
 
 
 @pytest.mark.parametrize("data,expected", BAD, ids=[b[1][:30] for b in BAD])
 def test_bad_spec_is_one_clear_line(data, expected):
+    data = {"search": {"lam": 0.1}, **data}  # a study says lam or target_sparsity: the mistake is elsewhere
     with pytest.raises(SpecError) as info:
         parse_spec(data, "x.yaml")
     message = str(info.value)
@@ -101,6 +115,34 @@ def test_suggest_uses_per_mode_ranges_and_applies_dotted_params():
     assert trial_config(spec, {"lam": 2.0, "mode": "scratch", "optim.lr": 0.5}).optim.lr == 0.5
 
 
+def test_a_target_study_suggests_targets_per_mode_and_trains_towards_them():
+    spec = parse_spec({"name": "s", "search": {
+        "target_sparsity": {"scratch": {"low": 0.3, "high": 0.6}, "finetune": {"choices": [0.9, 0.95]}}},
+        "trial": {"export": {"exact_target": True}, "optim": {"target_warmup": 0.2, "multiplier_lr": 0.1}}})
+    study = optuna.create_study(directions=["maximize", "maximize"], sampler=optuna.samplers.RandomSampler(seed=2))
+    seen = set()
+    for _ in range(10):
+        trial = study.ask()
+        cfg, values = suggest(trial, spec)
+        assert "lam" not in values and f"target_sparsity_{cfg.mode}" in trial.params
+        assert 0.3 <= cfg.target_sparsity <= 0.6 if cfg.mode == "scratch" else cfg.target_sparsity in (0.9, 0.95)
+        assert cfg.export.exact_target and cfg.optim.multiplier_lr == 0.1
+        seen.add(cfg.mode)
+        study.tell(trial, [0.5, 0.5])
+    assert seen == {"scratch", "finetune"}
+    assert starting_point(spec, {"mode": "scratch", "target_sparsity": 0.4}) == \
+        {"mode": "scratch", "target_sparsity_scratch": 0.4}
+
+
+def test_the_target_settings_leave_the_dense_baselines_key_alone():
+    from sweeps.config import TrialConfig
+    from sweeps.training import baseline_key
+
+    plain = TrialConfig()
+    tuned = TrialConfig.model_validate({"optim": {"target_warmup": 0.9, "multiplier_lr": 1.0}, "target_sparsity": 0.5})
+    assert baseline_key(plain) == baseline_key(tuned)
+
+
 def test_a_study_made_before_a_new_setting_existed_still_resumes():
     """A study's stored spec lacks settings added in later versions; they count with their defaults."""
     import json
@@ -142,7 +184,7 @@ def test_sampler_draws_are_seeded_per_trial(sampler):
     from sweeps.search import make_sampler
 
     spec = parse_spec({"name": "s", "trial": {"data": {"name": "digits"}, "model": {"name": "mlp"}},
-                       "sampler": {"seed": 3, **sampler}})
+                       "search": {"lam": {"low": 1e-3, "high": 3.0, "log": True}}, "sampler": {"seed": 3, **sampler}})
 
     def objective(trial):
         _, values = suggest(trial, spec)
@@ -167,7 +209,8 @@ def test_budget_and_starting_points_follow_an_edited_study_file(tmp_path):
 
     out = tmp_path / "out"
     settings = settings_from(str(out / "optuna.journal"), f"sqlite:///{out / 'mlflow.db'}", out)
-    base = {"name": "budget", "trial": {"data": {"name": "digits"}, "model": {"name": "mlp"}}}
+    base = {"name": "budget", "trial": {"data": {"name": "digits"}, "model": {"name": "mlp"}},
+            "search": {"lam": {"low": 1e-3, "high": 3.0, "log": True}}}
 
     def budget(file_trials: int, trials: int | None = None) -> int:
         study, _ = create_or_resume(parse_spec({**base, "trials": file_trials}), settings, trials)
