@@ -109,11 +109,29 @@ def describe_pick(study: optuna.Study, row: pd.Series, tracking_uri: str | None 
              f"  val accuracy   {row.val_accuracy:.4f}   (selects)",
              f"  test accuracy  {row.test_accuracy:.4f}   (reported only)",
              f"  sparsity       {row.sparsity:.4f}   ({int(row.removed_params)} of {int(row.total_params)} parameters removed)",
-             f"  FLOPs ratio    {row.flops_ratio:.4f}",
-             f"  MLflow run     {run}" + (f"  ({tracking_uri})" if tracking_uri else "")]
+             f"  FLOPs ratio    {row.flops_ratio:.4f}"]
+    lines += _latency_lines(trial)
+    lines.append(f"  MLflow run     {run}")
     if trial.user_attrs.get("model_logged"):
-        lines.append(f"  exported model: mlflow.pytorch.load_model('runs:/{run}/model')  (physically smaller, no gates)")
+        # Pasted into a fresh shell it must find the run: the tracking URI goes in the line (a relative MLflow
+        # default would also leave an empty ./mlflow.db behind).
+        where = f"mlflow.set_tracking_uri({tracking_uri!r}); " if tracking_uri else ""
+        lines.append("  load it (an nn.Module, physically smaller, no gates):")
+        lines.append(f'    python -c "import mlflow.pytorch; {where}model = '
+                     f"mlflow.pytorch.load_model('runs:/{run}/model').eval(); print(model)\"")
+        lines.append(f"  or as files (model.pt2, model.onnx, metrics.json): l0sweep export {study.study_name} "
+                     f"--trial {int(row.trial)} --to DIR")
     else:
-        lines.append("  exported model: not logged for this trial (it was not on the front when it finished); "
-                     "train it again with these values and l0core.compact")
+        lines.append("  exported model: not logged for this trial (it was not on the front when it finished); set "
+                     "'mlflow: {log_models: all}' in the study file to log every trial's")
     return "\n".join(lines)
+
+
+def _latency_lines(trial: optuna.trial.FrozenTrial) -> list[str]:
+    """The trial's measured latencies (sweeps.latency), one line per runtime and batch size."""
+    lines = []
+    for runtime, by_batch in (trial.user_attrs.get("latency") or {}).items():
+        for batch, f in by_batch.items():
+            lines.append(f"  latency        {runtime} batch {batch} ({f['device']}): {f['compact_ms']:.3f} ms, dense "
+                         f"{f['dense_ms']:.3f} ms: speed-up {f['speedup']:.2f}x (noise {f['noise']:.0%})")
+    return lines
