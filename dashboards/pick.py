@@ -15,14 +15,24 @@ class PickError(ValueError):
     """A request no trial satisfies, said plainly."""
 
 
-def knee(front: pd.DataFrame) -> int:
+def trade_off(study_or_spec: optuna.Study | dict) -> str:
+    """The front's column traded against accuracy: ``speedup`` for a study whose objectives are
+    [accuracy, latency], else ``sparsity``."""
+    from .table import spec_of
+
+    spec = spec_of(study_or_spec) if isinstance(study_or_spec, optuna.Study) else study_or_spec
+    objectives = spec.get("objectives", ["accuracy", "sparsity"])
+    return "speedup" if "latency" in objectives and "sparsity" not in objectives else "sparsity"
+
+
+def knee(front: pd.DataFrame, x: str = "sparsity") -> int:
     """Row index of the front's knee: farthest from the chord between its two ends (normalised axes).
 
     >>> f = pd.DataFrame({"val_accuracy": [0.99, 0.98, 0.90], "sparsity": [0.1, 0.6, 0.8]})
     >>> knee(f)
     1
     """
-    acc, sp = front.val_accuracy.to_numpy(float), front.sparsity.to_numpy(float)
+    acc, sp = front.val_accuracy.to_numpy(float), front[x].to_numpy(float)
     if len(front) <= 2:
         return int(np.argmax(acc))
     a = (acc - acc.min()) / max(np.ptp(acc), 1e-12)
@@ -35,13 +45,13 @@ def knee(front: pd.DataFrame) -> int:
     return int(np.argmax(-dist if chord[0] < 0 else dist))
 
 
-def _sparsest_within(front: pd.DataFrame, reference: float, points: float) -> pd.DataFrame:
-    """Front trials within ``points`` accuracy points of ``reference``, the sparsest last."""
+def _sparsest_within(front: pd.DataFrame, reference: float, points: float, x: str = "sparsity") -> pd.DataFrame:
+    """Front trials within ``points`` accuracy points of ``reference``, the sparsest (highest ``x``) last."""
     ok = front[front.val_accuracy >= reference - points / 100 - 1e-12]
-    return ok.sort_values(["sparsity", "val_accuracy"])
+    return ok.sort_values([x, "val_accuracy"])
 
 
-def recommend(front: pd.DataFrame, baseline: dict | None) -> tuple[int, str]:
+def recommend(front: pd.DataFrame, baseline: dict | None, x: str = "sparsity") -> tuple[int, str]:
     """Row index of the front's recommended trial, and how it was chosen (words for the report).
 
     The knee, where the front has one (three trials or more). Two trials are both ends of the chord, so the
@@ -54,9 +64,9 @@ def recommend(front: pd.DataFrame, baseline: dict | None) -> tuple[int, str]:
     (1, 'the sparsest front trial within 1 point of the dense baseline; a front of two has no knee')
     """
     if len(front) >= 3:
-        return knee(front), "knee of the front"
+        return knee(front, x), "knee of the front"
     if baseline and len(front) == 2:
-        ok = _sparsest_within(front, baseline["val_accuracy"], 1.0)
+        ok = _sparsest_within(front, baseline["val_accuracy"], 1.0, x)
         if len(ok):
             return int(ok.index[-1]), \
                 "the sparsest front trial within 1 point of the dense baseline; a front of two has no knee"
@@ -84,7 +94,7 @@ def pick(study: optuna.Study, max_drop: float | None = None, min_sparsity: float
         baseline = study.user_attrs.get("dense_baseline")
         reference, what = (baseline["val_accuracy"], "the dense baseline") if baseline else \
             (float(front.val_accuracy.max()), "the best trial")
-        ok = _sparsest_within(front, reference, max_drop)
+        ok = _sparsest_within(front, reference, max_drop, trade_off(study))
         if ok.empty:
             raise PickError(f"no trial is within {max_drop} points of {what} ({reference:.2%} validation accuracy); "
                             f"the best reaches {front.val_accuracy.max():.2%}")
@@ -97,7 +107,7 @@ def pick(study: optuna.Study, max_drop: float | None = None, min_sparsity: float
             raise PickError(f"no trial reaches sparsity {min_sparsity:.2f}; the sparsest has "
                             f"{front.sparsity.max():.3f}")
         return ok.sort_values(["val_accuracy", "sparsity"]).iloc[-1]
-    return front.iloc[recommend(front, study.user_attrs.get("dense_baseline"))[0]]
+    return front.iloc[recommend(front, study.user_attrs.get("dense_baseline"), trade_off(study))[0]]
 
 
 def describe_pick(study: optuna.Study, row: pd.Series, tracking_uri: str | None = None) -> str:

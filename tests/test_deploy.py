@@ -177,3 +177,27 @@ def test_a_trial_short_of_the_floor_or_without_a_logged_model_is_not_exported(tm
     _fails_in_one_line(unlogged, f"trial {by_lam[0.001]}'s model was not logged")
     assert "set 'mlflow: {log_models: all}' in the study file" in unlogged.stderr
     assert not (tmp_path / "deploy").exists()
+
+
+def test_latency_as_an_objective_makes_the_front_measured_speed(tmp_path):
+    """objectives: [accuracy, latency]: every trial times its compacted model, the second objective is the
+    measured speed-up at the study's latency batch size, and the report plots accuracy against it and says how
+    noisy the timings were."""
+    study_file = write_study(tmp_path / "tiny.yaml", trials=2, objectives=["accuracy", "latency"],
+                             latency={"batch_size": 32, "runtime": "torch", "budget_seconds": 0.05})
+    out = tmp_path / "out"
+    result = l0sweep("run", study_file, "--out", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = optuna.load_study(study_name="tiny", storage=open_storage(str(out / "optuna.journal")))
+    complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert study.metric_names == ["val_accuracy", "speedup"]
+    for t in complete:
+        figures = t.user_attrs["latency"]["torch"]
+        assert set(figures) == {"1", "32"}
+        assert t.values[1] == pytest.approx(figures["32"]["dense_ms"] / figures["32"]["compact_ms"])
+        assert 0 < t.user_attrs["latency_seconds"] < t.duration.total_seconds()
+        assert 0 <= t.user_attrs["sparsity"] <= 1
+    page = (out / "reports" / "tiny" / "report.html").read_text()
+    assert "Validation accuracy against measured speed-up" in page and "Noise (interquartile range / median" in page
+    picked = l0sweep("pick", "tiny", "--out", out)
+    assert picked.returncode == 0 and "latency        torch batch 32 (cpu)" in picked.stdout, picked.stderr
