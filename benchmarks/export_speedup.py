@@ -1,6 +1,13 @@
 """CPU latency of a dense model vs its exported (compacted) form, against the FLOPs reduction.
 
-    python -m benchmarks.export_speedup [--runs 30] [--closed 0.5] [--channels-last] [--compile]
+    python -m benchmarks.export_speedup [--budget 0.5] [--closed 0.5]        # eager and ONNX Runtime, round_to 1 and 8
+    python -m benchmarks.export_speedup --breakdown [--runs 30] [--channels-last] [--compile]
+
+The default table times, for each model at batch 1 and 64, eager PyTorch and ONNX Runtime (CPU), the exported
+model with and without ``round_to: 8`` against the dense one, as ``l0sweep export`` does (sweeps.latency: medians
+of alternating calls), and sets speed-up / FLOPs reduction beside Torch-Pruning's published 0.57-0.73
+(its README: ResNet-50 at 2x-3.9x fewer FLOPs ran 1.35x-2.19x faster, GPU, batch 64). ``--breakdown`` is the
+earlier eager-only table with the profiler's conv/matmul share:
 
 For each model, a random half of every gate's units is closed, the rest open; "dense" is the same network
 with every gate open and folded (a plain model of the original size). The figure of merit is
@@ -69,13 +76,53 @@ def _counted_share(model: torch.nn.Module, x: torch.Tensor, runs: int = 5) -> tu
     return counted / runs / 1e6, total / runs / 1e6
 
 
+TORCH_PRUNING = "0.57-0.73"  # Torch-Pruning's README: speed-up / FLOPs reduction of its pruned ResNet-50s
+
+
+def deploy_table(budget: float, closed: float) -> None:
+    """Eager and ONNX Runtime, round_to 1 and 8, batch 1 and 64: speed-up, FLOPs reduction, their ratio."""
+    from sweeps import latency
+
+    rows = []
+    for name, shape in MODELS:
+        gated = build_model(name, shape, 10).eval()
+        _close_fraction(gated, closed, seed=0)
+        example = torch.randn(1, *shape)
+        dense = build_model(name, shape, 10, gates=False).eval()
+        onnx_dense = latency.onnx_bytes(dense, example)
+        for k in (1, 8):
+            small = l0core.compact(gated, example, round_to=k).eval()
+            onnx = {"dense": onnx_dense, "compact": latency.onnx_bytes(small, example)}
+            reduction = l0core.count_flops(dense, example) / l0core.count_flops(small, example)
+            for c in latency.compare(dense, small, shape, (1, 64), ("torch", "onnxruntime"), "cpu", budget, onnx):
+                rows.append([name, c.batch_size, c.runtime, k, c.dense.median_ms, c.compact.median_ms, c.speedup,
+                             reduction, c.speedup / reduction, TORCH_PRUNING,
+                             f"{max(c.dense.noise, c.compact.noise):.0%}"])
+                print(" | ".join(str(v) if not isinstance(v, float) else f"{v:.3g}" for v in rows[-1]), flush=True)
+    append("Export: measured speed-up vs FLOPs reduction, eager and ONNX Runtime, round_to 1 and 8 (CPU)",
+           f"python -m benchmarks.export_speedup --budget {budget} --closed {closed}",
+           ["model", "batch", "runtime", "round_to", "dense ms", "exported ms", "speed-up", "FLOPs reduction",
+            "speed-up / FLOPs reduction", "Torch-Pruning published", "noise (IQR/median)"], rows,
+           notes=f"{closed:.0%} of every gate's units closed at random (the same units for both round_to); dense: the "
+                 "model without gates. Latency as sweeps.latency defines it: one forward in eval mode (eager: "
+                 "torch.inference_mode; ONNX Runtime: CPU provider, torch's thread count), median of alternating "
+                 f"dense/exported calls filling {budget} s after 3 warm-up rounds (5-200 calls). FLOPs are per "
+                 "example (torch.utils.flop_counter). Torch-Pruning's 0.57-0.73 is its README's ResNet-50 table "
+                 "(GPU, batch 64), the only published figure to compare with, not the same hardware.")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--budget", type=float, default=0.5, help="timed seconds per comparison (default table)")
     parser.add_argument("--closed", type=float, default=0.5)
+    parser.add_argument("--breakdown", action="store_true", help="the eager table with the conv/matmul breakdown")
     parser.add_argument("--channels-last", action="store_true", help="both models and inputs in channels_last")
     parser.add_argument("--compile", action="store_true", help="time both models compiled (torch.compile, freezing)")
     args = parser.parse_args()
+    if not (args.breakdown or args.channels_last or args.compile):
+        deploy_table(args.budget, args.closed)
+        return
     if args.compile:
         import torch._inductor.config
 

@@ -16,14 +16,24 @@ class PickError(ValueError):
     """A request no trial satisfies, said plainly."""
 
 
-def knee(front: pd.DataFrame) -> int:
+def trade_off(study_or_spec: optuna.Study | dict) -> str:
+    """The front's column traded against accuracy: ``speedup`` for a study whose objectives are
+    [accuracy, latency], else ``sparsity``."""
+    from .table import spec_of
+
+    spec = spec_of(study_or_spec) if isinstance(study_or_spec, optuna.Study) else study_or_spec
+    objectives = spec.get("objectives", ["accuracy", "sparsity"])
+    return "speedup" if "latency" in objectives and "sparsity" not in objectives else "sparsity"
+
+
+def knee(front: pd.DataFrame, x: str = "sparsity") -> int:
     """Row index of the front's knee: farthest from the chord between its two ends (normalised axes).
 
     >>> f = pd.DataFrame({"val_accuracy": [0.99, 0.98, 0.90], "sparsity": [0.1, 0.6, 0.8]})
     >>> knee(f)
     1
     """
-    acc, sp = front.val_accuracy.to_numpy(float), front.sparsity.to_numpy(float)
+    acc, sp = front.val_accuracy.to_numpy(float), front[x].to_numpy(float)
     if len(front) <= 2:
         return int(np.argmax(acc))
     a = (acc - acc.min()) / max(np.ptp(acc), 1e-12)
@@ -36,13 +46,13 @@ def knee(front: pd.DataFrame) -> int:
     return int(np.argmax(-dist if chord[0] < 0 else dist))
 
 
-def _sparsest_within(front: pd.DataFrame, reference: float, points: float) -> pd.DataFrame:
-    """Front trials within ``points`` accuracy points of ``reference``, the sparsest last."""
+def _sparsest_within(front: pd.DataFrame, reference: float, points: float, x: str = "sparsity") -> pd.DataFrame:
+    """Front trials within ``points`` accuracy points of ``reference``, the sparsest (highest ``x``) last."""
     ok = front[front.val_accuracy >= reference - points / 100 - 1e-12]
-    return ok.sort_values(["sparsity", "val_accuracy"])
+    return ok.sort_values([x, "val_accuracy"])
 
 
-def recommend(front: pd.DataFrame, baseline: dict | None) -> tuple[int, str]:
+def recommend(front: pd.DataFrame, baseline: dict | None, x: str = "sparsity") -> tuple[int, str]:
     """Row index of the front's recommended trial, and how it was chosen (words for the report).
 
     The knee, where the front has one (three trials or more). Two trials are both ends of the chord, so the
@@ -55,9 +65,9 @@ def recommend(front: pd.DataFrame, baseline: dict | None) -> tuple[int, str]:
     (1, 'the sparsest front trial within 1 point of the dense baseline; a front of two has no knee')
     """
     if len(front) >= 3:
-        return knee(front), "knee of the front"
+        return knee(front, x), "knee of the front"
     if baseline and len(front) == 2:
-        ok = _sparsest_within(front, baseline["val_accuracy"], 1.0)
+        ok = _sparsest_within(front, baseline["val_accuracy"], 1.0, x)
         if len(ok):
             return int(ok.index[-1]), \
                 "the sparsest front trial within 1 point of the dense baseline; a front of two has no knee"
@@ -88,7 +98,7 @@ def pick(study: optuna.Study, max_drop: float | None = None, min_sparsity: float
         baseline = study.user_attrs.get("dense_baseline")
         reference, what = (baseline["val_accuracy"], "the dense baseline") if baseline else \
             (float(front.val_accuracy.max()), "the best trial")
-        ok = _sparsest_within(front, reference, max_drop)
+        ok = _sparsest_within(front, reference, max_drop, trade_off(study))
         if ok.empty:
             raise PickError(f"no trial is within {max_drop} points of {what} ({reference:.2%} validation accuracy); "
                             f"the best reaches {front.val_accuracy.max():.2%}")
@@ -107,7 +117,7 @@ def pick(study: optuna.Study, max_drop: float | None = None, min_sparsity: float
         aimed = front.target_sparsity.where(front.target_sparsity.notna(), front.sparsity)
         distance = (aimed - target).abs().round(9)  # equal targets tie, whatever their floating-point noise
         return front.assign(_distance=-distance).sort_values(["_distance", "val_accuracy"]).iloc[-1].drop("_distance")
-    return front.iloc[recommend(front, study.user_attrs.get("dense_baseline"))[0]]
+    return front.iloc[recommend(front, study.user_attrs.get("dense_baseline"), trade_off(study))[0]]
 
 
 def describe_pick(study: optuna.Study, row: pd.Series, tracking_uri: str | None = None) -> str:
@@ -124,16 +134,34 @@ def describe_pick(study: optuna.Study, row: pd.Series, tracking_uri: str | None 
               f"  val accuracy   {row.val_accuracy:.4f}   (selects)",
               f"  test accuracy  {row.test_accuracy:.4f}   (reported only)",
               f"  sparsity       {row.sparsity:.4f}   ({int(row.removed_params)} of {int(row.total_params)} parameters removed)",
-              f"  FLOPs ratio    {row.flops_ratio:.4f}",
-              f"  MLflow run     {run}" + (f"  ({tracking_uri})" if tracking_uri else "")]
+              f"  FLOPs ratio    {row.flops_ratio:.4f}"]
     if trial.user_attrs.get("exact_target"):
         e = trial.user_attrs["exact_target"]
         lines.append(f"  exact target   the top-k of log_alpha closed {e['closed']} and opened {e['opened']} units against "
                      f"the deterministic gates (sparsity {e['sparsity_before']:.4f} -> {e['sparsity_after']:.4f}, val "
                      f"accuracy {e['val_accuracy_before']:.4f} -> {row.val_accuracy:.4f})")
+    lines += _latency_lines(trial)
+    lines.append(f"  MLflow run     {run}")
     if trial.user_attrs.get("model_logged"):
-        lines.append(f"  exported model: mlflow.pytorch.load_model('runs:/{run}/model')  (physically smaller, no gates)")
+        # Pasted into a fresh shell it must find the run: the tracking URI goes in the line (a relative MLflow
+        # default would also leave an empty ./mlflow.db behind).
+        where = f"mlflow.set_tracking_uri({tracking_uri!r}); " if tracking_uri else ""
+        lines.append("  load it (an nn.Module, physically smaller, no gates):")
+        lines.append(f'    python -c "import mlflow.pytorch; {where}model = '
+                     f"mlflow.pytorch.load_model('runs:/{run}/model').eval(); print(model)\"")
+        lines.append(f"  or as files (model.pt2, model.onnx, metrics.json): l0sweep export {study.study_name} "
+                     f"--trial {int(row.trial)} --to DIR")
     else:
-        lines.append("  exported model: not logged for this trial (it was not on the front when it finished); "
-                     "train it again with these values and l0core.compact")
+        lines.append("  exported model: not logged for this trial (it was not on the front when it finished); set "
+                     "'mlflow: {log_models: all}' in the study file to log every trial's")
     return "\n".join(lines)
+
+
+def _latency_lines(trial: optuna.trial.FrozenTrial) -> list[str]:
+    """The trial's measured latencies (sweeps.latency), one line per runtime and batch size."""
+    lines = []
+    for runtime, by_batch in (trial.user_attrs.get("latency") or {}).items():
+        for batch, f in by_batch.items():
+            lines.append(f"  latency        {runtime} batch {batch} ({f['device']}): {f['compact_ms']:.3f} ms, dense "
+                         f"{f['dense_ms']:.3f} ms: speed-up {f['speedup']:.2f}x (noise {f['noise']:.0%})")
+    return lines

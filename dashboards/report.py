@@ -7,19 +7,22 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
+import numpy as np
+
 import optuna
 import pandas as pd
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
-from .pick import recommend
-from .table import (TARGET_TOLERANCE, failed_and_interrupted, front_table, hypervolume_history, missed_target,
-                    spec_of, trials_table)
+from .pick import recommend, trade_off
+from .table import (TARGET_TOLERANCE, failed_and_interrupted, front_table, hypervolume_history, latency_setting,
+                    missed_target, spec_of, trials_table)
 
 MODE_COLOURS = {"scratch": "#1f77b4", "finetune": "#d62728"}
 TABLE_COLUMNS = {"trial": "trial", "val_accuracy": "val acc", "test_accuracy": "test acc", "sparsity": "sparsity",
-                 "flops_ratio": "FLOPs ratio", "lam": "lambda", "droprate_init": "droprate_init", "mode": "mode"}
+                 "flops_ratio": "FLOPs ratio", "latency_ms": "latency ms", "speedup": "speed-up", "lam": "lambda",
+                 "droprate_init": "droprate_init", "mode": "mode"}
 HOVER = ("trial %{customdata[0]} (%{customdata[3]})<br>lambda %{customdata[1]:.4g}, "
          "droprate_init %{customdata[2]:.3g}<br>val acc %{customdata[4]:.4f}, test acc %{customdata[5]:.4f}"
          "<br>sparsity %{customdata[6]:.4f}, FLOPs ratio %{customdata[7]:.4f}<br>MLflow run %{customdata[8]}"
@@ -173,6 +176,9 @@ def _format_table(front: pd.DataFrame) -> pd.DataFrame:
         shown[col] = shown[col].map(lambda v: f"{v:.2%}")
     for col in ("sparsity", "FLOPs ratio"):
         shown[col] = shown[col].map(lambda v: f"{v:.3f}")
+    # Trials measure latency on the front (or every trial, where it is an objective): blank where none was taken.
+    shown["latency ms"] = shown["latency ms"].map(lambda v: "" if pd.isna(v) else f"{v:.3g}")
+    shown["speed-up"] = shown["speed-up"].map(lambda v: "" if pd.isna(v) else f"{v:.2f}x")
     shown["lambda"] = shown["lambda"].map(lambda v: f"{v:.4g}")
     shown["droprate_init"] = shown["droprate_init"].map(lambda v: f"{v:.3g}")
     return shown
@@ -191,6 +197,22 @@ def _missed(table: pd.DataFrame) -> str:
             "not hidden)") if missed else ""
 
 
+def _latency_note(study: optuna.Study, runtime: str, batch: int) -> str:
+    """What the latency columns are, the dense model's time, and how noisy the measurements were."""
+    timed = [t.user_attrs["latency"] for t in study.get_trials(deepcopy=False) if t.user_attrs.get("latency")]
+    if not timed:
+        return ""
+    noise = [f["noise"] for lat in timed for by in lat.values() for f in by.values()]
+    runs = [f["runs"] for lat in timed for by in lat.values() for f in by.values()]
+    dense = (study.user_attrs.get("dense_latency") or {}).get(runtime, {}).get(str(batch))
+    return (f"<p class='latency'>Latency ({runtime}, batch {batch}{', ' + dense['device'] if dense else ''}): one "
+            f"forward in eval mode, the median of {min(runs)}-{max(runs)} timed calls after 3 warm-up calls, the "
+            f"dense model and the compacted one timed alternately; speed-up = dense ms / compacted ms, from the same "
+            f"trial's alternating runs. " + (f"Dense model: {dense['dense_ms']:.3g} ms. " if dense else "")
+            + f"Noise (interquartile range / median of the timed calls) over {len(timed)} measured trial(s): median "
+            f"{np.median(noise):.0%}, worst {max(noise):.0%}; speed-ups closer to 1 than that are not telling.</p>")
+
+
 def write_report(study: optuna.Study, out_dir: str | Path, tracking_uri: str | None = None) -> Path:
     """Write ``report.html``, ``front.md`` and ``front.csv`` into ``out_dir``; log them to the study's MLflow run.
 
@@ -203,7 +225,7 @@ def write_report(study: optuna.Study, out_dir: str | Path, tracking_uri: str | N
     baseline = study.user_attrs.get("dense_baseline")
     chosen, how = None, ""
     if not front.empty:
-        row, how = recommend(front, baseline)
+        row, how = recommend(front, baseline, trade_off(spec_of(study)))
         chosen = front.iloc[row]
     front.to_csv(out / "front.csv", index=False)
     shown = _format_table(front)
@@ -220,6 +242,11 @@ def write_report(study: optuna.Study, out_dir: str | Path, tracking_uri: str | N
                  None if chosen is None else pd.concat([chosen, pd.Series({"flops_reduction": 1 - chosen.flops_ratio})]),
                  "Validation accuracy against FLOPs reduction", floor),
     ]
+    runtime, batch = latency_setting(spec)
+    if table.speedup.notna().any():
+        figures.insert(0 if trade_off(spec) == "speedup" else 2, _scatter(
+            table, "speedup", f"measured speed-up over dense ({runtime}, batch {batch}; dense ms / compacted ms)",
+            baseline, chosen, "Validation accuracy against measured speed-up", floor))
     if len(table[table.state == "COMPLETE"]):
         figures.append(_hypervolume(study))
     if table.target_sparsity.notna().any():
@@ -256,6 +283,7 @@ def write_report(study: optuna.Study, out_dir: str | Path, tracking_uri: str | N
         f"{baseline['test_accuracy']:.2%}."
         + (" Fine-tuning trials start from it; scratch trials do not." if baseline.get("source") == "checkpoint"
            else "") + "</p>")
+    base += _latency_note(study, runtime, batch)
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(study.study_name)}: L0 sparsity report</title>
 <script type="text/javascript">{get_plotlyjs()}</script>

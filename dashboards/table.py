@@ -11,9 +11,9 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
-COLUMNS = ["trial", "val_accuracy", "test_accuracy", "sparsity", "flops_ratio", "lam", "droprate_init", "mode",
-           "removed_params", "total_params", "mlflow_run_id", "state", "feasible", "on_front", "target_sparsity",
-           "effective_lambda"]
+COLUMNS = ["trial", "val_accuracy", "test_accuracy", "sparsity", "flops_ratio", "latency_ms", "speedup", "lam",
+           "droprate_init", "mode", "removed_params", "total_params", "mlflow_run_id", "state", "feasible", "on_front",
+           "target_sparsity", "effective_lambda"]
 # A trial of a target study misses its target when its sparsity lies farther from it than this (2 points).
 TARGET_TOLERANCE = 0.02
 
@@ -26,6 +26,21 @@ def missed_target(table: pd.DataFrame, tolerance: float = TARGET_TOLERANCE) -> p
     [False, True, False]
     """
     return (table.sparsity - table.target_sparsity.astype(float)).abs().gt(tolerance + 1e-12).fillna(False)
+
+
+def latency_setting(spec: dict) -> tuple[str, int]:
+    """(runtime, batch size) of the latency the table shows and the latency objective maximises: the study
+    file's ``latency`` block, its batch size defaulting to the training batch (sweeps.worker.latency_batch)."""
+    lat = spec.get("latency") or {}
+    return lat.get("runtime", "torch"), int(lat.get("batch_size") or spec.get("trial", {}).get("data", {})
+                                            .get("batch_size", 64))
+
+
+def latency_of(trial: optuna.trial.FrozenTrial, runtime: str, batch: int) -> tuple[float, float]:
+    """(compacted model's median ms, speed-up over dense) a trial measured, NaN where it measured none (trials
+    off the front when they finished, unless latency is an objective)."""
+    f = (trial.user_attrs.get("latency") or {}).get(runtime, {}).get(str(batch))
+    return (f["compact_ms"], f["speedup"]) if f else (np.nan, np.nan)
 
 
 def feasible(trial: optuna.trial.FrozenTrial) -> bool:
@@ -47,19 +62,22 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
     Metrics are the final model's: validation accuracy selects, test accuracy is only reported.
     """
     front = {t.number for t in study.best_trials}
+    runtime, batch = latency_setting(spec_of(study))
     rows = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
         a = t.user_attrs
         history = a.get("history") or [[0, np.nan, np.nan]]
         if t.state == TrialState.COMPLETE:
             values = dict(zip(metric_names(study), t.values))
-            val_acc, sparsity = values.get("val_accuracy", t.values[0]), values.get("sparsity", t.values[1])
+            val_acc = values.get("val_accuracy", t.values[0])
+            sparsity = values.get("sparsity", a.get("sparsity", np.nan))
         else:  # stopped early: its last epoch
             val_acc, sparsity = history[-1][1], history[-1][2]
+        latency_ms, speedup = latency_of(t, runtime, batch)
         rows.append({"trial": t.number, "val_accuracy": val_acc, "test_accuracy": a.get("test_accuracy", np.nan),
                      # A target trial's lambda is the one its target cost (its Lagrangian's effective lambda).
-                     "sparsity": sparsity, "flops_ratio": a.get("flops_ratio", np.nan),
-                     "lam": a.get("lam", a.get("effective_lambda")),
+                     "sparsity": sparsity, "flops_ratio": a.get("flops_ratio", np.nan), "latency_ms": latency_ms,
+                     "speedup": speedup, "lam": a.get("lam", a.get("effective_lambda")),
                      "droprate_init": a.get("droprate_init"), "mode": a.get("mode"),
                      "removed_params": a.get("removed_params"), "total_params": a.get("total_params"),
                      "mlflow_run_id": a.get("mlflow_run_id"), "state": t.state.name, "feasible": feasible(t),

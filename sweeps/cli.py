@@ -1,4 +1,4 @@
-"""The ``l0sweep`` command line: run, create, worker, status, report, pick, dashboard, ui.
+"""The ``l0sweep`` command line: run, create, worker, status, report, pick, export, dashboard, ui.
 
 Every command takes ``--out DIR`` (default ``l0sweep-out``); without ``--storage``/``--tracking-uri`` (or
 ``$L0SWEEP_STORAGE``/``$MLFLOW_TRACKING_URI``) it uses the embedded stores there: a journal file
@@ -29,6 +29,21 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=os.environ.get("L0SWEEP_OUT") or DEFAULT_OUT, metavar="DIR",
                    help=f"folder for embedded stores, baselines, logs and reports "
                         f"(default: $L0SWEEP_OUT, else {DEFAULT_OUT})")
+
+
+def _selection(p: argparse.ArgumentParser, trial_flag: bool = False) -> None:
+    """pick's ways of choosing a front trial (export shares them)."""
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--max-drop", type=float, metavar="PTS",
+                     help="the sparsest trial within PTS accuracy points of the dense baseline's validation "
+                          "accuracy (of the best trial's, without a baseline)")
+    how.add_argument("--min-sparsity", type=float, metavar="S",
+                     help="the most accurate trial with sparsity >= S (0-1)")
+    how.add_argument("--target", type=float, metavar="S",
+                     help="the trial whose target sparsity (in a lambda study, whose sparsity) is nearest S (0-1)")
+    how.add_argument("--knee", action="store_true",
+                     help="the report's recommendation (default): the front's knee; on a front of two, which has no "
+                          "knee, the sparsest within 1 point of the dense baseline")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,17 +82,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pick", help="choose a trial (a lambda) from the front")
     p.add_argument("study", help="a study file or a study name")
-    how = p.add_mutually_exclusive_group()
-    how.add_argument("--max-drop", type=float, metavar="PTS",
-                     help="the sparsest trial within PTS accuracy points of the dense baseline's validation "
-                          "accuracy (of the best trial's, without a baseline)")
-    how.add_argument("--min-sparsity", type=float, metavar="S",
-                     help="the most accurate trial with sparsity >= S (0-1)")
-    how.add_argument("--target", type=float, metavar="S",
-                     help="the trial whose target sparsity (in a lambda study, whose sparsity) is nearest S (0-1)")
-    how.add_argument("--knee", action="store_true",
-                     help="the report's recommendation (default): the front's knee; on a front of two, which has no "
-                          "knee, the sparsest within 1 point of the dense baseline")
+    _selection(p)
+    _common(p)
+
+    p = sub.add_parser("export", help="write a trial's compacted model (model.pt2, model.onnx), its metrics and "
+                                      "measured latency into a folder")
+    p.add_argument("study", help="a study file or a study name")
+    p.add_argument("--trial", type=int, metavar="N", help="this trial (default: the one pick chooses)")
+    p.add_argument("--to", type=Path, required=True, metavar="DIR", help="the folder to write (new, or empty)")
+    p.add_argument("--force", action="store_true", help="write into a --to that is not empty (replacing our files)")
+    p.add_argument("--round-to", type=int, metavar="K",
+                   help="keep each layer's width a multiple of K (default: the study file's export.round_to, else 1)")
+    _selection(p, trial_flag=True)
     _common(p)
 
     p = sub.add_parser("dashboard", help="serve optuna-dashboard on the study storage (rides out database restarts)")
@@ -179,6 +195,19 @@ def dispatch(args: argparse.Namespace) -> int:
         study, settings = _open_study(args)
         choice = pick(study, max_drop=args.max_drop, min_sparsity=args.min_sparsity, target=args.target)
         print(describe_pick(study, choice, settings.tracking_uri))
+        return 0
+    if args.command == "export":
+        from .deploy import ExportError, describe_export, export_trial
+
+        if args.round_to is not None and args.round_to < 1:
+            raise ExportError(f"--round-to must be at least 1, got {args.round_to}")
+        if args.trial is not None and (args.max_drop, args.min_sparsity, args.target) != (None, None, None):
+            raise ExportError("--trial names the trial: give it without --max-drop, --min-sparsity or --target")
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # stderr is for the one-line errors
+        study, settings = _open_study(args)
+        metrics = export_trial(study, settings.tracking_uri, args.to, args.trial, args.max_drop, args.min_sparsity,
+                               args.force, args.round_to, target=args.target)
+        print(describe_export(metrics, args.to))
         return 0
     if args.command == "dashboard":
         from .ui import serve_dashboard

@@ -22,8 +22,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .config import TrialConfig, check_dataset, check_model
 
 MODES = ("scratch", "finetune")
-# What each objective reads from a finished trial; all three are maximised.
-OBJECTIVE_METRICS = {"accuracy": "val_accuracy", "sparsity": "sparsity", "flops": "flops_reduction"}
+# What each objective reads from a finished trial; all are maximised. "latency" is the measured speed-up of the
+# compacted model over the dense one (sweeps.latency), at the study's latency batch size and runtime.
+OBJECTIVE_METRICS = {"accuracy": "val_accuracy", "sparsity": "sparsity", "flops": "flops_reduction",
+                     "latency": "speedup"}
+OBJECTIVE_SETS = (["accuracy", "sparsity"], ["accuracy", "sparsity", "flops"], ["accuracy", "latency"],
+                  ["accuracy", "sparsity", "latency"])
 
 
 class SpecError(ValueError):
@@ -154,6 +158,20 @@ class MlflowSpec(_Strict):
     log_models: Literal["front", "all", "none"] = "front"  # which trials log their exported small model
 
 
+class LatencySpec(_Strict):
+    """How front trials (every trial, where latency is an objective) time their compacted model against the
+    dense one (sweeps.latency says what is timed)."""
+
+    batch_size: int | None = Field(None, ge=1)  # default: trial.data.batch_size; batch 1 is always timed too
+    runtime: Literal["torch", "onnxruntime"] = "torch"  # onnxruntime: also converts each measured trial to ONNX
+    device: str | None = None  # default: the trial's device (trial.device); onnxruntime always runs on the CPU
+    budget_seconds: float = Field(0.1, gt=0)  # timed seconds per batch size and runtime (repetitions scale to it)
+
+
+class ExportSpec(_Strict):
+    round_to: int = Field(1, ge=1)  # exported widths kept multiples of this (closed units kept as zeros)
+
+
 class WorkerSpec(_Strict):
     """Crash safety on an RDB storage (PostgreSQL): how fast a dead worker's trial is noticed and retried."""
 
@@ -178,7 +196,7 @@ class StudySpec(_Strict):
     description: str = ""
     trial: TrialConfig = Field(default_factory=TrialConfig)
     search: SearchSpace = Field(default_factory=SearchSpace)
-    objectives: list[Literal["accuracy", "sparsity", "flops"]] = Field(
+    objectives: list[Literal["accuracy", "sparsity", "flops", "latency"]] = Field(
         default_factory=lambda: ["accuracy", "sparsity"], min_length=2)
     # Trials whose validation accuracy falls short of this are infeasible (Optuna constraints): off the front, and
     # the sampler steers away from them. "chance": a trial must beat always answering the commonest class.
@@ -189,6 +207,8 @@ class StudySpec(_Strict):
     early_stopping: EarlyStoppingSpec = Field(default_factory=EarlyStoppingSpec)
     budget: BudgetSpec = Field(default_factory=BudgetSpec)
     mlflow: MlflowSpec = Field(default_factory=MlflowSpec)
+    latency: LatencySpec = Field(default_factory=LatencySpec)
+    export: ExportSpec = Field(default_factory=ExportSpec)
     workers: WorkerSpec = Field(default_factory=WorkerSpec)
 
     @field_validator("name")
@@ -209,8 +229,8 @@ class StudySpec(_Strict):
     @field_validator("objectives")
     @classmethod
     def _objectives(cls, v: list[str]) -> list[str]:
-        if len(set(v)) != len(v) or v[:2] != ["accuracy", "sparsity"]:
-            raise ValueError(f"must be [accuracy, sparsity] or [accuracy, sparsity, flops], got {v}")
+        if v not in OBJECTIVE_SETS:
+            raise ValueError(f"must be one of {', '.join('[' + ', '.join(o) + ']' for o in OBJECTIVE_SETS)}, got {v}")
         return v
 
     @model_validator(mode="after")

@@ -162,9 +162,12 @@ class TrialRun:
             self._pending = self._pending[1000:]
         self._flushed = time.monotonic()
 
-    def finish(self, result: TrialResult, log_model: bool, alphas: dict[str, list[float]], hist: dict) -> None:
+    def finish(self, result: TrialResult, small: torch.nn.Module | None, alphas: dict[str, list[float]], hist: dict,
+               latency: dict | None = None) -> None:
         """Final metrics, the log_alpha values (``alphas``: gate -> values) and their histogram (``hist``, from
-        :func:`log_alpha_histogram`), the kept units, and (``log_model``) the exported model."""
+        :func:`log_alpha_histogram`), the kept units, the measured latencies (``latency``: sweeps.latency.figures)
+        and, given ``small`` (the compacted model), the model: ``model`` (an nn.Module for
+        ``mlflow.pytorch.load_model``) and the gated state ``l0sweep export`` rebuilds it from."""
         self.flush()
         step = result.epochs[-1].epoch if result.epochs else 0
         final = {"val_accuracy": result.val_accuracy, "test_accuracy": result.test_accuracy,
@@ -176,32 +179,42 @@ class TrialRun:
                          target_miss=result.sparsity - result.target_sparsity)
             if result.exact_target is not None:
                 final.update({f"exact_{k}": v for k, v in result.exact_target.items()})
+        for runtime, by_batch in (latency or {}).items():
+            for batch, f in by_batch.items():
+                final.update({f"latency_{runtime}_b{batch}_{k}": f[k] for k in ("compact_ms", "dense_ms", "speedup")})
         self.client.log_batch(self.run_id, metrics=[
             mlflow.entities.Metric(k, float(v), _now_ms(), step) for k, v in final.items()])
         self.client.log_dict(self.run_id, result.kept_units, "kept_units.json")
+        if latency:
+            self.client.log_dict(self.run_id, latency, "latency.json")
         if result.model is not None:
             self.client.log_dict(self.run_id, {k: [round(x, 3) for x in v] for k, v in alphas.items()},
                                  "log_alpha.json")
             png = log_alpha_histogram_png(hist)
             if png is not None:
                 self.client.log_image(self.run_id, png, "log_alpha_hist.png")
-            if log_model:
-                import torch
-
-                import l0core
-
-                small = l0core.compact(result.model.cpu(), result.example_inputs.cpu())
-                # A batch of two keeps the exported program's batch dimension dynamic (one would specialise it).
-                example = result.example_inputs.cpu().expand(2, *result.example_inputs.shape[1:])
-                mlflow.set_tracking_uri(self.tracking_uri)
-                with mlflow.start_run(run_id=self.run_id):
-                    # pt2 (torch.export) needs an example; the package pins keep inference of requirements off.
-                    # MLflow's own check reloads the saved program to serve the example (most of a second);
-                    # compact() has already checked the small model's outputs against the gated model's.
-                    mlflow.pytorch.log_model(small, name="model", input_example=example.numpy(),
-                                             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-                                             validate_serving_input=False)
+            if small is not None:
+                self._log_model(result, small)
         self.end("FINISHED")
+
+    def _log_model(self, result: TrialResult, small: torch.nn.Module) -> None:
+        import tempfile
+
+        import torch
+
+        from .deploy import GATED_ARTIFACT, gated_state
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / GATED_ARTIFACT
+            torch.save(gated_state(result.model, result.example_inputs), path)
+            self.client.log_artifact(self.run_id, str(path))
+        mlflow.set_tracking_uri(self.tracking_uri)
+        with mlflow.start_run(run_id=self.run_id):
+            # Pickled, not MLflow's default pt2: load_model then returns the nn.Module itself, whose eval() and
+            # train() work (a torch.export program's module() raises on them). The package pins keep inference of
+            # requirements off; compact() has already checked the small model against the gated one.
+            mlflow.pytorch.log_model(small.cpu().eval(), name="model", serialization_format="pickle",
+                                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
 
     def end(self, status: str) -> None:
         try:

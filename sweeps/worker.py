@@ -7,6 +7,7 @@ trained by ``train_trial``, logged to MLflow as a child run of the study's run, 
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -14,9 +15,13 @@ from pathlib import Path
 from typing import Sequence
 
 import optuna
+import torch
 from optuna.trial import FrozenTrial
 
+import l0core
+
 from .early_stopping import TrialHistory, stopper_for
+from .models import build_model
 from .search import VALUE_ATTRS, first_point, make_sampler, suggest, trial_config
 from .settings import CONFIG_ERROR, ERROR_PREFIX, Settings, check_stop, stop_on_signals
 from .spec import SpecError, StudySpec
@@ -24,11 +29,24 @@ from .study import (BUDGET_ATTR, SPEC_ATTR, budget_reached, check_same_study, co
                     retry_trial, storage_for)
 from .tracking import (PID_SPACE_ATTR, WORKER_ATTR, TrialRun, end_study_run, log_alpha_by_gate, log_alpha_histogram,
                        pid_space, worker_tag)
-from .training import EpochMetrics, StopTrial, check_fits, dense_baseline, train_trial
+from .training import EpochMetrics, StopTrial, check_fits, dense_baseline, resolve_device, train_trial
 
 BASELINE_ATTR = "dense_baseline"
 FLOOR_ATTR = "accuracy_floor"  # the validation accuracy a trial had to reach to count (study file: min_accuracy)
 TRAIN_SECONDS_ATTR = "train_seconds"  # a complete trial's training (and the dense baseline's, if it had it trained)
+LATENCY_ATTR = "latency"  # a measured trial's sweeps.latency.figures: {runtime: {batch: {dense_ms, compact_ms, ...}}}
+LATENCY_SECONDS_ATTR = "latency_seconds"  # what timing it added to the trial (the timing itself, warm-up included)
+DENSE_LATENCY_ATTR = "dense_latency"  # the study's dense model, as first timed: {runtime: {batch: {dense_ms, ...}}}
+
+
+def latency_batch(spec: StudySpec, cfg) -> int:
+    """The batch size the latency objective and the report's speed-up use: the study's, else the training batch."""
+    return spec.latency.batch_size or cfg.data.batch_size
+
+
+def latency_speedup(spec: StudySpec, cfg, figures: dict) -> float:
+    """The speed-up the latency objective maximises: at the study's latency batch size and runtime."""
+    return float(figures[spec.latency.runtime][str(latency_batch(spec, cfg))]["speedup"])
 
 
 def accuracy_floor(min_accuracy: float | str, chance_accuracy: float, val_examples: int) -> float:
@@ -53,6 +71,7 @@ class Objective:
         self.settings = settings
         self.failed = False  # whether the last trial raised (stopped-early trials did not fail)
         self.interrupted: int | None = None  # the trial a Ctrl-C or SIGTERM stopped (its Optuna trial id)
+        self._dense: tuple | None = None  # (what it is, the dense model) timed against each trial's compacted one
 
     def __call__(self, trial: optuna.Trial) -> list[float]:
         spec, settings = self.spec, self.settings
@@ -93,8 +112,7 @@ class Objective:
                 history.flush()  # whole, before the trial is told COMPLETE (or stopped, or failed)
             metrics = {"val_accuracy": result.val_accuracy, "sparsity": result.sparsity,
                        "flops_reduction": 1.0 - result.flops_ratio}
-            objectives = [metrics[name] for name in spec.metric_names]
-            for key in ("test_accuracy", "flops_ratio", "total_params", "removed_params", "kept_units"):
+            for key in ("test_accuracy", "flops_ratio", "total_params", "removed_params", "kept_units", "sparsity"):
                 trial.set_user_attr(key, getattr(result, key))
             if result.target_sparsity is not None:  # what the target cost, in lambda's units, and what exact changed
                 trial.set_user_attr("effective_lambda", result.effective_lambda)
@@ -110,9 +128,24 @@ class Objective:
             hist = log_alpha_histogram(alphas)
             trial.set_user_attr("log_alpha_hist", hist)
             front = trial.study.best_trials
-            log_model = spec.mlflow.log_models == "all" or (
-                spec.mlflow.log_models == "front" and feasible and not _dominated(objectives, front))
-            run.finish(result, log_model, alphas, hist)
+            # Latency costs time: measured where it is an objective, else only for trials entering the front.
+            timed = "latency" in spec.objectives
+            if not timed:
+                on_front = feasible and not _dominated([metrics[n] for n in spec.metric_names], front)
+            small, latency = None, None
+            if timed or on_front or spec.mlflow.log_models == "all":
+                small = l0core.compact(result.model, result.example_inputs, round_to=spec.export.round_to)
+            if timed or on_front:
+                start = time.perf_counter()
+                latency = self._latency(trial.study, cfg, result, small)
+                trial.set_user_attr(LATENCY_ATTR, latency)
+                trial.set_user_attr(LATENCY_SECONDS_ATTR, time.perf_counter() - start)
+                metrics["speedup"] = latency_speedup(spec, cfg, latency)
+            objectives = [metrics[name] for name in spec.metric_names]
+            if timed:
+                on_front = feasible and not _dominated(objectives, front)
+            log_model = spec.mlflow.log_models == "all" or (spec.mlflow.log_models == "front" and on_front)
+            run.finish(result, small if log_model else None, alphas, hist, latency)
             trial.set_user_attr("model_logged", log_model)
             # What the trial's training took (and the dense baseline's, where this trial had it trained), timed
             # while the sweep ran: the sweep's own cost is its wall time less the sum of these
@@ -130,6 +163,28 @@ class Objective:
             run.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
             raise
         return objectives
+
+    def _latency(self, study: optuna.Study, cfg, result, small) -> dict:
+        """Time ``small`` against the dense model (random weights: time does not depend on them) at batch 1 and
+        the study's latency batch size; record the dense figures on the study the first time."""
+        from . import latency
+
+        shape = tuple(result.example_inputs.shape[1:])
+        key = (cfg.model.name, shape, json.dumps(cfg.model.kwargs, sort_keys=True))
+        if self._dense is None or self._dense[0] != key:
+            with torch.no_grad():
+                classes = int(result.model.eval()(result.example_inputs[:1]).shape[1])
+            self._dense = key, build_model(cfg.model.name, shape, classes, gates=False, **cfg.model.kwargs).eval()
+        lat = self.spec.latency
+        runtimes = ("torch", "onnxruntime") if lat.runtime == "onnxruntime" else ("torch",)
+        device = lat.device or str(resolve_device(cfg.device))
+        figures = latency.figures(latency.compare(
+            self._dense[1], small, shape, sorted({1, latency_batch(self.spec, cfg)}), runtimes, device,
+            lat.budget_seconds))
+        if DENSE_LATENCY_ATTR not in study.user_attrs:
+            study.set_user_attr(DENSE_LATENCY_ATTR, {r: {b: {k: f[k] for k in ("device", "dense_ms", "noise")}
+                                                        for b, f in by.items()} for r, by in figures.items()})
+        return figures
 
     def _record_baseline(self, study: optuna.Study, cfg) -> float:
         """The dense model's accuracy, once per study: the report's reference line and ``pick``'s yardstick.

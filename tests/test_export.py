@@ -237,3 +237,50 @@ def test_hand_placed_gates_cannot_be_folded():
     net = nn.Sequential(nn.Linear(4, 4), l0core.NeuronGate(4), nn.Linear(4, 2))
     with pytest.raises(ValueError, match="place them with l0core.attach"):
         compact(net, torch.randn(1, 4))
+
+
+@pytest.mark.parametrize("name", ["mlp", "googlenet", "mobilenet_v2"])
+def test_round_to_keeps_widths_multiples_of_k_with_the_most_probable_closed_units(name):
+    """round_to: every exported width that changed is a multiple of 8 (or the layer's full width), outputs are the
+    gated model's, and the closed units kept are the most probable ones (a layer's kept closed units have higher
+    log_alpha than the ones removed: checked on the MLP's hidden layers, where units map one to one)."""
+    build, shape = CASES[name]
+    model = build().eval()
+    set_gate_states(model, p_off=0.5, p_frac=0.0, seed=1)
+    with torch.no_grad():  # closed gates of distinct log_alpha, so that "the most probable" means something
+        for _, gate in gates(model):
+            closed = gate.log_alpha < 0
+            gate.log_alpha[closed] = -3.0 - torch.rand(int(closed.sum()))
+    x = torch.randn(*shape)
+    plain, rounded = compact(model, x[:1]), compact(model, x[:1], round_to=8)
+    with torch.no_grad():
+        ref = model(x)
+        assert (rounded(x) - ref).abs().max() <= 1e-5 * ref.abs().max().clamp_min(1.0)
+    _widths_agree_with_weights(rounded)
+    before = {n: m.weight.shape[0] for n, m in build().named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    after = {n: m.weight.shape[0] for n, m in rounded.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    narrower = {n: w for n, w in after.items() if w < before[n]}
+    assert narrower and all(w % 8 == 0 for w in narrower.values()), narrower
+    assert _params(plain) <= _params(rounded) < _params(build())
+    if name == "mlp":  # hidden unit i of layer 1 is gated by layer 3's gate (on its inputs) unit i, and so on
+        for producer, consumer in ((1, 3), (3, 5)):
+            log_alpha = dict(gates(model))[f"{consumer}.l0_gate"].log_alpha.detach()
+            original = model[producer].parametrizations.weight.original if hasattr(model[producer], "parametrizations") \
+                else model[producer].weight
+            # Which original units survived: the producer's rows are kept as they were (folding zeroes the
+            # consumer's columns of closed units, not their producers' rows).
+            rows = rounded[producer].weight.detach()
+            survivors = [int((original[:, :rows.shape[1]] - r).abs().sum(1).argmin()) if rows.shape[1] == original.shape[1]
+                         else None for r in rows]
+            if None in survivors:
+                continue  # an earlier layer narrowed this one's inputs; the first pair is the clear case
+            kept_closed = [i for i in survivors if log_alpha[i] < 0]
+            dropped = [i for i in range(len(log_alpha)) if i not in survivors]
+            assert 0 < len(kept_closed) < 8 and dropped
+            assert min(log_alpha[kept_closed]) >= max(log_alpha[dropped])
+
+
+def test_round_to_must_be_positive():
+    model = build_model("mlp", (1, 8, 8), 10)
+    with pytest.raises(ValueError, match="round_to must be at least 1, got 0"):
+        compact(model, torch.randn(1, 1, 8, 8), round_to=0)

@@ -228,3 +228,18 @@ def test_budget_and_starting_points_follow_an_edited_study_file(tmp_path):
         study, _ = create_or_resume(parse_spec({**base, "trials": 3, "enqueue": points}), settings)
     queued = [t.system_attrs["fixed_params"] for t in study.get_trials(states=(optuna.trial.TrialState.WAITING,))]
     assert sorted(v for p in queued for k, v in p.items() if k.startswith("lam")) == [0.2, 0.5]
+
+
+def test_latency_objective_and_its_settings():
+    from sweeps.spec import StudySpec, parse_spec
+
+    spec = StudySpec.model_validate({"name": "s", "objectives": ["accuracy", "latency"], "search": {"lam": 0.1},
+                                     "latency": {"batch_size": 16, "runtime": "onnxruntime"},
+                                     "export": {"round_to": 8}})
+    assert spec.metric_names == ["val_accuracy", "speedup"]
+    assert (spec.latency.batch_size, spec.latency.runtime, spec.export.round_to) == (16, "onnxruntime", 8)
+    for bad, where in (({"objectives": ["latency", "accuracy"]}, "objectives"),
+                       ({"latency": {"runtime": "tensorrt"}}, "latency.runtime"),
+                       ({"export": {"round_to": 0}}, "export.round_to")):
+        with pytest.raises(SpecError, match=where):
+            parse_spec({"name": "s", "search": {"lam": 0.1}, **bad})
