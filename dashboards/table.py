@@ -50,8 +50,9 @@ def feasible(trial: optuna.trial.FrozenTrial) -> bool:
 
 
 def metric_names(study: optuna.Study) -> list[str]:
-    """The study's objective names (all maximised), e.g. ["val_accuracy", "sparsity"]."""
-    return study.metric_names or [f"objective_{i}" for i in range(len(study.directions))]
+    """The study's objective names (all maximised), e.g. ["val_accuracy", "sparsity"]; a study that names none
+    (made by hand, or before names were stored) is read as the default objectives, in their order."""
+    return study.metric_names or ["val_accuracy", "sparsity", "flops_reduction"][:len(study.directions)]
 
 
 def trials_table(study: optuna.Study) -> pd.DataFrame:
