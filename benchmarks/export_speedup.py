@@ -11,7 +11,9 @@ earlier eager-only table with the profiler's conv/matmul share:
 
 For each model, a random half of every gate's units is closed, the rest open; "dense" is the same network
 with every gate open and folded (a plain model of the original size). The figure of merit is
-speed-up / FLOPs reduction (goal >= 0.8): how much of the arithmetic saved turns into time saved.
+speed-up / FLOPs reduction: how much of the arithmetic saved turns into time saved. It is no goal: at batch 1
+these networks are bound by per-operator cost, so what counts is the latency measured at the user's batch size
+(``l0sweep export``, the latency objective); the ratio says where the time went.
 Both models are timed interleaved in one process, so machine noise hits them alike.
 
 Where the ratio falls short, the time breakdown says why: the share of the dense model's time spent in the
@@ -168,7 +170,7 @@ def main() -> None:
     append(f"Export: latency speed-up vs FLOPs reduction ({how})",
            f"python -m benchmarks.export_speedup --runs {args.runs} --closed {args.closed}{flag}",
            ["model", "batch", "dense ms (median)", "exported ms (median)", "speed-up", "FLOPs reduction",
-            "speed-up / FLOPs reduction (goal >= 0.8)", "dense time in conv/matmul",
+            "speed-up / FLOPs reduction", "dense time in conv/matmul",
             "conv/matmul alone: speed-up / FLOPs reduction"], rows,
            notes=f"{args.closed:.0%} of every gate's units closed at random; {args.runs} interleaved runs each. "
                  "Conv/matmul: self CPU time of convolution and matrix-product operators (torch profiler, "
