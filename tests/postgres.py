@@ -57,7 +57,7 @@ class PostgresServer:
         return self.url(name)
 
     def url(self, name: str) -> str:
-        return f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/{name}"
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{name}"
 
     def cleanup(self) -> None:
         self.stop()

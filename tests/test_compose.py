@@ -173,6 +173,8 @@ def test_two_databases_and_the_names_mlflow_answers(compose, env):
     optuna_url = svcs["worker"]["environment"]["L0SWEEP_STORAGE"]
     mlflow_url = svcs["mlflow"]["environment"]["MLFLOW_BACKEND_STORE_URI"]
     assert optuna_url.rsplit("/", 1)[1] != mlflow_url.rsplit("/", 1)[1]  # each keeps its own alembic_version
+    # The form users write (README, remote workers): the image's driver must serve it (psycopg 3 on SQLAlchemy 2.1).
+    assert urlsplit(optuna_url).scheme == urlsplit(mlflow_url).scheme == "postgresql"
     assert mlflow_url.rsplit("/", 1)[1] == svcs["postgres"]["environment"]["MLFLOW_DB"]
     assert any("docker-entrypoint-initdb.d" in v for v in svcs["postgres"]["volumes"])
     tracking = svcs["worker"]["environment"]["MLFLOW_TRACKING_URI"]
