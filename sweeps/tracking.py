@@ -31,6 +31,9 @@ PARENT_RUN_ATTR = "mlflow_parent_run_id"
 EXPERIMENT_ATTR = "mlflow_experiment_id"
 RUN_ATTR = "mlflow_run_id"
 TRACKING_ATTR = "mlflow_tracking_uri"
+# What every epoch logs; the last epoch's values are the trial's final ones (the trainer evaluates the final
+# model there), so finish() does not log them again at that step.
+EPOCH_METRICS = ("val_accuracy", "sparsity", "flops_ratio", "expected_density", "train_task_loss", "train_penalty")
 
 
 class TrackingError(RuntimeError):
@@ -146,10 +149,7 @@ class TrialRun:
     FLUSH_SECONDS = 5.0
 
     def log_epoch(self, m: EpochMetrics) -> None:
-        metrics = {"val_accuracy": m.val_accuracy, "sparsity": m.sparsity, "flops_ratio": m.flops_ratio,
-                   "expected_density": m.expected_density, "train_task_loss": m.train_task_loss,
-                   "train_penalty": m.train_penalty}
-        self._pending += [mlflow.entities.Metric(k, float(v), _now_ms(), m.epoch) for k, v in metrics.items()]
+        self._pending += [mlflow.entities.Metric(k, float(getattr(m, k)), _now_ms(), m.epoch) for k in EPOCH_METRICS]
         if time.monotonic() - self._flushed >= self.FLUSH_SECONDS:
             self.flush()
 
@@ -169,6 +169,8 @@ class TrialRun:
                  "sparsity": result.sparsity, "flops_ratio": result.flops_ratio,
                  "total_params": result.total_params, "removed_params": result.removed_params,
                  "chance_accuracy": result.chance_accuracy}
+        if result.epochs:  # those the last epoch logged: a second point at its step made every history end [.., 10, 10]
+            final = {k: v for k, v in final.items() if k not in EPOCH_METRICS}
         self.client.log_batch(self.run_id, metrics=[
             mlflow.entities.Metric(k, float(v), _now_ms(), step) for k, v in final.items()])
         self.client.log_dict(self.run_id, result.kept_units, "kept_units.json")

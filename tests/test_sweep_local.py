@@ -44,7 +44,7 @@ def test_run_two_workers_then_resume(tmp_path):
         assert run.data.tags["l0sweep.gpu"] in ("3", "5")
         assert float(run.data.params["lam"]) == pytest.approx(t.user_attrs["lam"])
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")]
-        assert steps[:3] == [1, 2, 3], steps  # per-epoch metrics, step = epoch
+        assert steps == [1, 2, 3], steps  # per-epoch metrics, step = epoch, one point each (no final repeat)
         assert run.data.metrics["test_accuracy"] == pytest.approx(t.user_attrs["test_accuracy"])
         # Its training time, as the worker timed it, is recorded (how long it was is the benchmarks' business).
         assert isinstance(t.user_attrs["train_seconds"], float)
