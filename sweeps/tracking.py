@@ -31,6 +31,10 @@ PARENT_RUN_ATTR = "mlflow_parent_run_id"
 EXPERIMENT_ATTR = "mlflow_experiment_id"
 RUN_ATTR = "mlflow_run_id"
 TRACKING_ATTR = "mlflow_tracking_uri"
+# MLflow 3's UI opens an experiment by this tag: untagged, it showed the GenAI overview (traces, an assistant),
+# the training runs one click away; tagged as model development, it opens on the runs table.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 # What every epoch logs; the last epoch's values are the trial's final ones (the trainer evaluates the final
 # model there), so finish() does not log them again at that step.
 EPOCH_METRICS = ("val_accuracy", "sparsity", "flops_ratio", "expected_density", "train_task_loss", "train_penalty")
@@ -82,21 +86,31 @@ def ensure_study_run(study: optuna.Study, tracking_uri: str, experiment: str, ar
     attrs = study.user_attrs
     client = MlflowClient(tracking_uri)
     if PARENT_RUN_ATTR in attrs:
+        if EXPERIMENT_ATTR in attrs:
+            _mark_model_development(client, client.get_experiment(attrs[EXPERIMENT_ATTR]))
         client.update_run(attrs[PARENT_RUN_ATTR], status="RUNNING")
         return attrs[PARENT_RUN_ATTR]
     found = client.get_experiment_by_name(experiment)
     if found is not None:
         experiment_id = found.experiment_id
+        _mark_model_development(client, found)
     else:
         location = (artifact_root / experiment).resolve().as_uri() if artifact_root and _is_local(tracking_uri) \
             else None
-        experiment_id = client.create_experiment(experiment, artifact_location=location)
+        experiment_id = client.create_experiment(experiment, artifact_location=location,
+                                                 tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     run = client.create_run(experiment_id, run_name=study.study_name,
                             tags={"l0sweep.study": study.study_name, "l0sweep.role": "study"})
     client.log_text(run.info.run_id, spec_json, "study.json")
     study.set_user_attr(EXPERIMENT_ATTR, experiment_id)
     study.set_user_attr(PARENT_RUN_ATTR, run.info.run_id)
     return run.info.run_id
+
+
+def _mark_model_development(client: MlflowClient, experiment: mlflow.entities.Experiment) -> None:
+    """Tag an experiment made by an earlier version (or by hand) as model development; a kind set stays."""
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
 
 
 def end_study_run(study: optuna.Study, tracking_uri: str, status: str = "FINISHED") -> None:
