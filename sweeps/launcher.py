@@ -48,6 +48,8 @@ def _spawn(study_file: Path, settings: Settings, index: int, log_dir: Path, read
            "--start-after", str(ready), "--launcher-pid", str(os.getpid())]
     if settings.threads:
         cmd += ["--threads", str(settings.threads)]
+    if settings.verbose:
+        cmd.append("--verbose")
     with open(log_dir / f"worker-{index}.log", "ab") as log:  # the child keeps its own copy
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
 
