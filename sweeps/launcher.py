@@ -1,8 +1,8 @@
 """``l0sweep run``: create or resume a study, run K local worker processes to its budget, then the report.
 
-Workers are separate processes (``l0sweep worker``), each with its own log under ``OUT/logs``. They start
-first and wait for the study, so their imports (torch, MLflow: seconds) overlap the launcher's own and the
-study's creation. A worker that dies (killed, out of memory) has its running trial failed, its MLflow run
+Workers are separate processes (``l0sweep worker``), each with its own log in this run's folder under
+``OUT/logs``. They start first and wait for the study, so their imports (torch, MLflow: seconds) overlap the
+launcher's own and the study's creation. A worker that dies (killed, out of memory) has its running trial failed, its MLflow run
 closed KILLED and the trial retried here, since a journal file has no heartbeats; on PostgreSQL the heartbeats
 do the same for remote workers.
 """
@@ -50,7 +50,7 @@ def _spawn(study_file: Path, settings: Settings, index: int, log_dir: Path, read
         cmd += ["--threads", str(settings.threads)]
     if settings.verbose:
         cmd.append("--verbose")
-    with open(log_dir / f"worker-{index}.log", "ab") as log:  # the child keeps its own copy
+    with open(log_dir / f"worker-{index}.log", "wb") as log:  # the child keeps its own copy
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
 
 
@@ -79,7 +79,9 @@ def run_sweep(study_file: Path, spec: StudySpec, settings: Settings, workers: in
     """The whole local sweep; returns the exit status (0 when the study reached its budget)."""
     stop_on_signals(once=True)  # SIGTERM or a closed terminal: stop the workers as Ctrl-C does; finish closing
     check_url(settings.storage, workers)
-    log_dir = settings.out / "logs"
+    # A folder per run: a reused --out showed the last run's lines (its error among them) above this run's, and
+    # truncating shared files would cut the logs of another `l0sweep run` of the same folder still running.
+    log_dir = settings.out / "logs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     log_dir.mkdir(parents=True, exist_ok=True)
     if settings.threads is None and spec.trial.threads is None:
         settings.threads = max(1, (os.cpu_count() or 1) // workers)
