@@ -152,8 +152,12 @@ def dispatch(args: argparse.Namespace) -> int:
 
         check_fits(trial_config(spec, first_point(spec)))  # a study whose trials cannot run is not created
         _make_out(args)
-        study, _ = create_or_resume(spec, _settings(args), args.trials)
-        print(f"study {study.study_name!r} ready: budget {study.user_attrs['n_trials']} complete trials")
+        from .tracking import runs_link
+
+        settings = _settings(args)
+        study, _ = create_or_resume(spec, settings, args.trials)
+        print(f"study {study.study_name!r} ready: budget {study.user_attrs['n_trials']} complete trials"
+              + runs_link(study, settings.tracking_uri, "; runs: "))
         return 0
     if args.command == "worker":
         from .worker import run_worker
@@ -202,6 +206,8 @@ def _quiet_libraries(args: argparse.Namespace) -> None:
     # MLflow sets its loggers' level from this variable when first imported (alembic's to WARNING at least);
     # `run`'s workers inherit it. A level the user set is kept.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    # Its "View run ... at" lines, printed on stdout as each run ends on a server: l0sweep prints the study's link.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     if "mlflow" in sys.modules:
         logging.getLogger("mlflow").setLevel(os.environ["MLFLOW_LOGGING_LEVEL"].upper())
     import optuna

@@ -115,7 +115,7 @@ def _run(spawn: Callable[[int], subprocess.Popen], spec: StudySpec, settings: Se
     try:
         from tqdm import tqdm
 
-        from .tracking import end_study_run
+        from .tracking import end_study_run, runs_link
         from .study import BUDGET_ATTR, counts, create_or_resume, discard_new_study, recover_orphaned_trials
 
         study, created = create_or_resume(spec, settings, trials)
@@ -180,7 +180,7 @@ def _run(spawn: Callable[[int], subprocess.Popen], spec: StudySpec, settings: Se
         status = "FAILED"
     end_study_run(study, settings.tracking_uri, status)
     print(f"l0sweep: {n['COMPLETE']} complete, {n['PRUNED']} stopped early, {n['FAIL']} failed or interrupted "
-          f"(budget {budget})", file=sys.stderr)
+          f"(budget {budget})" + runs_link(study, settings.tracking_uri, "; runs: "), file=sys.stderr)
     if report and n["COMPLETE"]:
         from dashboards import write_report
 

@@ -31,8 +31,9 @@ PARENT_RUN_ATTR = "mlflow_parent_run_id"
 EXPERIMENT_ATTR = "mlflow_experiment_id"
 RUN_ATTR = "mlflow_run_id"
 TRACKING_ATTR = "mlflow_tracking_uri"
-# MLflow 3's UI opens an experiment by this tag: untagged, it showed the GenAI overview (traces, an assistant),
-# the training runs one click away; tagged as model development, it opens on the runs table.
+# MLflow 3 marks an experiment's kind with this tag (its UI's experiment-type setting writes it); untagged, the
+# study's experiment opened on the GenAI overview (traces, an assistant), the training runs one click away.
+# MLflow 3.17's UI itself goes by its GenAI / Model training switch: experiment_page() links set that.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 # What every epoch logs; the last epoch's values are the trial's final ones (the trainer evaluates the final
@@ -105,6 +106,22 @@ def ensure_study_run(study: optuna.Study, tracking_uri: str, experiment: str, ar
     study.set_user_attr(EXPERIMENT_ATTR, experiment_id)
     study.set_user_attr(PARENT_RUN_ATTR, run.info.run_id)
     return run.info.run_id
+
+
+def experiment_page(ui_url: str, experiment_id: str) -> str:
+    """The MLflow UI's page of an experiment, opened on its runs table.
+
+    MLflow 3.17's UI picks an experiment's first page by its GenAI / Model training switch (GenAI until a user
+    flips it), not by the experiment's kind tag: the link sets the switch, which the UI then remembers."""
+    return f"{ui_url.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"
+
+
+def runs_link(study: optuna.Study, tracking_uri: str, prefix: str) -> str:
+    """``prefix`` and the UI page of the study's runs where the tracking URI is a server's, else ""."""
+    experiment_id = study.user_attrs.get(EXPERIMENT_ATTR)
+    if not experiment_id or not tracking_uri.startswith(("http://", "https://")):
+        return ""
+    return prefix + experiment_page(tracking_uri, experiment_id)
 
 
 def _mark_model_development(client: MlflowClient, experiment: mlflow.entities.Experiment) -> None:
