@@ -224,22 +224,21 @@ def test_the_image_runs_l0sweep_as_a_user_with_the_service_extras():
 
 
 @pytest.mark.slow
-def test_the_init_script_creates_the_mlflow_database(tmp_path):
-    from tests.postgres import PostgresServer, _bin
+def test_the_init_script_creates_the_mlflow_database(postgres):
+    from tests.postgres import _bin
 
-    server = PostgresServer().start()
-    try:
-        server.create_database("optuna")
-        env = {**os.environ, "POSTGRES_USER": "postgres", "POSTGRES_DB": "optuna", "MLFLOW_DB": "mlflow",
-               "PGHOST": "127.0.0.1", "PGPORT": str(server.port),
-               "PATH": f"{Path(_bin('psql')).parent}:{os.environ['PATH']}"}
-        subprocess.run(["sh", str(ROOT / "docker" / "postgres-init.sh")], env=env, check=True, timeout=60,
-                       capture_output=True)
-        listed = subprocess.run([_bin("psql"), "-At", "-U", "postgres", "-c", "select datname from pg_database"],
-                                env=env, capture_output=True, text=True, timeout=60, check=True).stdout.split()
-        assert {"optuna", "mlflow"} <= set(listed)
-    finally:
-        server.cleanup()
+    # Names of this test's own on the session's cluster (the shared MLflow server has the database "mlflow").
+    postgres.create_database("optuna_init")
+    env = {**os.environ, "POSTGRES_USER": "postgres", "POSTGRES_DB": "optuna_init", "MLFLOW_DB": "mlflow_init",
+           "PGHOST": "127.0.0.1", "PGPORT": str(postgres.port),
+           "PATH": f"{Path(_bin('psql')).parent}:{os.environ['PATH']}"}
+    listed = [_bin("psql"), "-At", "-U", "postgres", "-c", "select datname from pg_database"]
+    assert "mlflow_init" not in subprocess.run(listed, env=env, capture_output=True, text=True, timeout=60,
+                                               check=True).stdout.split()
+    subprocess.run(["sh", str(ROOT / "docker" / "postgres-init.sh")], env=env, check=True, timeout=60,
+                   capture_output=True)
+    assert "mlflow_init" in subprocess.run(listed, env=env, capture_output=True, text=True, timeout=60,
+                                           check=True).stdout.split()
 
 
 def test_interpolation_follows_compose_rules():
