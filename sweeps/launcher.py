@@ -166,6 +166,9 @@ def _run(spawn: Callable[[int], subprocess.Popen], spec: StudySpec, settings: Se
                     if code < 0 and counts(study)["COMPLETE"] < budget and restarts < MAX_RESTARTS:
                         restarts += 1
                         procs[i] = spawn(i + workers * restarts)
+        # The last trials may complete after the bar's last read (it reads the study once a second): end it on the
+        # count the summary gives, not a few short of the budget.
+        bar.update(max(0, min(counts(study)["COMPLETE"], budget) - done_before))
     except KeyboardInterrupt:
         status = "KILLED"
         _stop(procs)
