@@ -52,3 +52,17 @@ def mlflow_server(postgres, tmp_path_factory):
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def default_sweep(tmp_path_factory):
+    """The README's first command, ``l0sweep run studies/default.yaml --workers 2``, run once in a terminal:
+    (exit status, what the terminal showed, the --out folder). Tests only read it."""
+    from pathlib import Path
+
+    from tests.sweep_helpers import l0sweep_in_terminal
+
+    out = tmp_path_factory.mktemp("default-sweep") / "out"
+    study = Path(__file__).resolve().parents[1] / "studies" / "default.yaml"
+    code, shown = l0sweep_in_terminal("run", study, "--workers", "2", "--out", out)
+    return code, shown, out
