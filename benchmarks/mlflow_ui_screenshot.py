@@ -170,7 +170,8 @@ def _serve(folder: Path) -> tuple[subprocess.Popen, str]:
                                    "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
                                    "--artifacts-destination", str(folder / "artifacts"), "--serve-artifacts",
                                    "--workers", "1"],
-                                  stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+                                  stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                  start_new_session=True)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         if server.poll() is not None:
@@ -201,7 +202,8 @@ def main() -> None:
         try:
             env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
             subprocess.run([sys.executable, "-m", "sweeps.cli", "run", str(ROOT / "studies" / "default.yaml"),
-                            "--trials", "4", "--workers", "2", "--tracking-uri", tracking, "--out", str(folder / "out")],
+                            "--trials", "4", "--workers", "2", "--tracking-uri", tracking,
+                            "--out", str(folder / "out")],
                            check=True, stdin=subprocess.DEVNULL, cwd=ROOT, env=env)
             url = runs_page(tracking, args.experiment)
             print(json.dumps({"url": url, "png": str(png), **photograph(url, png)}))

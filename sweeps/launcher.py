@@ -2,9 +2,9 @@
 
 Workers are separate processes (``l0sweep worker``), each with its own log in this run's folder under
 ``OUT/logs``. They start first and wait for the study, so their imports (torch, MLflow: seconds) overlap the
-launcher's own and the study's creation. A worker that dies (killed, out of memory) has its running trial failed, its MLflow run
-closed KILLED and the trial retried here, since a journal file has no heartbeats; on PostgreSQL the heartbeats
-do the same for remote workers.
+launcher's own and the study's creation. A worker that dies (killed, out of memory) has its running trial
+failed, its MLflow run closed KILLED and the trial retried here, since a journal file has no heartbeats; on
+PostgreSQL the heartbeats do the same for remote workers.
 """
 from __future__ import annotations
 

@@ -84,7 +84,8 @@ def test_every_option_of_every_command_says_what_it_does():
     commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
     for name, command in commands.items():
         for action in command._actions:
-            if action.help != argparse.SUPPRESS and not isinstance(action, argparse._HelpAction) and action.option_strings:
+            if action.option_strings and action.help != argparse.SUPPRESS and not isinstance(action,
+                                                                                            argparse._HelpAction):
                 assert action.help, f"l0sweep {name} {'/'.join(action.option_strings)} has no help text"
     assert "by all workers together" in commands["create"].format_help()
     assert "torch threads" in commands["worker"].format_help()

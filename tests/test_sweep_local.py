@@ -24,8 +24,8 @@ def test_a_finished_sweep_has_every_trial_its_run_and_the_front_its_models(defau
     complete = study.get_trials(states=(TrialState.COMPLETE,))
     assert len(complete) >= 12
     # The enqueued starting points ran first, with the values the study file gave.
-    assert [t.params for t in study.trials[:2]] == [{"mode": "scratch", "lam_scratch": 0.01, "droprate_init_scratch": 0.5},
-                                                   {"mode": "finetune", "lam_finetune": 1.0}]
+    assert [t.params for t in study.trials[:2]] == [
+        {"mode": "scratch", "lam_scratch": 0.01, "droprate_init_scratch": 0.5}, {"mode": "finetune", "lam_finetune": 1.0}]
 
     tracking = f"sqlite:///{out.resolve() / 'mlflow.db'}"
     runs = runs_of(tracking, "digits-mlp")
@@ -60,7 +60,8 @@ def test_a_finished_sweep_has_every_trial_its_run_and_the_front_its_models(defau
 
     status = l0sweep("status", "digits-mlp", "--out", out)
     assert status.returncode == 0, status.stderr
-    assert status.stdout.startswith(f"study digits-mlp: {len(complete)}/12 complete trials") and "Pareto front" in status.stdout
+    assert status.stdout.startswith(f"study digits-mlp: {len(complete)}/12 complete trials")
+    assert "Pareto front" in status.stdout
     pick = l0sweep("pick", "digits-mlp", "--out", out)
     assert pick.returncode == 0 and "lambda" in pick.stdout and "MLflow run" in pick.stdout
 
@@ -88,7 +89,8 @@ def test_a_resumed_sweep_continues_its_study_with_new_proposals_one_gpu_per_work
     gpus: dict[str, set[str]] = {}
     for t in complete:
         if t.number not in before:
-            gpus.setdefault(t.user_attrs["worker"], set()).add(runs[t.user_attrs["mlflow_run_id"]].data.tags["l0sweep.gpu"])
+            gpu = runs[t.user_attrs["mlflow_run_id"]].data.tags["l0sweep.gpu"]
+            gpus.setdefault(t.user_attrs["worker"], set()).add(gpu)
     assert all(len(g) == 1 for g in gpus.values()) and len(set().union(*gpus.values())) == len(gpus)
     assert set().union(*gpus.values()) <= {"3", "5"}
 
