@@ -1,6 +1,8 @@
 """`l0sweep run` end to end on the embedded stores: journal file + SQLite MLflow, two worker processes."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
@@ -24,8 +26,12 @@ def test_a_finished_sweep_has_every_trial_its_run_and_the_front_its_models(defau
     complete = study.get_trials(states=(TrialState.COMPLETE,))
     assert len(complete) >= 12
     # The enqueued starting points ran first, with the values the study file gave.
-    assert [t.params for t in study.trials[:2]] == [
-        {"mode": "scratch", "lam_scratch": 0.01, "droprate_init_scratch": 0.5}, {"mode": "finetune", "lam_finetune": 1.0}]
+    from sweeps.search import starting_point
+    from sweeps.spec import load_spec
+
+    spec = load_spec(Path(__file__).resolve().parents[1] / "studies" / "default.yaml")
+    assert len(spec.enqueue) == 2
+    assert [t.params for t in study.trials[:2]] == [starting_point(spec, point) for point in spec.enqueue]
 
     tracking = f"sqlite:///{out.resolve() / 'mlflow.db'}"
     runs = runs_of(tracking, "digits-mlp")
