@@ -115,7 +115,7 @@ def _run(spawn: Callable[[int], subprocess.Popen], spec: StudySpec, settings: Se
     try:
         from tqdm import tqdm
 
-        from .tracking import end_study_run, runs_link
+        from .tracking import end_study_run
         from .study import BUDGET_ATTR, counts, create_or_resume, discard_new_study, recover_orphaned_trials
 
         study, created = create_or_resume(spec, settings, trials)
@@ -182,6 +182,8 @@ def _run(spawn: Callable[[int], subprocess.Popen], spec: StudySpec, settings: Se
     if status == "FINISHED" and not reached:
         status = "FAILED"
     end_study_run(study, settings.tracking_uri, status)
+    from .tracking import runs_link  # not at the top: the launcher starts its workers before importing MLflow
+
     print(f"l0sweep: {n['COMPLETE']} complete, {n['PRUNED']} stopped early, {n['FAIL']} failed or interrupted "
           f"(budget {budget})" + runs_link(study, settings.tracking_uri, "; runs: "), file=sys.stderr)
     if report and n["COMPLETE"]:

@@ -36,9 +36,6 @@ TRACKING_ATTR = "mlflow_tracking_uri"
 # MLflow 3.17's UI itself goes by its GenAI / Model training switch: experiment_page() links set that.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
-# What every epoch logs; the last epoch's values are the trial's final ones (the trainer evaluates the final
-# model there), so finish() does not log them again at that step.
-EPOCH_METRICS = ("val_accuracy", "sparsity", "flops_ratio", "expected_density", "train_task_loss", "train_penalty")
 
 
 class TrackingError(RuntimeError):
@@ -168,6 +165,7 @@ class TrialRun:
         run = self.client.create_run(attrs[EXPERIMENT_ATTR], run_name=f"trial-{trial.number}", tags=tags)
         self.run_id = run.info.run_id
         self._pending: list[mlflow.entities.Metric] = []
+        self._last_epoch: tuple[int | None, dict[str, float]] = (None, {})  # (its step, the metrics it logged)
         self._flushed = time.monotonic()
         trial.set_user_attr(RUN_ATTR, self.run_id)
         params = _flatten("", json.loads(cfg.model_dump_json()), {})
@@ -180,7 +178,11 @@ class TrialRun:
     FLUSH_SECONDS = 5.0
 
     def log_epoch(self, m: EpochMetrics) -> None:
-        self._pending += [mlflow.entities.Metric(k, float(getattr(m, k)), _now_ms(), m.epoch) for k in EPOCH_METRICS]
+        metrics = {"val_accuracy": m.val_accuracy, "sparsity": m.sparsity, "flops_ratio": m.flops_ratio,
+                   "expected_density": m.expected_density, "train_task_loss": m.train_task_loss,
+                   "train_penalty": m.train_penalty}
+        self._pending += [mlflow.entities.Metric(k, float(v), _now_ms(), m.epoch) for k, v in metrics.items()]
+        self._last_epoch = (m.epoch, {k: float(v) for k, v in metrics.items()})
         if time.monotonic() - self._flushed >= self.FLUSH_SECONDS:
             self.flush()
 
@@ -196,14 +198,15 @@ class TrialRun:
         :func:`log_alpha_histogram`), the kept units, and (``log_model``) the exported model."""
         self.flush()
         step = result.epochs[-1].epoch if result.epochs else 0
+        # The last epoch evaluated the final model (train_trial takes its figures from it): a final figure equal to
+        # what that epoch logged is not logged again at its step, which made every such history end [..., 10, 10].
+        last = self._last_epoch[1] if self._last_epoch[0] == step else {}
         final = {"val_accuracy": result.val_accuracy, "test_accuracy": result.test_accuracy,
                  "sparsity": result.sparsity, "flops_ratio": result.flops_ratio,
                  "total_params": result.total_params, "removed_params": result.removed_params,
                  "chance_accuracy": result.chance_accuracy}
-        if result.epochs:  # those the last epoch logged: a second point at its step made every history end [.., 10, 10]
-            final = {k: v for k, v in final.items() if k not in EPOCH_METRICS}
         self.client.log_batch(self.run_id, metrics=[
-            mlflow.entities.Metric(k, float(v), _now_ms(), step) for k, v in final.items()])
+            mlflow.entities.Metric(k, float(v), _now_ms(), step) for k, v in final.items() if last.get(k) != float(v)])
         self.client.log_dict(self.run_id, result.kept_units, "kept_units.json")
         if result.model is not None:
             self.client.log_dict(self.run_id, {k: [round(x, 3) for x in v] for k, v in alphas.items()},
