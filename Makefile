@@ -1,13 +1,24 @@
-# `make test` is the one test command: README gives it to users, .ci/run runs it.
+# The README's two commands, each whole on a fresh clone (it installs first): `make sweep` runs the default
+# sweep and says where its report is; `make test` tests (.ci/run runs it).
 PYTHON ?= python3
 # Root needs no sudo; anyone else gets it when it exists.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || command -v sudo)
 
-.PHONY: install system-deps test
-install: system-deps
+.PHONY: sweep test install python-deps system-deps
+# `python -m sweeps.cli` is the l0sweep command, found even where pip's scripts folder is not on PATH.
+sweep: python-deps
+	$(PYTHON) -m sweeps.cli run studies/default.yaml --workers 2
+	@echo "browse it: $(PYTHON) -m sweeps.cli ui   (MLflow UI http://127.0.0.1:5000, optuna-dashboard http://127.0.0.1:8080)"
+
+test: install
+	$(PYTHON) -m pytest
+
+install: system-deps python-deps
+
+python-deps:
 	$(PYTHON) -m pip install -e ".[test]"
 
-# The tests use a real browser (the report) and a real PostgreSQL server (distributed sweeps).
+# The tests use a real browser (the report, the MLflow UI) and a real PostgreSQL server (distributed sweeps).
 system-deps:
 	@missing=""; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
@@ -17,6 +28,3 @@ system-deps:
 	  $(SUDO) apt-get install -y --no-install-recommends $$missing || \
 	  { $(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends $$missing; }; \
 	fi
-
-test: install
-	$(PYTHON) -m pytest

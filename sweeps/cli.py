@@ -29,6 +29,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=os.environ.get("L0SWEEP_OUT") or DEFAULT_OUT, metavar="DIR",
                    help=f"folder for embedded stores, baselines, logs and reports "
                         f"(default: $L0SWEEP_OUT, else {DEFAULT_OUT})")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show other libraries' INFO lines (Optuna, MLflow, its database migrations)")
 
 
 def _selection(p: argparse.ArgumentParser, trial_flag: bool = False) -> None:
@@ -60,12 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("create", help="create the study (budget, starting points, MLflow run) without running it")
     p.add_argument("study_file", type=Path)
-    p.add_argument("--trials", type=int, metavar="N")
+    p.add_argument("--trials", type=int, metavar="N",
+                   help="complete trials wanted in total, by all workers together (default: the file's)")
     _common(p)
 
     p = sub.add_parser("worker", help="join an existing study and run trials until its budget is reached")
     p.add_argument("study_file", type=Path)
-    p.add_argument("--threads", type=int, metavar="T")
+    p.add_argument("--threads", type=int, metavar="T",
+                   help="torch threads for this worker's trials (default: the file's trial.threads, else torch's)")
     # Set by `l0sweep run` for its workers: wait for this file while the launcher (this pid) lives.
     p.add_argument("--start-after", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--launcher-pid", type=int, help=argparse.SUPPRESS)
@@ -114,7 +118,7 @@ def _settings(args: argparse.Namespace):
     out = Path(args.out)
     storage = args.storage or str((out / "optuna.journal").resolve())
     tracking = args.tracking_uri or default_tracking_uri(out)
-    return settings_from(storage, tracking, out, threads=getattr(args, "threads", None))
+    return settings_from(storage, tracking, out, threads=getattr(args, "threads", None), verbose=args.verbose)
 
 
 def _study_name(ref: str) -> str:
@@ -166,8 +170,12 @@ def dispatch(args: argparse.Namespace) -> int:
 
         check_fits(trial_config(spec, first_point(spec)))  # a study whose trials cannot run is not created
         _make_out(args)
-        study, _ = create_or_resume(spec, _settings(args), args.trials)
-        print(f"study {study.study_name!r} ready: budget {study.user_attrs['n_trials']} complete trials")
+        from .tracking import runs_link
+
+        settings = _settings(args)
+        study, _ = create_or_resume(spec, settings, args.trials)
+        print(f"study {study.study_name!r} ready: budget {study.user_attrs['n_trials']} complete trials"
+              + runs_link(study, settings.tracking_uri, "; runs: "))
         return 0
     if args.command == "worker":
         from .worker import run_worker
@@ -221,6 +229,25 @@ def dispatch(args: argparse.Namespace) -> int:
     raise AssertionError(args.command)
 
 
+def _quiet_libraries(args: argparse.Namespace) -> None:
+    """Other libraries' INFO lines ("A new study created in Journal", "Creating initial MLflow database tables")
+    only with --verbose; their warnings and errors always."""
+    if args.verbose:
+        return
+    # MLflow sets its loggers' level from this variable when first imported (alembic's to WARNING at least);
+    # `run`'s workers inherit it. A level the user set is kept.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    # Its "View run ... at" lines, printed on stdout as each run ends on a server: l0sweep prints the study's link.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    if "mlflow" in sys.modules:
+        logging.getLogger("mlflow").setLevel(os.environ["MLFLOW_LOGGING_LEVEL"].upper())
+    import optuna
+
+    # A worker keeps Optuna's one line per finished trial: in its log (or `docker compose logs`) it is the
+    # record of what the worker ran.
+    optuna.logging.set_verbosity(optuna.logging.INFO if args.command == "worker" else optuna.logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -232,8 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     ours = logging.getLogger("sweeps")
     ours.addHandler(handler)
-    ours.setLevel(logging.INFO if args.command == "worker" else logging.WARNING)
+    ours.setLevel(logging.INFO if args.command == "worker" or args.verbose else logging.WARNING)
     ours.propagate = False
+    _quiet_libraries(args)
     import warnings
 
     from optuna.exceptions import ExperimentalWarning

@@ -1,10 +1,10 @@
 """``l0sweep run``: create or resume a study, run K local worker processes to its budget, then the report.
 
-Workers are separate processes (``l0sweep worker``), each with its own log under ``OUT/logs``. They start
-first and wait for the study, so their imports (torch, MLflow: seconds) overlap the launcher's own and the
-study's creation. A worker that dies (killed, out of memory) has its running trial failed, its MLflow run
-closed KILLED and the trial retried here, since a journal file has no heartbeats; on PostgreSQL the heartbeats
-do the same for remote workers.
+Workers are separate processes (``l0sweep worker``), each with its own log in this run's folder under
+``OUT/logs``. They start first and wait for the study, so their imports (torch, MLflow: seconds) overlap the
+launcher's own and the study's creation. A worker that dies (killed, out of memory) has its running trial
+failed, its MLflow run closed KILLED and the trial retried here, since a journal file has no heartbeats; on
+PostgreSQL the heartbeats do the same for remote workers.
 """
 from __future__ import annotations
 
@@ -48,7 +48,9 @@ def _spawn(study_file: Path, settings: Settings, index: int, log_dir: Path, read
            "--start-after", str(ready), "--launcher-pid", str(os.getpid())]
     if settings.threads:
         cmd += ["--threads", str(settings.threads)]
-    with open(log_dir / f"worker-{index}.log", "ab") as log:  # the child keeps its own copy
+    if settings.verbose:
+        cmd.append("--verbose")
+    with open(log_dir / f"worker-{index}.log", "wb") as log:  # the child keeps its own copy
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
 
 
@@ -77,7 +79,9 @@ def run_sweep(study_file: Path, spec: StudySpec, settings: Settings, workers: in
     """The whole local sweep; returns the exit status (0 when the study reached its budget)."""
     stop_on_signals(once=True)  # SIGTERM or a closed terminal: stop the workers as Ctrl-C does; finish closing
     check_url(settings.storage, workers)
-    log_dir = settings.out / "logs"
+    # A folder per run: a reused --out showed the last run's lines (its error among them) above this run's, and
+    # truncating shared files would cut the logs of another `l0sweep run` of the same folder still running.
+    log_dir = settings.out / "logs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     log_dir.mkdir(parents=True, exist_ok=True)
     if settings.threads is None and spec.trial.threads is None:
         settings.threads = max(1, (os.cpu_count() or 1) // workers)
@@ -163,6 +167,9 @@ def _run(spawn: Callable[[int], subprocess.Popen], spec: StudySpec, settings: Se
                     if code < 0 and not budget_reached(study, spec, budget) and restarts < MAX_RESTARTS:
                         restarts += 1
                         procs[i] = spawn(i + workers * restarts)
+        # The last trials may complete after the bar's last read (it reads the study once a second): end it on the
+        # count the summary gives, not a few short of the budget.
+        bar.update(max(0, min(counts(study)["COMPLETE"], budget) - done_before))
     except KeyboardInterrupt:
         status = "KILLED"
         _stop(procs)
@@ -176,8 +183,10 @@ def _run(spawn: Callable[[int], subprocess.Popen], spec: StudySpec, settings: Se
     if status == "FINISHED" and not reached:
         status = "FAILED"
     end_study_run(study, settings.tracking_uri, status)
+    from .tracking import runs_link  # not at the top: the launcher starts its workers before importing MLflow
+
     print(f"l0sweep: {n['COMPLETE']} complete, {n['PRUNED']} stopped early, {n['FAIL']} failed or interrupted "
-          f"(budget {budget})", file=sys.stderr)
+          f"(budget {budget})" + runs_link(study, settings.tracking_uri, "; runs: "), file=sys.stderr)
     if report and n["COMPLETE"]:
         from dashboards import write_report
 

@@ -24,6 +24,7 @@ class Settings:
     tracking_uri: str
     out: Path
     threads: int | None = None
+    verbose: bool = False  # other libraries' INFO lines too (--verbose); `run` passes it on to its workers
 
 
 def default_tracking_uri(out: str | Path) -> str:

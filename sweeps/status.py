@@ -9,11 +9,16 @@ from dashboards import feasible, front_table
 from .study import BUDGET_ATTR, counts, worker_gone
 
 
+# The states other than complete, in the words the report and `l0sweep run` use.
+_OTHER_STATES = {"RUNNING": "running", "WAITING": "queued", "PRUNED": "stopped early", "FAIL": "failed"}
+
+
 def print_status(study: optuna.Study) -> None:
     n = counts(study)
     budget = study.user_attrs.get(BUDGET_ATTR, "?")
-    states = ", ".join(f"{k.lower()} {v}" for k, v in n.items() if v)
-    print(f"study {study.study_name}: {n['COMPLETE']}/{budget} complete ({states or 'no trials yet'})")
+    others = ", ".join(f"{n[state]} {word}" for state, word in _OTHER_STATES.items() if n[state])
+    print(f"study {study.study_name}: {n['COMPLETE']}/{budget} complete trials"
+          + (f"; {others}" if others else "" if sum(n.values()) else "; no trials yet"))
     gone = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if worker_gone(t, None)]
     if gone:
         print(f"running trials {', '.join(map(str, gone))}: their workers on this machine are gone; the next "

@@ -31,6 +31,11 @@ PARENT_RUN_ATTR = "mlflow_parent_run_id"
 EXPERIMENT_ATTR = "mlflow_experiment_id"
 RUN_ATTR = "mlflow_run_id"
 TRACKING_ATTR = "mlflow_tracking_uri"
+# MLflow 3 marks an experiment's kind with this tag (its UI's experiment-type setting writes it); untagged, the
+# study's experiment opened on the GenAI overview (traces, an assistant), the training runs one click away.
+# MLflow 3.17's UI itself goes by its GenAI / Model training switch: experiment_page() links set that.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 
 class TrackingError(RuntimeError):
@@ -79,21 +84,47 @@ def ensure_study_run(study: optuna.Study, tracking_uri: str, experiment: str, ar
     attrs = study.user_attrs
     client = MlflowClient(tracking_uri)
     if PARENT_RUN_ATTR in attrs:
+        if EXPERIMENT_ATTR in attrs:
+            _mark_model_development(client, client.get_experiment(attrs[EXPERIMENT_ATTR]))
         client.update_run(attrs[PARENT_RUN_ATTR], status="RUNNING")
         return attrs[PARENT_RUN_ATTR]
     found = client.get_experiment_by_name(experiment)
     if found is not None:
         experiment_id = found.experiment_id
+        _mark_model_development(client, found)
     else:
         location = (artifact_root / experiment).resolve().as_uri() if artifact_root and _is_local(tracking_uri) \
             else None
-        experiment_id = client.create_experiment(experiment, artifact_location=location)
+        experiment_id = client.create_experiment(experiment, artifact_location=location,
+                                                 tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     run = client.create_run(experiment_id, run_name=study.study_name,
                             tags={"l0sweep.study": study.study_name, "l0sweep.role": "study"})
     client.log_text(run.info.run_id, spec_json, "study.json")
     study.set_user_attr(EXPERIMENT_ATTR, experiment_id)
     study.set_user_attr(PARENT_RUN_ATTR, run.info.run_id)
     return run.info.run_id
+
+
+def experiment_page(ui_url: str, experiment_id: str) -> str:
+    """The MLflow UI's page of an experiment, opened on its runs table.
+
+    MLflow 3.17's UI picks an experiment's first page by its GenAI / Model training switch (GenAI until a user
+    flips it), not by the experiment's kind tag: the link sets the switch, which the UI then remembers."""
+    return f"{ui_url.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"
+
+
+def runs_link(study: optuna.Study, tracking_uri: str, prefix: str) -> str:
+    """``prefix`` and the UI page of the study's runs where the tracking URI is a server's, else ""."""
+    experiment_id = study.user_attrs.get(EXPERIMENT_ATTR)
+    if not experiment_id or not tracking_uri.startswith(("http://", "https://")):
+        return ""
+    return prefix + experiment_page(tracking_uri, experiment_id)
+
+
+def _mark_model_development(client: MlflowClient, experiment: mlflow.entities.Experiment) -> None:
+    """Tag an experiment made by an earlier version (or by hand) as model development; a kind set stays."""
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
 
 
 def end_study_run(study: optuna.Study, tracking_uri: str, status: str = "FINISHED") -> None:
@@ -134,6 +165,7 @@ class TrialRun:
         run = self.client.create_run(attrs[EXPERIMENT_ATTR], run_name=f"trial-{trial.number}", tags=tags)
         self.run_id = run.info.run_id
         self._pending: list[mlflow.entities.Metric] = []
+        self._last_epoch: tuple[int | None, dict[str, float]] = (None, {})  # (its step, the metrics it logged)
         self._flushed = time.monotonic()
         trial.set_user_attr(RUN_ATTR, self.run_id)
         params = _flatten("", json.loads(cfg.model_dump_json()), {})
@@ -152,6 +184,7 @@ class TrialRun:
         if m.target_sparsity is not None:  # a target study: where the target stood, and the lambda it acted as
             metrics.update(target_sparsity=m.target_sparsity, effective_lambda=m.effective_lambda)
         self._pending += [mlflow.entities.Metric(k, float(v), _now_ms(), m.epoch) for k, v in metrics.items()]
+        self._last_epoch = (m.epoch, {k: float(v) for k, v in metrics.items()})
         if time.monotonic() - self._flushed >= self.FLUSH_SECONDS:
             self.flush()
 
@@ -170,6 +203,9 @@ class TrialRun:
         ``mlflow.pytorch.load_model``) and the gated state ``l0sweep export`` rebuilds it from."""
         self.flush()
         step = result.epochs[-1].epoch if result.epochs else 0
+        # The last epoch evaluated the final model (train_trial takes its figures from it): a final figure equal to
+        # what that epoch logged is not logged again at its step, which made every such history end [..., 10, 10].
+        last = self._last_epoch[1] if self._last_epoch[0] == step else {}
         final = {"val_accuracy": result.val_accuracy, "test_accuracy": result.test_accuracy,
                  "sparsity": result.sparsity, "flops_ratio": result.flops_ratio,
                  "total_params": result.total_params, "removed_params": result.removed_params,
@@ -183,7 +219,7 @@ class TrialRun:
             for batch, f in by_batch.items():
                 final.update({f"latency_{runtime}_b{batch}_{k}": f[k] for k in ("compact_ms", "dense_ms", "speedup")})
         self.client.log_batch(self.run_id, metrics=[
-            mlflow.entities.Metric(k, float(v), _now_ms(), step) for k, v in final.items()])
+            mlflow.entities.Metric(k, float(v), _now_ms(), step) for k, v in final.items() if last.get(k) != float(v)])
         self.client.log_dict(self.run_id, result.kept_units, "kept_units.json")
         if latency:
             self.client.log_dict(self.run_id, latency, "latency.json")

@@ -44,12 +44,25 @@ def serve_dashboard(storage_url: str, host: str = "127.0.0.1", port: int = 8080)
     return 0
 
 
+def _experiments(storage_url: str) -> list[tuple[str, str]]:
+    """(study, its MLflow experiment id) for each l0sweep study in the storage."""
+    import optuna
+
+    from .storage import open_storage
+    from .tracking import EXPERIMENT_ATTR
+
+    return [(s.study_name, s.user_attrs[EXPERIMENT_ATTR])
+            for s in optuna.get_all_study_summaries(open_storage(storage_url), include_best_trial=False)
+            if EXPERIMENT_ATTR in s.user_attrs]
+
+
 def serve(settings: Settings, port: int, dashboard_port: int) -> int:
     """Start both servers, print their addresses, and stop both on Ctrl-C or SIGTERM (or when either exits)."""
     import signal
     from pathlib import Path
 
     from .storage import is_rdb
+    from .tracking import experiment_page
 
     if not is_rdb(settings.storage) and not Path(settings.storage).exists():
         raise FileNotFoundError(f"no sweep in {settings.out}: run 'l0sweep run STUDY_FILE --out {settings.out}' first")
@@ -70,6 +83,9 @@ def serve(settings: Settings, port: int, dashboard_port: int) -> int:
             if not _wait_http(url, proc):
                 raise RuntimeError(f"{name} did not start on {url} (is the port free?)")
             print(f"{name}: {url}", flush=True)
+        mlflow_ui = procs["MLflow UI"][1] if "MLflow UI" in procs else settings.tracking_uri
+        for study, experiment_id in _experiments(settings.storage):
+            print(f"  runs of {study}: {experiment_page(mlflow_ui, experiment_id)}", flush=True)
         print("Ctrl-C stops both.", flush=True)
         while all(p.poll() is None for p, _ in procs.values()):
             time.sleep(0.5)

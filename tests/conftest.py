@@ -23,3 +23,46 @@ def _no_leaked_tracking_uri():
     if "mlflow" in sys.modules:
         sys.modules["mlflow"].set_tracking_uri(None)
     os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+# Expensive parts, made once per session and shared: each costs seconds to start on a 2-core machine, and the
+# tests using them keep apart by name (their own databases, studies and MLflow experiments).
+@pytest.fixture(scope="session")
+def postgres():
+    """One throwaway PostgreSQL cluster; tests create databases of their own on it."""
+    from tests.postgres import PostgresServer
+
+    server = PostgresServer().start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(postgres, tmp_path_factory):
+    """``mlflow server`` on the cluster (its database ``mlflow``) serving artifacts, as docker-compose.yml runs it,
+    without psycopg2 to lean on."""
+    from tests.postgres import without_psycopg2
+    from tests.servers import MlflowServer
+
+    folder = tmp_path_factory.mktemp("mlflow-server")
+    server = MlflowServer(postgres.create_database("mlflow"), folder / "artifacts", folder / "mlflow.log",
+                          env=without_psycopg2(folder / "hide"))
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def default_sweep(tmp_path_factory):
+    """The README's first command, ``l0sweep run studies/default.yaml --workers 2``, run once in a terminal:
+    (exit status, what the terminal showed, the --out folder). Tests only read it."""
+    from pathlib import Path
+
+    from tests.sweep_helpers import l0sweep_in_terminal
+
+    out = tmp_path_factory.mktemp("default-sweep") / "out"
+    study = Path(__file__).resolve().parents[1] / "studies" / "default.yaml"
+    code, shown = l0sweep_in_terminal("run", study, "--workers", "2", "--out", out)
+    return code, shown, out

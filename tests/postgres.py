@@ -57,8 +57,19 @@ class PostgresServer:
         return self.url(name)
 
     def url(self, name: str) -> str:
-        return f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/{name}"
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{name}"
 
     def cleanup(self) -> None:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def without_psycopg2(folder: Path) -> dict[str, str]:
+    """An environment for subprocesses in which ``import psycopg2`` fails, as on a fresh install (l0sweep
+    depends on psycopg 3 only): a test on this machine, where psycopg2 may be installed, then still shows
+    anything that needs it."""
+    (folder / "psycopg2").mkdir(parents=True, exist_ok=True)
+    (folder / "psycopg2" / "__init__.py").write_text(
+        "raise ImportError('psycopg2 is hidden in the tests: l0sweep depends on psycopg 3 only')\n")
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": f"{folder}{os.pathsep}{path}" if path else str(folder)}

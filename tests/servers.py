@@ -79,7 +79,7 @@ class MlflowServer(_Process):
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri,
                "--artifacts-destination", str(artifacts), "--serve-artifacts", "--host", "127.0.0.1",
-               "--port", str(self.port), "--workers", "2",
+               "--port", str(self.port), "--workers", "1",  # one uvicorn process serves the tests' few clients
                "--allowed-hosts", f"127.0.0.1:{self.port},localhost:{self.port}", *extra]
         super().__init__(cmd, f"{self.url}/health", log, env=env)
 

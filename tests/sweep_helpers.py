@@ -42,6 +42,46 @@ def l0sweep(*args: str, timeout: float = 300, cwd: Path | None = None, env: dict
                           stdin=subprocess.DEVNULL)
 
 
+def l0sweep_in_terminal(*args: str, timeout: float = 600, env: dict | None = None) -> tuple[int, str]:
+    """Run ``l0sweep ARGS`` with its output on a pseudo-terminal, as a user's shell runs it (progress bars show
+    only on a terminal); returns (exit status, everything it wrote to the terminal, ``\r\n`` as ``\n``)."""
+    import pty
+    import select
+    import time
+
+    import fcntl
+    import struct
+    import termios
+
+    controller, terminal = pty.openpty()
+    # A terminal of 40 rows and 120 columns: tqdm sizes its bar by it (a new pty is 0 wide, and gets no bar).
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    cmd = [sys.executable, "-m", "sweeps.cli", *map(str, args)]
+    # No PYTHONWARNINGS here: what a user would see is what is checked.
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal,
+                            env={**os.environ, **(env or {})})
+    os.close(terminal)
+    chunks, deadline = [], time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if select.select([controller], [], [], 1.0)[0]:
+                try:
+                    data = os.read(controller, 65536)
+                except OSError:  # EIO: every writer of the terminal has closed it
+                    break
+                if not data:
+                    break
+                chunks.append(data)
+            elif proc.poll() is not None:
+                break
+        else:
+            proc.kill()
+            raise TimeoutError(f"l0sweep {' '.join(map(str, args))}: still running after {timeout}s")
+        return proc.wait(timeout=60), b"".join(chunks).decode(errors="replace").replace("\r\n", "\n")
+    finally:
+        os.close(controller)
+
+
 def runs_of(tracking_uri: str, experiment: str) -> list:
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)

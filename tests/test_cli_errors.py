@@ -84,26 +84,34 @@ UNRUNNABLE = {
 }
 
 
-@pytest.mark.parametrize("case", list(UNRUNNABLE))
-def test_a_study_whose_trials_cannot_run_is_one_line_and_leaves_no_study(case, tmp_path):
+def test_a_study_whose_trials_cannot_run_is_one_line_and_leaves_no_study(tmp_path):
     """Every trial would fail: the workers check one trial (its model on its data, the compiler it asks for)
     before training, the launcher stops them and removes the study it had just created, so the corrected file
     runs under the same name.
-    ``create`` checks the same before it creates anything."""
-    trial, env, expected = UNRUNNABLE[case]
-    path = write_study(tmp_path / "study.yaml", trial={**TINY["trial"], **trial})
+    ``create`` checks the same before it creates anything.
+    Both cases run in one --out, as a user's attempts do: each run's worker logs are its own (they were appended
+    to, and showed the previous run's error line)."""
     out = tmp_path / "out"
-    result = l0sweep("run", path, "--out", out, "--workers", "2", timeout=180, env=env)
-    assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1] == (f"l0sweep run: error: {expected} (the study was not kept: "
-                                                      "fix the file and run it again)")
-    assert "Traceback" not in result.stderr
-    assert optuna.get_all_study_names(open_storage(str(out / "optuna.journal"))) == []
-    assert runs_of(f"sqlite:///{out / 'mlflow.db'}", "tiny") == []  # the study's run is deleted, not left
-    assert _processes_naming(str(out)) == []
-    created = l0sweep("create", path, "--out", tmp_path / "created", timeout=120, env=env)
-    assert created.returncode == 1 and created.stderr.strip() == f"l0sweep create: error: {expected}"
-    assert not (tmp_path / "created").exists()
+    earlier: set[Path] = set()
+    for case, (trial, env, expected) in UNRUNNABLE.items():
+        path = write_study(tmp_path / f"{case}.yaml", trial={**TINY["trial"], **trial})
+        result = l0sweep("run", path, "--out", out, "--workers", "2", timeout=180, env=env)
+        assert result.returncode == 1
+        assert result.stderr.strip().splitlines()[-1] == (f"l0sweep run: error: {expected} (the study was not kept: "
+                                                          "fix the file and run it again)")
+        assert "Traceback" not in result.stderr
+        assert optuna.get_all_study_names(open_storage(str(out / "optuna.journal"))) == []
+        assert runs_of(f"sqlite:///{out / 'mlflow.db'}", "tiny") == []  # the study's run is deleted, not left
+        assert _processes_naming(str(out)) == []
+        logs = set((out / "logs").glob("*/worker-*.log")) - earlier
+        assert len({log.parent for log in logs}) == 1  # this run's folder
+        # A worker the launcher stopped before its own check ended has no error line; none has an earlier run's.
+        errors = {tuple(line for line in log.read_text().splitlines() if "error" in line) for log in logs}
+        assert errors - {()} == {(f"l0sweep worker: error: {expected}",)}, errors
+        earlier |= logs
+        created = l0sweep("create", path, "--out", tmp_path / f"created-{case}", timeout=120, env=env)
+        assert created.returncode == 1 and created.stderr.strip() == f"l0sweep create: error: {expected}"
+        assert not (tmp_path / f"created-{case}").exists()
 
 
 def test_workers_wait_for_the_study_and_leave_when_the_launcher_does(tmp_path):

@@ -173,6 +173,8 @@ def test_two_databases_and_the_names_mlflow_answers(compose, env):
     optuna_url = svcs["worker"]["environment"]["L0SWEEP_STORAGE"]
     mlflow_url = svcs["mlflow"]["environment"]["MLFLOW_BACKEND_STORE_URI"]
     assert optuna_url.rsplit("/", 1)[1] != mlflow_url.rsplit("/", 1)[1]  # each keeps its own alembic_version
+    # The form users write (README, remote workers): the image's driver must serve it (psycopg 3 on SQLAlchemy 2.1).
+    assert urlsplit(optuna_url).scheme == urlsplit(mlflow_url).scheme == "postgresql"
     assert mlflow_url.rsplit("/", 1)[1] == svcs["postgres"]["environment"]["MLFLOW_DB"]
     assert any("docker-entrypoint-initdb.d" in v for v in svcs["postgres"]["volumes"])
     tracking = svcs["worker"]["environment"]["MLFLOW_TRACKING_URI"]
@@ -222,22 +224,21 @@ def test_the_image_runs_l0sweep_as_a_user_with_the_service_extras():
 
 
 @pytest.mark.slow
-def test_the_init_script_creates_the_mlflow_database(tmp_path):
-    from tests.postgres import PostgresServer, _bin
+def test_the_init_script_creates_the_mlflow_database(postgres):
+    from tests.postgres import _bin
 
-    server = PostgresServer().start()
-    try:
-        server.create_database("optuna")
-        env = {**os.environ, "POSTGRES_USER": "postgres", "POSTGRES_DB": "optuna", "MLFLOW_DB": "mlflow",
-               "PGHOST": "127.0.0.1", "PGPORT": str(server.port),
-               "PATH": f"{Path(_bin('psql')).parent}:{os.environ['PATH']}"}
-        subprocess.run(["sh", str(ROOT / "docker" / "postgres-init.sh")], env=env, check=True, timeout=60,
-                       capture_output=True)
-        listed = subprocess.run([_bin("psql"), "-At", "-U", "postgres", "-c", "select datname from pg_database"],
-                                env=env, capture_output=True, text=True, timeout=60, check=True).stdout.split()
-        assert {"optuna", "mlflow"} <= set(listed)
-    finally:
-        server.cleanup()
+    # Names of this test's own on the session's cluster (the shared MLflow server has the database "mlflow").
+    postgres.create_database("optuna_init")
+    env = {**os.environ, "POSTGRES_USER": "postgres", "POSTGRES_DB": "optuna_init", "MLFLOW_DB": "mlflow_init",
+           "PGHOST": "127.0.0.1", "PGPORT": str(postgres.port),
+           "PATH": f"{Path(_bin('psql')).parent}:{os.environ['PATH']}"}
+    listed = [_bin("psql"), "-At", "-U", "postgres", "-c", "select datname from pg_database"]
+    assert "mlflow_init" not in subprocess.run(listed, env=env, capture_output=True, text=True, timeout=60,
+                                               check=True).stdout.split()
+    subprocess.run(["sh", str(ROOT / "docker" / "postgres-init.sh")], env=env, check=True, timeout=60,
+                   capture_output=True)
+    assert "mlflow_init" in subprocess.run(listed, env=env, capture_output=True, text=True, timeout=60,
+                                           check=True).stdout.split()
 
 
 def test_interpolation_follows_compose_rules():

@@ -8,6 +8,7 @@ SIGKILLed mid-trial and PostgreSQL is restarted mid-sweep. Bounded: short trials
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from sweeps.storage import open_storage
-from tests.postgres import PostgresServer
+from tests.postgres import without_psycopg2
 from tests.servers import MlflowServer, OptunaDashboard, get_json
 from tests.sweep_helpers import TINY, l0sweep, write_study
 
@@ -28,19 +29,15 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def service(tmp_path):
-    """PostgreSQL with both databases and the MLflow server on it; stopped whatever the test does."""
-    postgres = PostgresServer().start()
-    started = [postgres]
+def service(postgres, mlflow_server):
+    """The session's PostgreSQL and MLflow server, an Optuna database of this test's own, and the processes the
+    test starts (stopped whatever the test does)."""
+    started = []
     try:
-        optuna_url, mlflow_db = postgres.create_database("optuna"), postgres.create_database("mlflow")
-        mlflow_server = MlflowServer(mlflow_db, tmp_path / "artifacts", tmp_path / "mlflow.log")
-        started.append(mlflow_server)
-        mlflow_server.wait_ready()
-        yield postgres, optuna_url, mlflow_server, started
+        yield postgres, postgres.create_database("optuna_service"), mlflow_server, started
     finally:
         for part in reversed(started):
-            part.stop() if part is not postgres else postgres.cleanup()
+            part.stop()
 
 
 def _wait(predicate, timeout: float, what: str, step: float = 0.1):
@@ -62,8 +59,10 @@ def test_service_topology_with_a_killed_worker_and_a_database_restart(tmp_path, 
     env = {"L0SWEEP_STORAGE": url,
            "MLFLOW_TRACKING_URI": mlflow_server.url, "L0SWEEP_OUT": str(tmp_path / "out")}
 
-    created = l0sweep("create", study_file, env=env)
+    created = l0sweep("create", study_file, "--verbose", env=env)
     assert created.returncode == 0, created.stderr
+    assert "A new study created in RDB with name: tiny" in created.stderr  # Optuna's INFO line, with --verbose only
+    assert f"; runs: {mlflow_server.url}/#/experiments/" in created.stdout
     dashboard = OptunaDashboard(url, tmp_path / "dashboard.log")
     started.append(dashboard)
     dashboard.wait_ready()
@@ -136,7 +135,66 @@ def test_service_topology_with_a_killed_worker_and_a_database_restart(tmp_path, 
     assert small(torch.zeros(3, 1, 8, 8)).shape == (3, 10)
 
 
-def test_basic_auth_and_allowed_hosts_refusals_are_one_clear_line(tmp_path):
+@pytest.fixture(scope="module")
+def pg_sweep(postgres, mlflow_server, tmp_path_factory):
+    """`l0sweep run --storage postgresql://... --workers 2` on the session's server, once for the tests that read
+    it: the URL as the README writes it, and psycopg2 not importable (as on a fresh install)."""
+    folder = tmp_path_factory.mktemp("pg-sweep")
+    url = postgres.create_database("optuna_run")
+    study_file = write_study(folder / "pg-run.yaml", name="pg-run", trials=3)
+    result = l0sweep("run", study_file, "--storage", url, "--tracking-uri", mlflow_server.url, "--workers", "2",
+                     "--out", folder / "out", env=without_psycopg2(folder / "hide"))
+    return result, url, mlflow_server
+
+
+def test_run_on_a_plain_postgresql_url_with_two_workers(pg_sweep):
+    result, url, mlflow_server = pg_sweep
+    assert url.startswith("postgresql://")
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = optuna.load_study(study_name="pg-run", storage=open_storage(url))
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    assert len(complete) >= 3 and not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+
+    client = MlflowClient(mlflow_server.url)
+    experiment = client.get_experiment_by_name("pg-run")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on the runs
+    runs = {r.info.run_id: r for r in client.search_runs([experiment.experiment_id], max_results=1000)}
+    parent_id = study.user_attrs["mlflow_parent_run_id"]
+    assert runs[parent_id].info.status == "FINISHED" and runs[parent_id].data.tags["l0sweep.role"] == "study"
+    for t in complete:
+        run = runs[t.user_attrs["mlflow_run_id"]]
+        assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == parent_id
+        assert run.data.metrics["val_accuracy"] == pytest.approx(t.values[0])
+        # One point per epoch, and the final-only figures once, at the last epoch.
+        for metric in ("val_accuracy", "sparsity", "train_penalty"):
+            assert [m.step for m in client.get_metric_history(run.info.run_id, metric)] == [1, 2, 3], metric
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "test_accuracy")] == [3]
+    assert [r.info.status for r in runs.values() if r.info.status == "RUNNING"] == []
+
+
+def test_the_printed_link_opens_the_runs_table_with_the_trials_nested_under_the_study_run(pg_sweep, tmp_path):
+    """In headless Chromium, as a user clicks it: MLflow 3.17's UI opened the study's experiment on its GenAI
+    overview (traces, an assistant), the training runs one click away. The screenshot is left in tmp_path; to
+    take one by hand: python -m benchmarks.mlflow_ui_screenshot."""
+    from PIL import Image
+
+    from benchmarks.mlflow_ui_screenshot import photograph
+
+    result, url, mlflow_server = pg_sweep
+    assert result.returncode == 0, result.stderr[-3000:]
+    link = re.search(r"^l0sweep: \d+ complete, .*; runs: (\S+)$", result.stderr, re.M).group(1)  # the summary's
+    assert link.startswith(f"{mlflow_server.url}/#/experiments/") and link.endswith("?workflowType=machine_learning")
+    study = optuna.load_study(study_name="pg-run", storage=open_storage(url))
+    trials = {f"trial-{t.number}" for t in study.get_trials(deepcopy=False) if "mlflow_run_id" in t.user_attrs}
+
+    seen = photograph(link, tmp_path / "mlflow-ui.png")
+    assert seen["before"] == ["pg-run"]  # the table's one row is the study's run: its trials are inside it
+    assert seen["after"][0] == "pg-run" and set(seen["after"][1:]) == trials and len(seen["after"]) == len(trials) + 1
+    image = Image.open(tmp_path / "mlflow-ui.png").convert("RGB")
+    assert image.size == (1400, 900) and len(image.getcolors(maxcolors=1_000_000)) > 200, "the screenshot is blank"
+
+
+def test_basic_auth_and_allowed_hosts_refusals_are_one_clear_line(tmp_path, postgres):
     """docker-compose.auth.yml's setup: MLflow's basic-auth app, configured by the shipped ini and env vars.
 
     Without a login the create step stops with one line and leaves no study behind; with the env file's
@@ -148,7 +206,9 @@ def test_basic_auth_and_allowed_hosts_refusals_are_one_clear_line(tmp_path):
     server_env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(tmp_path / "auth.ini"),
                   "MLFLOW_AUTH_ADMIN_USERNAME": "sweeper", "MLFLOW_AUTH_ADMIN_PASSWORD": "pw-from-env-file",
                   "MLFLOW_FLASK_SERVER_SECRET_KEY": "csrf-key"}
-    server = MlflowServer(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "artifacts", tmp_path / "mlflow.log",
+    # Its tracking store on the session's PostgreSQL, as in the compose stack (and MLflow's schema is made there in
+    # a fraction of the time SQLite takes).
+    server = MlflowServer(postgres.create_database("mlflow_auth"), tmp_path / "artifacts", tmp_path / "mlflow.log",
                           "--app-name", "basic-auth", env=server_env)
     try:
         server.wait_ready()  # /health needs no login: the compose health check works with auth on

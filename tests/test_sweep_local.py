@@ -1,6 +1,8 @@
 """`l0sweep run` end to end on the embedded stores: journal file + SQLite MLflow, two worker processes."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
@@ -16,22 +18,23 @@ def _study(out):
     return optuna.load_study(study_name="tiny", storage=open_storage(str(out / "optuna.journal")))
 
 
-def test_run_two_workers_then_resume(tmp_path):
-    study_file = write_study(tmp_path / "tiny.yaml")
-    out = tmp_path / "out"
-    # As on a machine with GPUs 3 and 5 free: each worker is given one (here torch finds no GPU and uses the CPU).
-    first = l0sweep("run", study_file, "--workers", "2", "--trials", "3", "--out", out,
-                    env={"CUDA_VISIBLE_DEVICES": "3,5"})
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert "2 workers on GPU 3, 5;" in first.stderr
-    study = _study(out)
+def test_a_finished_sweep_has_every_trial_its_run_and_the_front_its_models(default_sweep):
+    """The README's first command's sweep (2 workers; shared with tests/test_cli.py, read only)."""
+    code, _, out = default_sweep
+    assert code == 0
+    study = optuna.load_study(study_name="digits-mlp", storage=open_storage(str(out / "optuna.journal")))
     complete = study.get_trials(states=(TrialState.COMPLETE,))
-    assert len(complete) >= 3
-    # The enqueued starting point ran, with the values the study file gave.
-    assert any(t.params.get("lam_finetune") == 1.0 for t in study.trials)
+    assert len(complete) >= 12
+    # The enqueued starting points ran first, with the values the study file gave.
+    from sweeps.search import starting_point
+    from sweeps.spec import load_spec
+
+    spec = load_spec(Path(__file__).resolve().parents[1] / "studies" / "default.yaml")
+    assert len(spec.enqueue) == 2
+    assert [t.params for t in study.trials[:2]] == [starting_point(spec, point) for point in spec.enqueue]
 
     tracking = f"sqlite:///{out.resolve() / 'mlflow.db'}"
-    runs = runs_of(tracking, "tiny")
+    runs = runs_of(tracking, "digits-mlp")
     parent = [r for r in runs if r.data.tags.get("l0sweep.role") == "study"]
     children = {r.info.run_id: r for r in runs if r.data.tags.get("mlflow.parentRunId")}
     assert len(parent) == 1 and parent[0].info.status == "FINISHED"
@@ -41,20 +44,15 @@ def test_run_two_workers_then_resume(tmp_path):
         run = children[t.user_attrs["mlflow_run_id"]]
         assert run.info.status == "FINISHED"
         assert run.data.tags["l0sweep.trial"] == str(t.number) and run.data.tags["l0sweep.mode"] == t.user_attrs["mode"]
-        assert run.data.tags["l0sweep.gpu"] in ("3", "5")
         assert float(run.data.params["lam"]) == pytest.approx(t.user_attrs["lam"])
-        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")]
-        assert steps[:3] == [1, 2, 3], steps  # per-epoch metrics, step = epoch
         assert run.data.metrics["test_accuracy"] == pytest.approx(t.user_attrs["test_accuracy"])
-        # Its training time, as the worker timed it: within the trial's time.
-        assert 0 < t.user_attrs["train_seconds"] < t.duration.total_seconds()
+        # Its training time, as the worker timed it, is recorded (how long it was is the benchmarks' business).
+        assert isinstance(t.user_attrs["train_seconds"], float)
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"kept_units.json", "log_alpha.json", "log_alpha_hist.png"} <= artifacts
     assert all(r.info.status != "RUNNING" for r in runs)
-    assert {r.data.tags["l0sweep.gpu"] for r in children.values()} == {"3", "5"}  # both workers trained, one GPU each
     # Front trials carry their exported small model, loadable as a plain torch module.
-    front = study.best_trials
-    logged = [t for t in front if t.user_attrs.get("model_logged")]
+    logged = [t for t in study.best_trials if t.user_attrs.get("model_logged")]
     assert logged
     import mlflow.pytorch
     import torch
@@ -62,38 +60,61 @@ def test_run_two_workers_then_resume(tmp_path):
     mlflow.set_tracking_uri(tracking)
     model = mlflow.pytorch.load_model(f"runs:/{logged[0].user_attrs['mlflow_run_id']}/model")
     assert model(torch.zeros(5, 1, 8, 8)).shape == (5, 10)
-    assert (out / "reports" / "tiny" / "report.html").exists()
+    assert (out / "reports" / "digits-mlp" / "report.html").exists()
     report_files = {a.path for a in client.list_artifacts(parent[0].info.run_id, "report")}
     assert {"report/report.html", "report/front.md", "report/front.csv"} <= report_files
 
-    # Resume: run again with a larger budget; the study continues, nothing is redone.
-    before = {t.number for t in complete}
-    second = l0sweep("run", study_file, "--workers", "2", "--trials", "5", "--out", out)
-    assert second.returncode == 0, second.stderr[-3000:]
-    study = _study(out)
-    after = {t.number for t in study.get_trials(states=(TrialState.COMPLETE,))}
-    assert before < after and len(after) >= 5
-    assert all(r.info.status != "RUNNING" for r in runs_of(tracking, "tiny"))
-
-    status = l0sweep("status", "tiny", "--out", out)
-    assert status.returncode == 0 and f"{len(after)}/5 complete" in status.stdout and "Pareto front" in status.stdout
-    pick = l0sweep("pick", study_file, "--out", out)
+    status = l0sweep("status", "digits-mlp", "--out", out)
+    assert status.returncode == 0, status.stderr
+    assert status.stdout.startswith(f"study digits-mlp: {len(complete)}/12 complete trials")
+    assert "Pareto front" in status.stdout
+    pick = l0sweep("pick", "digits-mlp", "--out", out)
     assert pick.returncode == 0 and "lambda" in pick.stdout and "MLflow run" in pick.stdout
+
+
+def test_a_resumed_sweep_continues_its_study_with_new_proposals_one_gpu_per_worker(tmp_path):
+    """Run again with a larger budget, the study continues: nothing is redone, and the new run's workers do not
+    replay the random start-up proposals of the first run's. Resumed as on a machine with GPUs 3 and 5 free: each
+    worker is given one (here torch finds no GPU and uses the CPU)."""
+    study_file = write_study(tmp_path / "tiny.yaml", sampler={"seed": 0, "n_startup_trials": 20}, enqueue=[])
+    out = tmp_path / "out"
+    first = l0sweep("run", study_file, "--workers", "1", "--trials", "2", "--out", out)
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = {t.number for t in _study(out).get_trials(states=(TrialState.COMPLETE,))}
+    second = l0sweep("run", study_file, "--workers", "2", "--trials", "4", "--out", out,
+                     env={"CUDA_VISIBLE_DEVICES": "3,5"})
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "2 workers on GPU 3, 5;" in second.stderr
+    complete = _study(out).get_trials(states=(TrialState.COMPLETE,))
+    assert before < {t.number for t in complete} and len(complete) >= 4
+    assert len(set(_params(complete))) == len(complete), _params(complete)
+    tracking = f"sqlite:///{out.resolve() / 'mlflow.db'}"
+    runs = {r.info.run_id: r for r in runs_of(tracking, "tiny")}
+    assert all(r.info.status != "RUNNING" for r in runs.values())
+    # One GPU a worker: each worker's trials all on one of them, no two workers on the same one.
+    gpus: dict[str, set[str]] = {}
+    for t in complete:
+        if t.number not in before:
+            gpu = runs[t.user_attrs["mlflow_run_id"]].data.tags["l0sweep.gpu"]
+            gpus.setdefault(t.user_attrs["worker"], set()).add(gpu)
+    assert all(len(g) == 1 for g in gpus.values()) and len(set().union(*gpus.values())) == len(gpus)
+    assert set().union(*gpus.values()) <= {"3", "5"}
 
 
 def _params(trials) -> list[tuple]:
     return [tuple(sorted(t.params.items())) for t in trials]
 
 
-STOPS = {  # how a sweep gets stopped mid-trial: (signal, to the whole process group?, launcher's exit status)
-    "ctrl-c": ("SIGINT", True, 130),          # Ctrl-C in a terminal reaches the launcher and its workers
-    "sigterm-launcher": ("SIGTERM", False, 130),  # `kill PID`, a process supervisor
-    "sigkill": ("SIGKILL", True, -9),         # the OOM killer, a reboot: nothing gets to clean up
+STOPS = {  # how a sweep gets stopped mid-trial: (signal, to the whole process group?, launcher's exit status,
+    # resumed here?): SIGTERM to the launcher leaves what Ctrl-C leaves (checked), so its resume would repeat Ctrl-C's.
+    "ctrl-c": ("SIGINT", True, 130, True),          # Ctrl-C in a terminal reaches the launcher and its workers
+    "sigterm-launcher": ("SIGTERM", False, 130, False),  # `kill PID`, a process supervisor
+    "sigkill": ("SIGKILL", True, -9, True),         # the OOM killer, a reboot: nothing gets to clean up
 }
 
 
 @pytest.mark.parametrize("stop", list(STOPS))
-def test_stopped_mid_trial_then_resume(stop, tmp_path):
+def test_stopped_mid_trial_then_resume(stop, tmp_path, capsys):
     """A sweep stopped while both workers train: a clean stop closes every trial and run and queues the
     interrupted trials again; a hard kill leaves them RUNNING, and the next run fails and queues them (a journal
     has no heartbeats). Either way the next run trains exactly those values first and ends with nothing RUNNING."""
@@ -101,7 +122,9 @@ def test_stopped_mid_trial_then_resume(stop, tmp_path):
     import signal
     import time
 
-    sig, group, code = STOPS[stop]
+    from sweeps.status import print_status
+
+    sig, group, code, resume = STOPS[stop]
     # Trials of about 2 s, so the signal lands mid-trial: at 40 epochs (0.7 s) a trial seen running at one poll
     # could finish before the signal. (The CI failures of this test, exit 0 not 130, were a stop swallowed inside
     # torch-pruning's trace: tests/test_stop_signals.py.)
@@ -142,8 +165,10 @@ def test_stopped_mid_trial_then_resume(stop, tmp_path):
         assert sorted(r.info.status for r in runs) == ["KILLED"] * 3  # two trials and the study
     else:
         assert sorted(_params(study.get_trials(states=(TrialState.RUNNING,)))) == interrupted
-        status = l0sweep("status", "tiny", "--out", out)
-        assert status.returncode == 0 and "their workers on this machine are gone" in status.stdout, status.stdout
+        print_status(study)  # what `l0sweep status` prints
+        assert "their workers on this machine are gone" in capsys.readouterr().out
+    if not resume:
+        return
 
     # Resume with a budget of 2: the two interrupted trials are what runs, with their values.
     again = l0sweep("run", study_file, "--workers", "2", "--trials", "2", "--out", out, timeout=180)
@@ -161,17 +186,6 @@ def test_stopped_mid_trial_then_resume(stop, tmp_path):
     assert [r.info.status for r in runs if r.data.tags.get("l0sweep.role") == "study"] == ["FINISHED"]
     page = (out / "reports" / "tiny" / "report.html").read_text()
     assert "2 complete trials, 0 stopped early, 2 interrupted and run again" in page and "errors are in" not in page
-
-
-def test_resumed_sweep_proposes_new_trials(tmp_path):
-    """A resumed sweep's workers must not replay the random start-up proposals of the first run's."""
-    study_file = write_study(tmp_path / "tiny.yaml", sampler={"seed": 0, "n_startup_trials": 20}, enqueue=[])
-    out = tmp_path / "out"
-    for budget in (2, 4):
-        result = l0sweep("run", study_file, "--workers", "1", "--trials", budget, "--out", out)
-        assert result.returncode == 0, result.stderr[-3000:]
-    complete = _study(out).get_trials(states=(TrialState.COMPLETE,))
-    assert len(complete) == 4 and len(set(_params(complete))) == 4, _params(complete)
 
 
 def test_two_launches_of_one_file_at_once_share_the_study(tmp_path):
@@ -208,8 +222,11 @@ def test_a_trial_that_removed_everything_stays_off_the_front(tmp_path):
     study_file = write_study(tmp_path / "tiny.yaml", trial=trial, search=search, trials=2,
                              enqueue=[{"lam": 100.0}, {"lam": 0.001}])
     out = tmp_path / "out"
-    result = l0sweep("run", study_file, "--workers", "1", "--out", out)
+    result = l0sweep("run", study_file, "--workers", "1", "--out", out, "--verbose")
     assert result.returncode == 0, result.stderr[-3000:]
+    # --verbose shows what the default hides (tests/test_cli.py): Optuna's and MLflow's INFO lines.
+    assert "A new study created in Journal with name: tiny" in result.stderr
+    assert "INFO mlflow.store.db.utils: Creating initial MLflow database tables" in result.stderr
     study = _study(out)
     by_lam = {t.params["lam"]: t for t in study.get_trials(states=(TrialState.COMPLETE,))}
     collapsed, healthy = by_lam[100.0], by_lam[0.001]
