@@ -1,9 +1,10 @@
-"""The Python entry to a sweep: what ``l0sweep run`` does, from a notebook or a script.
+"""The Python entry to a sweep: what ``l0sweep run`` does, from a notebook or a script (a sweep takes seconds
+to minutes, so the example is not a doctest; tests/test_your_model.py runs it)::
 
->>> import sweeps                                                          # doctest: +SKIP
->>> study = sweeps.run("studies/default.yaml", workers=2)                  # doctest: +SKIP
->>> table, front = sweeps.load("digits-mlp")                               # doctest: +SKIP
->>> front[["trial", "lam", "val_accuracy", "sparsity"]]                    # doctest: +SKIP
+    import sweeps
+    study = sweeps.run("studies/default.yaml", workers=2)
+    table, front = sweeps.load("digits-mlp")
+    front[["trial", "lam", "val_accuracy", "sparsity"]]
 """
 from __future__ import annotations
 
