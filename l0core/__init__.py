@@ -13,7 +13,7 @@ reaches the network), ``dependency`` (torch-pruning's graph and the removal rule
 (compact), ``costs`` (the expected L0), ``regularizer`` (the penalty), ``target`` (a sparsity target instead of
 a penalty), ``placement`` (attach), ``report``.
 """
-from .costs import KeptCounter, count_parameters, expected_kept, measure_couplings
+from .costs import KeptCounter, count_parameters, expected_fraction_kept, expected_kept, measure_couplings
 from .export import compact
 from .fold import GateSite, fold
 from .hard_concrete import HardConcrete
@@ -26,7 +26,7 @@ from .report import LayerReport, SparsityReport, count_flops, sparsity
 __all__ = [
     "HardConcrete", "ChannelGate", "NeuronGate", "ParameterGate", "UnitGate",
     "attach", "gate_parameters", "select", "gates", "Gated",
-    "penalty", "param_groups", "count_parameters", "expected_kept", "measure_couplings", "KeptCounter",
+    "penalty", "param_groups", "count_parameters", "expected_kept", "expected_fraction_kept", "measure_couplings", "KeptCounter",
     "sparsity", "SparsityReport", "LayerReport", "count_flops",
     "compact", "fold", "GateSite",
     "SparsityTarget", "expected_sparsity", "keep_exactly", "ExactKeep",

@@ -331,6 +331,24 @@ def kept_counter(model: nn.Module, found: list[HardConcrete]) -> KeptCounter:
     return counter
 
 
+def expected_fraction_kept(model: nn.Module) -> torch.Tensor:
+    """``expected_kept(model) / count_parameters(model)`` (differentiable), in one walk over the model: what the
+    penalty and the sparsity target use every step.
+
+    >>> from l0core import attach
+    >>> net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    >>> _ = attach(net, "neuron", droprate_init=0.01, example_inputs=torch.randn(1, 4))
+    >>> round(expected_fraction_kept(net).item(), 2)  # every gate open
+    1.0
+    """
+    found, size = gates_and_size(model)
+    require_gates(found)
+    if size == 0:
+        raise ValueError("the expected fraction kept divides by the network's parameter count, and this model has "
+                         "none besides its gates' log_alpha: use scale='paper' or gate a model with weights")
+    return kept_counter(model, found)(prob_nonzero_together(found)) / size
+
+
 def expected_kept(model: nn.Module) -> torch.Tensor:
     """E[number of ``model``'s parameters kept] (differentiable), gated or not: see this module's docstring.
 

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .costs import gates_and_size, kept_counter, require_gates
-from .hard_concrete import HardConcrete, prob_nonzero_together
+from .costs import expected_fraction_kept, require_gates
+from .hard_concrete import HardConcrete
 from .kinds import GATE_ATTR, ParameterGate, UnitGate, gate_modules, gates
 
 
@@ -71,13 +71,7 @@ def penalty(
     if scale == "model":
         if weight_decay:
             raise ValueError("weight_decay belongs to scale='paper'; with scale='model' use the optimizer's decay")
-        found, size = gates_and_size(model)  # one walk over the model a step, for both terms
-        require_gates(found)
-        if size == 0:
-            raise ValueError("scale='model' divides by the network's parameter count, and this model has none "
-                             "besides its gates' log_alpha: use scale='paper' or gate a model with weights")
-        # One multiply (and one node in backward), not two.
-        return kept_counter(model, found)(prob_nonzero_together(found)) * (lam / size)
+        return expected_fraction_kept(model) * lam
     if scale == "paper":
         if not n_train or n_train < 1:
             raise ValueError("scale='paper' needs n_train, the training-set size N")

@@ -23,8 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .costs import gates_and_size, kept_counter, require_gates
-from .hard_concrete import prob_nonzero_together
+from .costs import expected_fraction_kept, gates_and_size, kept_counter, require_gates
 
 # log_alpha written into gates keep_exactly decides: far below the closing point (-2.398), and just above it
 # (the smallest positive deterministic gate, about 0.01: a unit opened only to reach the target barely acts).
@@ -41,9 +40,7 @@ def expected_sparsity(model: nn.Module) -> torch.Tensor:
     >>> round(expected_sparsity(net).item(), 2)  # every gate open
     0.0
     """
-    found, size = gates_and_size(model)
-    require_gates(found)
-    return 1.0 - kept_counter(model, found)(prob_nonzero_together(found)) / size
+    return 1.0 - expected_fraction_kept(model)
 
 
 class SparsityTarget(nn.Module):

@@ -270,14 +270,11 @@ def _run_epochs(model: nn.Module, cfg: TrialConfig, splits: Splits, device: torc
         if sched is not None:
             sched.step()
         val_acc = accuracy(model, val, device)
-        if target is not None:
+        if target is not None or lam is not None:
             report = l0core.sparsity(model, example)
             metrics = EpochMetrics(epoch, task_mean, pen_mean, val_acc, report.expected_density, report.sparsity,
-                                   report.flops_ratio, target.current_target, target.effective_lambda)
-        elif lam is not None:
-            report = l0core.sparsity(model, example)
-            metrics = EpochMetrics(epoch, task_mean, pen_mean, val_acc, report.expected_density,
-                                   report.sparsity, report.flops_ratio)
+                                   report.flops_ratio, *((target.current_target, target.effective_lambda)
+                                                         if target is not None else ()))
         else:
             metrics = EpochMetrics(epoch, task_mean, 0.0, val_acc, 1.0, 0.0, 1.0)
         history.append(metrics)
