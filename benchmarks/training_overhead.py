@@ -43,6 +43,7 @@ from pathlib import Path
 
 import torch
 
+import l0core
 from benchmarks.results import append
 from sweeps.models import build_model
 from sweeps.config import OptimConfig
@@ -62,6 +63,8 @@ class Setup:
                                  per_sample=variant == "per-sample").to(device).train()
         self.x = torch.randn(batch, *shape, device=device)
         self.y = torch.randint(0, 10, (batch,), device=device)
+        if not variant.startswith("dense"):
+            l0core.measure_couplings(self.model, self.x[:1])  # as a trial does: the count's coupled groups
         if channels_last and self.x.dim() == 4:
             self.model = self.model.to(memory_format=torch.channels_last)
             self.x = self.x.contiguous(memory_format=torch.channels_last)

@@ -26,6 +26,7 @@ each training step then costs a handful of gathers and products over the gates' 
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -150,26 +151,35 @@ class KeptCounter:
         n_seg = segments.count
         resolve = lambda s: s if s >= 0 else n_seg + (-s - 1)  # noqa: E731
         self._mixed = mixed
+        # A side with one member survives exactly when that gate is nonzero: its factor is that gate's own
+        # probability. Only sides of several members need P(all closed), placed after the gates and the 1.
+        survives_at = one + 1
+        side_a = _side_entries(segments.group_a, terminal_sets, no_group, one, survives_at)
+        side_b = _side_entries(segments.group_b, consumer_sets, no_group, one, survives_at + no_group + 1)
+        never_a = [skip or len(s) == 1 for skip, s in zip(never_a, terminal_sets)]
+        never_b = [skip or len(s) == 1 for skip, s in zip(never_b, consumer_sets)]
         (terminal_entry, terminal_group), (consumer_entry, consumer_group) = \
             _pairs(terminal_sets, never_a, 0), _pairs(consumer_sets, never_b, no_group + 1)
-        side_entry, side_group = terminal_entry + consumer_entry, terminal_group + consumer_group
+        gathers = [segments.own] + [side for side in (side_a, side_b) if any(e != one for e in side)]
+        self._n_gathers = len(gathers)
+        self._multi = bool(terminal_entry or consumer_entry)
+        long = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
+        # Each side's log P(every gate closed) starts at 0, and the place of 'no group' at -inf (it survives).
+        no_side = [0.0] * no_group + [-math.inf]
         self._tensors = {
-            "side_entry": torch.tensor(side_entry, dtype=torch.long),
-            "side_group": torch.tensor(side_group, dtype=torch.long),
-            "is_group": torch.tensor(([1.0] * no_group + [0.0]) * 2, dtype=torch.float64),
-            "own": torch.tensor(segments.own, dtype=torch.long),
-            "group_a": torch.tensor(segments.group_a, dtype=torch.long),
-            "group_b": torch.tensor(segments.group_b, dtype=torch.long) + no_group + 1,  # the consumers' places
-            "segment": torch.tensor(segments.segment, dtype=torch.long),
-            "constants": torch.tensor(constants, dtype=torch.float64),
-            "out_seg": torch.tensor([resolve(s) for s in out_seg], dtype=torch.long),
-            "in_seg": torch.tensor([resolve(s) for s in in_seg], dtype=torch.long),
+            "one": torch.ones(1, dtype=torch.float64),
+            "side_entry": long(terminal_entry + consumer_entry),
+            "side_group": long(terminal_group + consumer_group),
+            "side_start": torch.tensor(no_side * 2, dtype=torch.float64),
+            "gather": long([e for rows in gathers for e in rows]),
+            "segment": long(segments.segment),
+            # The segments' sums are formed in place of zeros; the constant segments' values follow them.
+            "segment_start": torch.tensor([0.0] * n_seg + constants, dtype=torch.float64),
+            "out_seg": long([resolve(s) for s in out_seg]),
+            "in_seg": long([resolve(s) for s in in_seg]),
             "per_pair": torch.tensor(per_pair, dtype=torch.float64),
-            "constant": torch.tensor(self.constant, dtype=torch.float64),
-            "param_only": torch.tensor(param_only, dtype=torch.long),
+            "param_only": long(param_only),
         }
-        self._n_segments = n_seg
-        self._n_groups = no_group
 
     def _on(self, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         if self._device != (device, dtype):
@@ -181,29 +191,34 @@ class KeptCounter:
     def __call__(self, prob: torch.Tensor) -> torch.Tensor:
         """E[parameters kept], given ``prob``: every gate's P(z != 0), end to end in :attr:`gates`' order."""
         t = self._on(prob.device, prob.dtype)
-        # index_select, not prob[idx]: advanced indexing and its backward cost 5-10x more on a CPU.
-        extended = torch.cat([prob, prob.new_ones(1)])
-        total = t["constant"]
+        # index_select, not prob[idx]: advanced indexing and its backward cost 5-10x more on a CPU. Few operators
+        # matter more than few flops here: a step's cost on small models is per operator.
+        total: torch.Tensor | float = self.constant
         if len(t["param_only"]):
-            total = total + prob.index_select(0, t["param_only"]).sum()
+            total = prob.index_select(0, t["param_only"]).sum() + total
         if len(t["per_pair"]):
-            factor = extended.index_select(0, t["own"])
-            if self._n_groups:
-                # Per group and side (terminal producers, then consumers): P(every gate closed), as
-                # exp(sum log P(z = 0)), clamped where P(z = 0) rounds to 0. The last place of each side: no group.
-                log_closed = (1 - prob).clamp_min(1e-30).log()
-                all_closed = prob.new_zeros(2 * (self._n_groups + 1)).index_add_(
-                    0, t["side_group"], log_closed.index_select(0, t["side_entry"])).exp()
-                survives = 1 - all_closed * t["is_group"]
-                factor = factor * survives.index_select(0, t["group_a"]) * survives.index_select(0, t["group_b"])
-            sums = torch.cat([prob.new_zeros(self._n_segments).index_add_(0, t["segment"], factor), t["constants"]])
-            total = total + (t["per_pair"] * sums.index_select(0, t["out_seg"]) * sums.index_select(0, t["in_seg"])).sum()
-            for start, numel, rows, cols, out_range, in_range in self._mixed:
-                elements = prob[start:start + numel].view(rows, cols, -1)
-                f_out = factor[out_range[0]:out_range[0] + rows] if out_range else prob.new_ones(rows)
+            parts = [prob, t["one"]]
+            if self._multi:
+                # Per group side of several gates: P(it survives) = 1 - P(every gate closed), the latter as
+                # exp(sum log P(z = 0)), clamped where P(z = 0) rounds to 0.
+                log_closed = (1 - prob).clamp_min(1e-30).log().index_select(0, t["side_entry"])
+                parts.append(1 - t["side_start"].index_add(0, t["side_group"], log_closed).exp())
+            rows = torch.cat(parts).index_select(0, t["gather"])
+            factor = rows
+            if self._n_gathers > 1:  # the slice's own gate times its group's sides
+                rows = rows.view(self._n_gathers, -1)
+                factor = rows[0]
+                for row in rows[1:]:
+                    factor = factor * row
+            sums = t["segment_start"].index_add(0, t["segment"], factor)
+            total = torch.dot(t["per_pair"] * sums.index_select(0, t["out_seg"]),
+                              sums.index_select(0, t["in_seg"])) + total
+            for start, numel, rows_, cols, out_range, in_range in self._mixed:
+                elements = prob[start:start + numel].view(rows_, cols, -1)
+                f_out = factor[out_range[0]:out_range[0] + rows_] if out_range else prob.new_ones(rows_)
                 f_in = factor[in_range[0]:in_range[0] + cols] if in_range else prob.new_ones(cols)
                 total = total + (elements * f_out.view(-1, 1, 1) * f_in.view(1, -1, 1)).sum()
-        return total
+        return total if isinstance(total, torch.Tensor) else prob.new_tensor(total)
 
 
 SliceKey = tuple[int, bool, int]  # (id of the layer, its outputs (else inputs), unit index)
@@ -252,6 +267,12 @@ def _pairs(sets: list[list[int]], never: list[bool], first: int) -> tuple[list[i
     belongs to; sides that are never 'all closed' left out."""
     pairs = [(e, first + g) for g, (entries, skip) in enumerate(zip(sets, never)) if not skip for e in entries]
     return [e for e, _ in pairs], [g for _, g in pairs]
+
+
+def _side_entries(groups: list[int], sets: list[list[int]], no_group: int, one: int, first: int) -> list[int]:
+    """Per slice, the entry holding P(its group side survives): the gate's own when the side has one member,
+    ``first`` + the group for a side of several, ``one`` for none."""
+    return [one if g == no_group else sets[g][0] if len(sets[g]) == 1 else first + g for g in groups]
 
 
 def _parameter_gates(model: nn.Module, offsets: dict[int, int]) -> dict[tuple[str, str], tuple[int, int]]:

@@ -9,6 +9,7 @@ from torch import nn
 
 import l0core
 from l0core import attach, expected_kept, gate_parameters, penalty, sparsity
+from l0core.costs import gates_and_size, kept_counter
 from sweeps.models import build_model
 from tests.helpers import randomize_batchnorm
 
@@ -124,6 +125,27 @@ def test_closed_channels_of_a_residual_branch_count_their_zeros():
     model = ResidualBlock()
     attach(model, "channel", example_inputs=x)
     _check_exact(model, x, seeds=(0, 1, 2))
+
+
+@pytest.mark.parametrize("name", ["residual", "lenet5"])
+def test_between_decided_gates_the_count_is_their_expectation(name):
+    """E[kept] over independent gates is affine in each gate's P(z != 0): with the decided corners checked
+    against the exported model above, that makes it exact everywhere in between."""
+    if name == "residual":
+        model, x = ResidualBlock(), torch.randn(2, 3, 8, 8)
+        attach(model, "channel", example_inputs=x)  # residual channels: groups of several producers
+    else:
+        model, x = build_model("lenet5", (1, 28, 28), 10), torch.randn(1, 1, 28, 28)
+        l0core.measure_couplings(model, x)
+    found, _ = gates_and_size(model)
+    count = kept_counter(model, found)
+    prob = torch.rand(sum(g.n for g in found), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for i in torch.randperm(len(prob), generator=torch.Generator().manual_seed(1))[:8].tolist():
+        opened, closed = prob.clone(), prob.clone()
+        opened[i], closed[i] = 1.0, 0.0
+        between = prob[i] * count(opened) + (1 - prob[i]) * count(closed)
+        assert count(prob).item() == pytest.approx(between.item(), rel=1e-9)
+        assert count(opened).item() != pytest.approx(count(closed).item(), rel=1e-9)  # the gate counts
 
 
 def test_a_vision_transformers_patch_projection_counts_its_closed_channels():
