@@ -83,7 +83,7 @@ TORCH_PRUNING = "0.57-0.73"  # Torch-Pruning's README: speed-up / FLOPs reductio
 
 def deploy_table(budget: float, closed: float) -> None:
     """Eager and ONNX Runtime, round_to 1 and 8, batch 1 and 64: speed-up, FLOPs reduction, their ratio."""
-    from sweeps import latency
+    from sweeps import formats, latency
 
     rows = []
     for name, shape in MODELS:
@@ -91,10 +91,10 @@ def deploy_table(budget: float, closed: float) -> None:
         _close_fraction(gated, closed, seed=0)
         example = torch.randn(1, *shape)
         dense = build_model(name, shape, 10, gates=False).eval()
-        onnx_dense = latency.onnx_bytes(dense, example)
+        onnx_dense = formats.onnx_bytes(dense, example)
         for k in (1, 8):
             small = l0core.compact(gated, example, round_to=k).eval()
-            onnx = {"dense": onnx_dense, "compact": latency.onnx_bytes(small, example)}
+            onnx = {"dense": onnx_dense, "compact": formats.onnx_bytes(small, example)}
             reduction = l0core.count_flops(dense, example) / l0core.count_flops(small, example)
             for c in latency.compare(dense, small, shape, (1, 64), ("torch", "onnxruntime"), "cpu", budget, onnx):
                 rows.append([name, c.batch_size, c.runtime, k, c.dense.median_ms, c.compact.median_ms, c.speedup,

@@ -22,7 +22,20 @@ from typing import IO, Any
 
 import optuna
 import torch
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
 from torch import nn
+
+import l0core
+from dashboards import pick
+from dashboards.table import feasible
+
+from . import latency
+from .formats import export_program, onnx_bytes, onnx_session, to_onnx
+from .models import build_model
+from .search import trial_config
+from .spec import StudySpec
+from .training import resolve_device
 
 GATED_ARTIFACT = "gated.pt"  # a logged trial's gated model state, what export rebuilds the model from
 TOLERANCE = 1e-5  # of the output scale (max |output|, at least 1): how far an exported form may differ
@@ -30,28 +43,6 @@ TOLERANCE = 1e-5  # of the output scale (max |output|, at least 1): how far an e
 
 class ExportError(ValueError):
     """A request ``l0sweep export`` cannot serve; one line."""
-
-
-def to_onnx(model: nn.Module | torch.export.ExportedProgram, example: torch.Tensor, f: str | os.PathLike | IO[bytes],
-            ) -> None:
-    """Write ``model`` (a module, or its exported program) as ONNX with a dynamic batch dimension.
-
-    The torch.export-based exporter (``dynamo=True``; the TorchScript one is deprecated and slated for removal)."""
-    program = model if isinstance(model, torch.export.ExportedProgram) else export_program(model, example)
-    onnx_program = torch.onnx.export(program, dynamo=True, input_names=["input"], output_names=["output"],
-                                     verbose=False)
-    data = onnx_program.model_proto.SerializeToString()  # weights inline: one file (models under 2 GB)
-    if hasattr(f, "write"):
-        f.write(data)
-    else:
-        Path(f).write_bytes(data)
-
-
-def export_program(model: nn.Module, example: torch.Tensor) -> torch.export.ExportedProgram:
-    """``torch.export`` of an eval-mode ``model`` with a dynamic batch dimension."""
-    # A batch of two: torch.export specialises a dimension of size one.
-    x = example[:1].expand(2, *example.shape[1:]).contiguous()
-    return torch.export.export(model.eval(), (x,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
 
 
 def gated_state(model: nn.Module, example: torch.Tensor) -> dict[str, Any]:
@@ -64,11 +55,6 @@ def gated_state(model: nn.Module, example: torch.Tensor) -> dict[str, Any]:
 
 def rebuild_gated(spec_json: str, values: dict[str, Any], saved: dict[str, Any]) -> tuple[nn.Module, Any]:
     """The trial's gated model (eval mode, on the CPU) from its logged state; and its TrialConfig."""
-    import l0core
-
-    from .models import build_model
-    from .search import trial_config
-    from .spec import StudySpec
 
     cfg = trial_config(StudySpec.model_validate_json(spec_json), values)
     model = build_model(cfg.model.name, tuple(saved["input_shape"]), saved["num_classes"], gates=True,
@@ -89,8 +75,6 @@ def trial_values(trial: optuna.trial.FrozenTrial, spec_json: str) -> dict[str, A
 def choose_trial(study: optuna.Study, number: int | None, max_drop: float | None,
                  min_sparsity: float | None, target: float | None = None) -> optuna.trial.FrozenTrial:
     """The trial to export: ``number``, or the one ``pick`` chooses; one-line errors for unusable ones."""
-    from dashboards import pick
-    from dashboards.table import feasible
 
     if number is None:
         return study.trials[int(pick(study, max_drop=max_drop, min_sparsity=min_sparsity, target=target).trial)]
@@ -116,8 +100,6 @@ def _check_target(to: Path, force: bool) -> None:
 
 
 def _download_gated(tracking_uri: str, run_id: str | None, number: int, tmp: Path) -> dict[str, Any]:
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
     how = (f"trial {number}'s model was not logged (only trials on the front when they finish log theirs): set "
            "'mlflow: {log_models: all}' in the study file and run it again, or export a front trial")
@@ -155,11 +137,6 @@ def export_trial(study: optuna.Study, tracking_uri: str, to: Path, number: int |
                  ) -> dict[str, Any]:
     """Write the chosen trial's model files into ``to`` (see the module docstring); returns ``metrics.json``'s
     content. ``round_to``: default the study file's ``export.round_to``."""
-    import l0core
-
-    from . import latency
-    from .models import build_model
-    from .training import resolve_device
 
     if round_to is not None and round_to < 1:
         raise ExportError(f"--round-to must be at least 1, got {round_to}")
@@ -188,7 +165,7 @@ def export_trial(study: optuna.Study, tracking_uri: str, to: Path, number: int |
         scale = max(1.0, float(reference.abs().max()))
         diffs = {"compact": _max_diff(reference, small(x).detach()),
                  "pt2": _max_diff(reference, torch.export.load(files / "model.pt2").module()(x).detach()),
-                 "onnx": _max_diff(reference, latency.onnx_session(str(files / "model.onnx")).run(
+                 "onnx": _max_diff(reference, onnx_session(str(files / "model.onnx")).run(
                      None, {"input": x.numpy()})[0])}
         bad = {form: d for form, d in diffs.items() if not d <= TOLERANCE * scale}
         if bad:
@@ -201,7 +178,7 @@ def export_trial(study: optuna.Study, tracking_uri: str, to: Path, number: int |
         device = (spec.get("latency") or {}).get("device") or str(resolve_device(cfg.device))
         timed = latency.compare(dense, small, saved["input_shape"], sorted({1, batch}), ("torch", "onnxruntime"),
                                 device, latency_budget_s,
-                                onnx={"dense": latency.onnx_bytes(dense, example),
+                                onnx={"dense": onnx_bytes(dense, example),
                                       "compact": (files / "model.onnx").read_bytes()})
         one = torch.zeros(1, *saved["input_shape"])
         a = trial.user_attrs

@@ -19,6 +19,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from .formats import onnx_bytes, onnx_session
+
 # Repetitions scale with the model's speed: enough calls to fill the time budget, within these bounds.
 MIN_RUNS, MAX_RUNS, WARMUP = 5, 200, 3
 
@@ -83,27 +85,6 @@ def _torch_call(model: nn.Module, x: torch.Tensor) -> Callable[[], Any]:
         with torch.inference_mode():
             return model(x)
     return call
-
-
-def onnx_bytes(model: nn.Module, example: torch.Tensor) -> bytes:
-    """``model`` as ONNX with a dynamic batch dimension (input ``input``, output ``output``), via torch.export."""
-    import io
-
-    from .deploy import to_onnx  # deploy imports this module: the ONNX conversion lives there
-
-    buf = io.BytesIO()
-    to_onnx(model, example, buf)
-    return buf.getvalue()
-
-
-def onnx_session(model: bytes | str) -> Any:
-    """An ONNX Runtime CPU session using as many threads as torch does."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    options.log_severity_level = 3  # errors only: its warnings about unused initializers are not the user's
-    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
 def compare(dense: nn.Module, small: nn.Module, input_shape: Sequence[int], batch_sizes: Sequence[int],

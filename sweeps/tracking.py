@@ -238,7 +238,7 @@ class TrialRun:
 
         import torch
 
-        from .deploy import GATED_ARTIFACT, gated_state
+        from .deploy import GATED_ARTIFACT, gated_state  # torch and the models load only where a model is logged
 
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / GATED_ARTIFACT
