@@ -90,7 +90,7 @@ def choose_trial(study: optuna.Study, number: int | None, max_drop: float | None
                  min_sparsity: float | None, target: float | None = None) -> optuna.trial.FrozenTrial:
     """The trial to export: ``number``, or the one ``pick`` chooses; one-line errors for unusable ones."""
     from dashboards import pick
-    from dashboards.table import feasible
+    from dashboards.table import feasible, task_metric
 
     if number is None:
         return study.trials[int(pick(study, max_drop=max_drop, min_sparsity=min_sparsity, target=target).trial)]
@@ -102,9 +102,11 @@ def choose_trial(study: optuna.Study, number: int | None, max_drop: float | None
         raise ExportError(f"trial {number} of study {study.study_name!r} is {trial.state.name}, not COMPLETE: "
                           "only complete trials have a model")
     if not feasible(trial):
+        metric = task_metric(study)
         floor = trial.user_attrs.get("accuracy_floor", float("nan"))
-        raise ExportError(f"trial {number} is short of the accuracy floor (validation accuracy "
-                          f"{trial.values[0]:.4f} < {floor:.4f}, min_accuracy in the study file): choose another")
+        raise ExportError(f"trial {number} is short of the {metric.name} floor (validation {metric.name} "
+                          f"{trial.values[0]:.4f}, floor {floor:.4f}, min_accuracy / min_metric in the study file): "
+                          "choose another")
     return trial
 
 
@@ -156,6 +158,7 @@ def export_trial(study: optuna.Study, tracking_uri: str, to: Path, number: int |
     """Write the chosen trial's model files into ``to`` (see the module docstring); returns ``metrics.json``'s
     content. ``round_to``: default the study file's ``export.round_to``."""
     import l0core
+    from dashboards.table import task_metric
 
     from . import latency
     from .models import build_model
@@ -205,11 +208,12 @@ def export_trial(study: optuna.Study, tracking_uri: str, to: Path, number: int |
                                       "compact": (files / "model.onnx").read_bytes()})
         one = torch.zeros(1, *saved["input_shape"])
         a = trial.user_attrs
+        metric = task_metric(study)
         dense_flops, small_flops = l0core.count_flops(dense, one), l0core.count_flops(small.cpu(), one)
         metrics = {
             "study": study.study_name, "trial": trial.number, "mlflow_run_id": a.get("mlflow_run_id"),
             "lambda": a["lam"], "droprate_init": a["droprate_init"], "mode": a["mode"],
-            "val_accuracy": trial.values[0], "test_accuracy": a.get("test_accuracy"),
+            metric.val: trial.values[0], metric.test: a.get(metric.test),
             "dense_baseline": study.user_attrs.get("dense_baseline"),
             "sparsity": a.get("sparsity", trial.values[1]),
             "parameters": {"dense": a.get("total_params"), "removed": a.get("removed_params"),
