@@ -52,9 +52,9 @@ def _sparsest_within(front: pd.DataFrame, reference: float, points: float, x: st
     """Front trials within ``points`` of ``reference``, the sparsest (highest ``x``) last: accuracy points
     (percent) for accuracy, the metric's own units for other metrics, in its direction."""
     allowed = points / 100 if metric.is_accuracy else points
-    signed = metric.sign * front[metric.val]
-    ok = front[signed >= metric.sign * reference - allowed - 1e-12]
-    return ok.assign(_signed=signed).sort_values([x, "_signed"]).drop(columns="_signed")
+    ok = front[metric.sign * front[metric.val] >= metric.sign * reference - allowed - 1e-12]
+    # The signed value computed on ok itself: assigning a longer Series to an empty frame would take its index.
+    return ok.assign(_signed=metric.sign * ok[metric.val]).sort_values([x, "_signed"]).drop(columns="_signed")
 
 
 def recommend(front: pd.DataFrame, baseline: dict | None, x: str = "sparsity",
@@ -78,7 +78,8 @@ def recommend(front: pd.DataFrame, baseline: dict | None, x: str = "sparsity",
             return int(ok.index[-1]), \
                 "the sparsest front trial within 1 point of the dense baseline; a front of two has no knee"
     return int((metric.sign * front[metric.val].to_numpy(float)).argmax()), \
-        "the only front trial" if len(front) == 1 else f"the front trial of best {metric.label()}"
+        "the only front trial" if len(front) == 1 else "the most accurate front trial" if metric.is_accuracy else \
+        f"the front trial of best {metric.name}"
 
 
 def pick(study: optuna.Study, max_drop: float | None = None, min_sparsity: float | None = None,
@@ -109,7 +110,7 @@ def pick(study: optuna.Study, max_drop: float | None = None, min_sparsity: float
         reference, what = (baseline[metric.val], "the dense baseline") if baseline else (best, "the best trial")
         ok = _sparsest_within(front, reference, max_drop, trade_off(study), metric)
         if ok.empty:
-            raise PickError(f"no trial is within {max_drop} {unit} of {what} ({metric.show(reference)} "
+            raise PickError(f"no trial is within {max_drop} {'points' if metric.is_accuracy else metric.name} of {what} ({metric.show(reference)} "
                             f"{metric.label()}); the best reaches {metric.show(best)}")
         return ok.iloc[-1]
     if min_sparsity is not None:
@@ -119,7 +120,8 @@ def pick(study: optuna.Study, max_drop: float | None = None, min_sparsity: float
         if ok.empty:
             raise PickError(f"no trial reaches sparsity {min_sparsity:.2f}; the sparsest has "
                             f"{front.sparsity.max():.3f}")
-        return ok.assign(_signed=signed).sort_values(["_signed", "sparsity"]).iloc[-1].drop("_signed")
+        return ok.assign(_signed=metric.sign * ok[metric.val]).sort_values(["_signed", "sparsity"]).iloc[-1] \
+            .drop("_signed")
     if target is not None:
         if not 0 < target < 1:
             raise PickError(f"--target must lie in (0, 1), got {target}")

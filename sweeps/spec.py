@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Literal, Union
 
 import yaml
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AliasChoices, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
-from .config import TrialConfig, check_dataset, check_model, check_task_function
+from .config import TaskConfig, TrialConfig, check_dataset, check_model, check_task_function
 
 MODES = ("scratch", "finetune")
 # What each objective reads from a finished trial; all are maximised but the task's metric, which goes in the
@@ -225,10 +226,21 @@ class StudySpec(_Strict):
 
     @field_validator("min_accuracy", mode="before")
     @classmethod
-    def _floor(cls, v: object) -> object:
-        if v is None or v == "chance" or (isinstance(v, (int, float)) and not isinstance(v, bool)):
+    def _floor(cls, v: object, info: ValidationInfo) -> object:
+        trial = info.data.get("trial")  # validated before this field (None if it was broken)
+        task = trial.task if trial is not None else TaskConfig()
+        number = isinstance(v, (int, float)) and not isinstance(v, bool)
+        if task.is_accuracy:
+            if v is None or v == "chance" or (number and 0.0 <= v <= 1.0):
+                return v
+            raise ValueError(f"must be 'chance' or a validation accuracy in [0, 1] (0: no floor), got {v!r}")
+        if v == "chance":
+            raise ValueError(f"'chance' is the accuracy of always answering the commonest class and needs "
+                             f"trial.task.metric accuracy, not {task.metric!r}: give a value of {task.metric_name} "
+                             "or leave it out (no floor)")
+        if v is None or number:
             return v
-        raise ValueError(f"must be 'chance' or a validation metric value, got {v!r}")
+        raise ValueError(f"must be a value of {task.metric_name} (or left out: no floor), got {v!r}")
 
     @field_validator("objectives")
     @classmethod
@@ -239,16 +251,8 @@ class StudySpec(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> "StudySpec":
-        task = self.trial.task
-        if self.min_accuracy is None and task.is_accuracy:
+        if self.min_accuracy is None and self.trial.task.is_accuracy:
             self.min_accuracy = "chance"
-        if task.is_accuracy and self.min_accuracy != "chance" and not 0.0 <= self.min_accuracy <= 1.0:
-            raise ValueError(f"min_accuracy must be 'chance' or a validation accuracy in [0, 1] (0: no floor), got "
-                             f"{self.min_accuracy!r}")
-        if not task.is_accuracy and self.min_accuracy == "chance":
-            raise ValueError(f"min_metric: 'chance' is the accuracy of always answering the commonest class and "
-                             f"needs trial.task.metric accuracy, not {task.metric!r}: give a value of "
-                             f"{task.metric_name} or leave it out (no floor)")
         for field in ("lam", "target_sparsity", "droprate_init"):
             value = getattr(self.search, field)
             if isinstance(value, dict):

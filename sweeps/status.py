@@ -25,8 +25,9 @@ def print_status(study: optuna.Study) -> None:
               "'l0sweep run' or worker queues them again")
     short = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if not feasible(t)]
     if short:
-        print(f"short of the {task_metric(study).name} floor (min_accuracy / min_metric), kept off the front: trial(s) "
-              f"{', '.join(map(str, short))}")
+        metric = task_metric(study)
+        setting = "min_accuracy" if metric.is_accuracy else "min_metric"
+        print(f"short of the {metric.name} floor ({setting}), kept off the front: trial(s) {', '.join(map(str, short))}")
     front = front_table(study)
     if len(front):
         metric = task_metric(study)
