@@ -110,7 +110,8 @@ def pick(study: optuna.Study, max_drop: float | None = None, min_sparsity: float
         reference, what = (baseline[metric.val], "the dense baseline") if baseline else (best, "the best trial")
         ok = _sparsest_within(front, reference, max_drop, trade_off(study), metric)
         if ok.empty:
-            raise PickError(f"no trial is within {max_drop} {'points' if metric.is_accuracy else metric.name} of {what} ({metric.show(reference)} "
+            points = "points" if metric.is_accuracy else metric.name
+            raise PickError(f"no trial is within {max_drop} {points} of {what} ({metric.show(reference)} "
                             f"{metric.label()}); the best reaches {metric.show(best)}")
         return ok.iloc[-1]
     if min_sparsity is not None:

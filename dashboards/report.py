@@ -127,7 +127,8 @@ def _hypervolume(study: optuna.Study, metric: TaskMetric) -> go.Figure:
     fig = go.Figure(go.Scatter(x=hv.trial, y=hv.hypervolume, mode="lines+markers", name="hypervolume"))
     reference = "ref. 0, 0" if metric.direction == "maximize" else f"ref. worst {metric.name}, sparsity 0"
     fig.update_layout(title=f"Hypervolume of the (val {metric.name}, sparsity) front after each complete trial",
-                      xaxis_title="trial", yaxis_title=f"hypervolume ({reference})", template="plotly_white", height=320,
+                      xaxis_title="trial", yaxis_title=f"hypervolume ({reference})", template="plotly_white",
+                      height=320,
                       margin={"t": 50, "b": 20})
     return fig
 
@@ -150,7 +151,8 @@ def _target_scatter(table: pd.DataFrame, chosen: pd.Series | None, metric: TaskM
             fig.add_trace(go.Scatter(
                 x=part.target_sparsity, y=part.sparsity, mode="markers", name=label, marker=marker,
                 text=[f"trial {int(r.trial)} ({r['mode']}): effective lambda {r.effective_lambda:.4g}, val "
-                      f"{_short_name(metric)} {r[metric.val]:.4f}" for _, r in part.iterrows()], hovertemplate="%{text}<extra></extra>"))
+                      f"{_short_name(metric)} {r[metric.val]:.4f}" for _, r in part.iterrows()],
+                hovertemplate="%{text}<extra></extra>"))
     if chosen is not None and pd.notna(chosen.get("target_sparsity")):
         fig.add_trace(go.Scatter(x=[chosen.target_sparsity], y=[chosen.sparsity], mode="markers+text",
                                  name="recommended", text=[f"effective lambda {chosen.effective_lambda:.4g}"],

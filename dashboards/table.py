@@ -153,8 +153,9 @@ def hypervolume_history(study: optuna.Study) -> pd.DataFrame:
 
     For accuracy both objectives lie in [0, 1], so the origin is the natural worst point and values are comparable
     between studies. A metric that can be worse than 0 (any minimised one, an error) has the worst value of the
-    study's feasible trials as its reference instead. Trials short of the accuracy floor add nothing, as they are not on the front (a network
-    with every unit removed would otherwise add a strip of its chance accuracy's height up to sparsity 1).
+    study's feasible trials as its reference instead. Trials short of the floor add nothing, as they are not on the
+    front (a network with every unit removed would otherwise add a strip of its chance accuracy's height up to
+    sparsity 1).
     """
     from optuna._hypervolume import compute_hypervolume
 

@@ -27,7 +27,8 @@ def print_status(study: optuna.Study) -> None:
     if short:
         metric = task_metric(study)
         setting = "min_accuracy" if metric.is_accuracy else "min_metric"
-        print(f"short of the {metric.name} floor ({setting}), kept off the front: trial(s) {', '.join(map(str, short))}")
+        trials = ", ".join(map(str, short))
+        print(f"short of the {metric.name} floor ({setting}), kept off the front: trial(s) {trials}")
     front = front_table(study)
     if len(front):
         metric = task_metric(study)

@@ -202,9 +202,10 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y:
                scaler: torch.amp.GradScaler | None = None, target: l0core.SparsityTarget | None = None,
                multipliers: torch.optim.Optimizer | None = None, loss: LossFunction = nn.functional.cross_entropy,
                **penalty_kw) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimisation step on a batch: ``loss`` (the task's; cross-entropy by default), plus ``l0core.penalty(model, lam, **penalty_kw)`` when
-    ``lam`` is given, or ``target(model)`` (a sparsity target, its multipliers stepped by ``multipliers``) when
-    that is, under ``torch.autocast`` to ``autocast`` if set (with ``scaler`` for float16).
+    """One optimisation step on a batch: ``loss`` (the task's; cross-entropy by default), plus
+    ``l0core.penalty(model, lam, **penalty_kw)`` when ``lam`` is given, or ``target(model)`` (a sparsity target,
+    its multipliers stepped by ``multipliers``) when that is, under ``torch.autocast`` to ``autocast`` if set (with
+    ``scaler`` for float16).
     Returns (task loss, penalty), detached and left on the device (no sync).
 
     >>> net = nn.Linear(4, 3)

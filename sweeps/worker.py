@@ -208,7 +208,8 @@ class Objective:
         return figures
 
     def _record_baseline(self, study: optuna.Study, cfg) -> float:
-        """The dense model's validation and test metric, once per study: the report's reference line and ``pick``'s yardstick.
+        """The dense model's validation and test metric, once per study: the report's reference line and ``pick``'s
+        yardstick.
         Returns the seconds it took (training the baseline, if no trial has yet)."""
         if BASELINE_ATTR in study.user_attrs:
             return 0.0
