@@ -24,14 +24,14 @@ from sweeps.data import chance_accuracy
 from sweeps.search import first_point, trial_config
 from sweeps.spec import load_spec
 from sweeps.training import load_splits
-from sweeps.worker import accuracy_floor
+from sweeps.worker import metric_floor
 
 
 def chance_floor(study_file: Path) -> float:
     """The ``chance`` floor of the study's trials (their validation split does not move with the searched values)."""
     spec = load_spec(study_file)
     val = load_splits(trial_config(spec, first_point(spec))).val
-    return accuracy_floor("chance", chance_accuracy(val), len(val))
+    return metric_floor("chance", chance_accuracy(val), len(val))
 
 
 def one(study_file: Path, floor: str, seed: int, trials: int, workers: int, tmp: Path, chance: float) -> dict:

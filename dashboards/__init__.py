@@ -6,7 +6,7 @@ Nothing here trains: it reads what the sweep stored on the study and its trials.
 """
 from .pick import PickError, describe_pick, knee, pick, recommend
 from .report import write_report
-from .table import feasible, front_table, hypervolume_history, trials_table
+from .table import TaskMetric, feasible, front_table, hypervolume_history, task_metric, trials_table
 
-__all__ = ["PickError", "describe_pick", "feasible", "front_table", "hypervolume_history", "knee", "pick",
-           "recommend", "trials_table", "write_report"]
+__all__ = ["PickError", "TaskMetric", "describe_pick", "feasible", "front_table", "hypervolume_history", "knee",
+           "pick", "recommend", "task_metric", "trials_table", "write_report"]

@@ -1,7 +1,8 @@
 """Choosing a lambda: one trial of the Pareto front, by an accuracy budget, a least sparsity, a target sparsity,
 or the knee.
 
-All choices use validation accuracy; test accuracy is shown, never used to choose.
+All choices use the task's validation metric (accuracy by default; a minimised metric counts as better when
+lower); the test metric is shown, never used to choose.
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 import optuna
 import pandas as pd
 
-from .table import front_table
+from .table import TaskMetric, front_table, task_metric
 
 
 class PickError(ValueError):
@@ -26,14 +27,14 @@ def trade_off(study_or_spec: optuna.Study | dict) -> str:
     return "speedup" if "latency" in objectives and "sparsity" not in objectives else "sparsity"
 
 
-def knee(front: pd.DataFrame, x: str = "sparsity") -> int:
+def knee(front: pd.DataFrame, x: str = "sparsity", metric: TaskMetric = TaskMetric()) -> int:
     """Row index of the front's knee: farthest from the chord between its two ends (normalised axes).
 
     >>> f = pd.DataFrame({"val_accuracy": [0.99, 0.98, 0.90], "sparsity": [0.1, 0.6, 0.8]})
     >>> knee(f)
     1
     """
-    acc, sp = front.val_accuracy.to_numpy(float), front[x].to_numpy(float)
+    acc, sp = metric.sign * front[metric.val].to_numpy(float), front[x].to_numpy(float)  # larger is better
     if len(front) <= 2:
         return int(np.argmax(acc))
     a = (acc - acc.min()) / max(np.ptp(acc), 1e-12)
@@ -46,62 +47,72 @@ def knee(front: pd.DataFrame, x: str = "sparsity") -> int:
     return int(np.argmax(-dist if chord[0] < 0 else dist))
 
 
-def _sparsest_within(front: pd.DataFrame, reference: float, points: float, x: str = "sparsity") -> pd.DataFrame:
-    """Front trials within ``points`` accuracy points of ``reference``, the sparsest (highest ``x``) last."""
-    ok = front[front.val_accuracy >= reference - points / 100 - 1e-12]
-    return ok.sort_values([x, "val_accuracy"])
+def _sparsest_within(front: pd.DataFrame, reference: float, points: float, x: str = "sparsity",
+                     metric: TaskMetric = TaskMetric()) -> pd.DataFrame:
+    """Front trials within ``points`` of ``reference``, the sparsest (highest ``x``) last: accuracy points
+    (percent) for accuracy, the metric's own units for other metrics, in its direction."""
+    allowed = points / 100 if metric.is_accuracy else points
+    ok = front[metric.sign * front[metric.val] >= metric.sign * reference - allowed - 1e-12]
+    # The signed value computed on ok itself: assigning a longer Series to an empty frame would take its index.
+    return ok.assign(_signed=metric.sign * ok[metric.val]).sort_values([x, "_signed"]).drop(columns="_signed")
 
 
-def recommend(front: pd.DataFrame, baseline: dict | None, x: str = "sparsity") -> tuple[int, str]:
+def recommend(front: pd.DataFrame, baseline: dict | None, x: str = "sparsity",
+              metric: TaskMetric = TaskMetric()) -> tuple[int, str]:
     """Row index of the front's recommended trial, and how it was chosen (words for the report).
 
     The knee, where the front has one (three trials or more). Two trials are both ends of the chord, so the
     knee rule could only take the more accurate, however little more accurate and however much less sparse;
-    there, the sparsest trial within 1 accuracy point of the dense baseline (``pick --max-drop 1``), else the
-    more accurate.
+    there, the sparsest trial within 1 accuracy point of the dense baseline (``pick --max-drop 1``; accuracy only:
+    other metrics have no common unit of a point), else the better by the metric.
 
     >>> two = pd.DataFrame({"val_accuracy": [0.986, 0.9815], "sparsity": [0.35, 0.82]})
     >>> recommend(two, {"val_accuracy": 0.977})
     (1, 'the sparsest front trial within 1 point of the dense baseline; a front of two has no knee')
     """
     if len(front) >= 3:
-        return knee(front, x), "knee of the front"
-    if baseline and len(front) == 2:
-        ok = _sparsest_within(front, baseline["val_accuracy"], 1.0, x)
+        return knee(front, x, metric), "knee of the front"
+    if baseline and len(front) == 2 and metric.is_accuracy:
+        ok = _sparsest_within(front, baseline[metric.val], 1.0, x, metric)
         if len(ok):
             return int(ok.index[-1]), \
                 "the sparsest front trial within 1 point of the dense baseline; a front of two has no knee"
-    return int(front.val_accuracy.to_numpy().argmax()), \
-        "the only front trial" if len(front) == 1 else "the most accurate front trial"
+    return int((metric.sign * front[metric.val].to_numpy(float)).argmax()), \
+        "the only front trial" if len(front) == 1 else "the most accurate front trial" if metric.is_accuracy else \
+        f"the front trial of best {metric.name}"
 
 
 def pick(study: optuna.Study, max_drop: float | None = None, min_sparsity: float | None = None,
          target: float | None = None) -> pd.Series:
     """The chosen front trial as a row of ``front_table``.
 
-    - ``max_drop``: the sparsest trial whose validation accuracy is within ``max_drop`` points (percent) of the
-      dense baseline (of the best trial when the study has no baseline);
-    - ``min_sparsity``: the most accurate trial with at least this sparsity (0-1);
+    - ``max_drop``: the sparsest trial whose validation metric is within ``max_drop`` of the dense baseline's (of
+      the best trial's when the study has no baseline): points (percent) of accuracy, else the metric's units;
+    - ``min_sparsity``: the trial of best metric with at least this sparsity (0-1);
     - ``target``: the trial whose target sparsity (in a lambda study, whose sparsity) lies nearest ``target``, the
-      more accurate of equals;
+      better by the metric of equals;
     - neither: the recommended trial (:func:`recommend`: the knee of the front).
     """
     front = front_table(study)
+    metric = task_metric(study)
+    signed = metric.sign * front[metric.val]  # larger is better
     if front.empty:
         if study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-            raise PickError(f"no complete trial of study {study.study_name!r} reaches its accuracy floor "
-                            "(min_accuracy in the study file)")
+            raise PickError(f"no complete trial of study {study.study_name!r} reaches its {metric.name} floor "
+                            "(min_accuracy or min_metric in the study file)")
         raise PickError(f"study {study.study_name!r} has no complete trial yet")
     if max_drop is not None:
+        unit = "accuracy points" if metric.is_accuracy else metric.name
         if max_drop < 0:
-            raise PickError(f"--max-drop must be >= 0 accuracy points, got {max_drop}")
+            raise PickError(f"--max-drop must be >= 0 {unit}, got {max_drop}")
         baseline = study.user_attrs.get("dense_baseline")
-        reference, what = (baseline["val_accuracy"], "the dense baseline") if baseline else \
-            (float(front.val_accuracy.max()), "the best trial")
-        ok = _sparsest_within(front, reference, max_drop, trade_off(study))
+        best = float(front[metric.val].iloc[int(signed.to_numpy().argmax())])
+        reference, what = (baseline[metric.val], "the dense baseline") if baseline else (best, "the best trial")
+        ok = _sparsest_within(front, reference, max_drop, trade_off(study), metric)
         if ok.empty:
-            raise PickError(f"no trial is within {max_drop} points of {what} ({reference:.2%} validation accuracy); "
-                            f"the best reaches {front.val_accuracy.max():.2%}")
+            points = "points" if metric.is_accuracy else metric.name
+            raise PickError(f"no trial is within {max_drop} {points} of {what} ({metric.show(reference)} "
+                            f"{metric.label()}); the best reaches {metric.show(best)}")
         return ok.iloc[-1]
     if min_sparsity is not None:
         if not 0 <= min_sparsity <= 1:
@@ -110,19 +121,22 @@ def pick(study: optuna.Study, max_drop: float | None = None, min_sparsity: float
         if ok.empty:
             raise PickError(f"no trial reaches sparsity {min_sparsity:.2f}; the sparsest has "
                             f"{front.sparsity.max():.3f}")
-        return ok.sort_values(["val_accuracy", "sparsity"]).iloc[-1]
+        return ok.assign(_signed=metric.sign * ok[metric.val]).sort_values(["_signed", "sparsity"]).iloc[-1] \
+            .drop("_signed")
     if target is not None:
         if not 0 < target < 1:
             raise PickError(f"--target must lie in (0, 1), got {target}")
         aimed = front.target_sparsity.where(front.target_sparsity.notna(), front.sparsity)
         distance = (aimed - target).abs().round(9)  # equal targets tie, whatever their floating-point noise
-        return front.assign(_distance=-distance).sort_values(["_distance", "val_accuracy"]).iloc[-1].drop("_distance")
-    return front.iloc[recommend(front, study.user_attrs.get("dense_baseline"), trade_off(study))[0]]
+        return front.assign(_distance=-distance, _signed=signed).sort_values(["_distance", "_signed"]).iloc[-1] \
+            .drop(["_distance", "_signed"])
+    return front.iloc[recommend(front, study.user_attrs.get("dense_baseline"), trade_off(study), metric)[0]]
 
 
 def describe_pick(study: optuna.Study, row: pd.Series, tracking_uri: str | None = None) -> str:
     """What ``l0sweep pick`` prints: the values to reuse, the metrics, and where the model is."""
     trial = study.trials[int(row.trial)]
+    metric = task_metric(study)
     run = row.mlflow_run_id
     lines = [f"trial {int(row.trial)} of study {study.study_name!r}"]
     if pd.notna(row.get("target_sparsity")):
@@ -131,15 +145,16 @@ def describe_pick(study: optuna.Study, row: pd.Series, tracking_uri: str | None 
     else:
         lines.append(f"  lambda         {row.lam:.6g}")
     lines += [f"  droprate_init  {row.droprate_init:.4g}", f"  mode           {row['mode']}",
-              f"  val accuracy   {row.val_accuracy:.4f}   (selects)",
-              f"  test accuracy  {row.test_accuracy:.4f}   (reported only)",
+              f"  {'val ' + metric.name:<14} {row[metric.val]:.4f}   (selects"
+              + ("" if metric.direction == "maximize" else "; lower is better") + ")",
+              f"  {'test ' + metric.name:<14} {row[metric.test]:.4f}   (reported only)",
               f"  sparsity       {row.sparsity:.4f}   ({int(row.removed_params)} of {int(row.total_params)} parameters removed)",
               f"  FLOPs ratio    {row.flops_ratio:.4f}"]
     if trial.user_attrs.get("exact_target"):
         e = trial.user_attrs["exact_target"]
         lines.append(f"  exact target   the top-k of log_alpha closed {e['closed']} and opened {e['opened']} units against "
                      f"the deterministic gates (sparsity {e['sparsity_before']:.4f} -> {e['sparsity_after']:.4f}, val "
-                     f"accuracy {e['val_accuracy_before']:.4f} -> {row.val_accuracy:.4f})")
+                     f"{metric.name} {e[metric.val + '_before']:.4f} -> {row[metric.val]:.4f})")
     lines += _latency_lines(trial)
     lines.append(f"  MLflow run     {run}")
     if trial.user_attrs.get("model_logged"):

@@ -16,30 +16,46 @@ from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
 from .pick import recommend, trade_off
-from .table import (TARGET_TOLERANCE, failed_and_interrupted, front_table, hypervolume_history, latency_setting,
-                    missed_target, spec_of, trials_table)
+from .table import (TARGET_TOLERANCE, TaskMetric, failed_and_interrupted, front_table, hypervolume_history,
+                    latency_setting, missed_target, spec_of, task_metric, trials_table)
 
 MODE_COLOURS = {"scratch": "#1f77b4", "finetune": "#d62728"}
-TABLE_COLUMNS = {"trial": "trial", "val_accuracy": "val acc", "test_accuracy": "test acc", "sparsity": "sparsity",
-                 "flops_ratio": "FLOPs ratio", "latency_ms": "latency ms", "speedup": "speed-up", "lam": "lambda",
-                 "droprate_init": "droprate_init", "mode": "mode"}
-HOVER = ("trial %{customdata[0]} (%{customdata[3]})<br>lambda %{customdata[1]:.4g}, "
-         "droprate_init %{customdata[2]:.3g}<br>val acc %{customdata[4]:.4f}, test acc %{customdata[5]:.4f}"
-         "<br>sparsity %{customdata[6]:.4f}, FLOPs ratio %{customdata[7]:.4f}<br>MLflow run %{customdata[8]}"
-         "<extra></extra>")
 
 
-def _customdata(rows: pd.DataFrame) -> list[list]:
-    return rows[["trial", "lam", "droprate_init", "mode", "val_accuracy", "test_accuracy", "sparsity",
+def _short_name(metric: TaskMetric) -> str:
+    """The metric in the table's and hover's few letters: "acc" for accuracy, else its name."""
+    return "acc" if metric.is_accuracy else metric.name
+
+
+def _table_columns(metric: TaskMetric) -> dict[str, str]:
+    """The front table's columns and their headers (``val acc``, ``test acc`` for accuracy)."""
+    short = _short_name(metric)
+    return {"trial": "trial", metric.val: f"val {short}", metric.test: f"test {short}", "sparsity": "sparsity",
+            "flops_ratio": "FLOPs ratio", "latency_ms": "latency ms", "speedup": "speed-up", "lam": "lambda",
+            "droprate_init": "droprate_init", "mode": "mode"}
+
+
+def _hover(metric: TaskMetric) -> str:
+    short = _short_name(metric)
+    return ("trial %{customdata[0]} (%{customdata[3]})<br>lambda %{customdata[1]:.4g}, "
+            f"droprate_init %{{customdata[2]:.3g}}<br>val {short} %{{customdata[4]:.4f}}, test {short} "
+            "%{customdata[5]:.4f}<br>sparsity %{customdata[6]:.4f}, FLOPs ratio %{customdata[7]:.4f}<br>MLflow run "
+            "%{customdata[8]}<extra></extra>")
+
+
+def _customdata(rows: pd.DataFrame, metric: TaskMetric) -> list[list]:
+    return rows[["trial", "lam", "droprate_init", "mode", metric.val, metric.test, "sparsity",
                  "flops_ratio", "mlflow_run_id"]].fillna("").values.tolist()
 
 
-def _floor(spec: dict) -> tuple[str, float | None]:
-    """How the report names trials short of the study's accuracy floor, and the floor when it is a number."""
-    floor = spec.get("min_accuracy", "chance")
+def _floor(spec: dict, metric: TaskMetric) -> tuple[str, float | None]:
+    """How the report names trials short of the study's floor on its metric, and the floor when it is a number."""
+    floor = spec.get("min_accuracy", "chance" if metric.is_accuracy else None)
     if floor == "chance":
         return "no better than chance", None
-    return f"below the accuracy floor ({floor:.2%})", float(floor)
+    if floor is None:
+        return f"below the {metric.name} floor", None
+    return f"below the {metric.name} floor ({metric.show(floor)})", float(floor)
 
 
 def _baseline_name(baseline: dict) -> str:
@@ -48,9 +64,10 @@ def _baseline_name(baseline: dict) -> str:
 
 
 def _scatter(table: pd.DataFrame, x: str, x_title: str, baseline: dict | None, chosen: pd.Series | None,
-             title: str, floor: tuple[str, float | None]) -> go.Figure:
-    """Accuracy against ``x``: front trials solid and joined, dominated ones faded, trials short of the accuracy
-    floor (``floor``: see :func:`_floor`) crossed out in grey; colour by mode."""
+             title: str, floor: tuple[str, float | None], metric: TaskMetric = TaskMetric()) -> go.Figure:
+    """The validation metric against ``x``: front trials solid and joined, dominated ones faded, trials short of
+    the floor (``floor``: see :func:`_floor`) crossed out in grey; colour by mode."""
+    y, hover = metric.val, _hover(metric)
     fig = go.Figure()
     short = table[~table.feasible]
     for mode, colour in MODE_COLOURS.items():
@@ -59,37 +76,42 @@ def _scatter(table: pd.DataFrame, x: str, x_title: str, baseline: dict | None, c
             if rows.empty:
                 continue
             fig.add_trace(go.Scatter(
-                x=rows[x], y=rows.val_accuracy, mode="markers", customdata=_customdata(rows), hovertemplate=HOVER,
+                x=rows[x], y=rows[y], mode="markers", customdata=_customdata(rows, metric), hovertemplate=hover,
                 name=f"{mode} ({'front' if on_front else 'dominated'})",
                 marker={"color": colour, "size": 11 if on_front else 8, "opacity": 1.0 if on_front else 0.3,
                         "symbol": "circle" if on_front else "circle-open",
                         "line": {"width": 1, "color": "white" if on_front else colour}}))
     if len(short):
         fig.add_trace(go.Scatter(
-            x=short[x], y=short.val_accuracy, mode="markers", customdata=_customdata(short), hovertemplate=HOVER,
+            x=short[x], y=short[y], mode="markers", customdata=_customdata(short, metric), hovertemplate=hover,
             name=floor[0], marker={"color": "#999", "size": 8, "symbol": "x"}))
     front = table[table.on_front].sort_values(x)
     if len(front) > 1:
-        fig.add_trace(go.Scatter(x=front[x], y=front.val_accuracy, mode="lines", name="Pareto front",
+        fig.add_trace(go.Scatter(x=front[x], y=front[y], mode="lines", name="Pareto front",
                                  line={"color": "#555", "dash": "dot", "shape": "hv" if x == "sparsity" else "linear"},
                                  hoverinfo="skip"))
     if baseline:
-        fig.add_hline(y=baseline["val_accuracy"], line={"color": "#2ca02c", "dash": "dash"},
-                      annotation_text=f"{_baseline_name(baseline)} {baseline['val_accuracy']:.4f}",
+        fig.add_hline(y=baseline[y], line={"color": "#2ca02c", "dash": "dash"},
+                      annotation_text=f"{_baseline_name(baseline)} {baseline[y]:.4f}",
                       annotation_position="bottom left")
     if chosen is not None:
-        fig.add_trace(go.Scatter(x=[chosen[x]], y=[chosen.val_accuracy], mode="markers", name="recommended",
-                                 customdata=_customdata(chosen.to_frame().T), hovertemplate=HOVER,
+        fig.add_trace(go.Scatter(x=[chosen[x]], y=[chosen[y]], mode="markers", name="recommended",
+                                 customdata=_customdata(chosen.to_frame().T, metric), hovertemplate=hover,
                                  marker={"symbol": "star", "size": 22, "color": "gold",
                                          "line": {"width": 1.5, "color": "black"}}))
-    fig.update_layout(title=title, xaxis_title=x_title, yaxis_title="validation accuracy", template="plotly_white",
+    fig.update_layout(title=title, xaxis_title=x_title, yaxis_title=metric.label(), template="plotly_white",
                       height=460, legend={"orientation": "h", "y": -0.2}, margin={"t": 50, "b": 20})
+    if not metric.is_accuracy:  # no common scale to crop to: the whole range, the floor where there is one
+        if floor[1] is not None:
+            fig.add_hline(y=floor[1], line={"color": "#999", "dash": "dot"},
+                          annotation_text=f"{metric.name} floor {floor[1]:.4g}", annotation_position="top left")
+        return fig
     # Collapsed trials (accuracy near chance) would squash the interesting band into a line: show the band,
     # and say how many lie below it.
-    top = max(table.val_accuracy.max(), baseline["val_accuracy"] if baseline else 0.0)
-    useful = table.val_accuracy[table.val_accuracy >= 0.5 * top]
+    top = max(table[y].max(), baseline[y] if baseline else 0.0)
+    useful = table[y][table[y] >= 0.5 * top]
     low = max(0.0, min(useful.min(), top - 0.02) - 0.02) if len(useful) else 0.0
-    below = int((table.val_accuracy < low).sum())
+    below = int((table[y] < low).sum())
     if floor[1] is not None and floor[1] >= low:
         fig.add_hline(y=floor[1], line={"color": "#999", "dash": "dot"},
                       annotation_text=f"accuracy floor {floor[1]:.4f}", annotation_position="top left")
@@ -100,16 +122,18 @@ def _scatter(table: pd.DataFrame, x: str, x_title: str, baseline: dict | None, c
     return fig
 
 
-def _hypervolume(study: optuna.Study) -> go.Figure:
+def _hypervolume(study: optuna.Study, metric: TaskMetric) -> go.Figure:
     hv = hypervolume_history(study)
     fig = go.Figure(go.Scatter(x=hv.trial, y=hv.hypervolume, mode="lines+markers", name="hypervolume"))
-    fig.update_layout(title="Hypervolume of the (val accuracy, sparsity) front after each complete trial",
-                      xaxis_title="trial", yaxis_title="hypervolume (ref. 0, 0)", template="plotly_white", height=320,
+    reference = "ref. 0, 0" if metric.direction == "maximize" else f"ref. worst {metric.name}, sparsity 0"
+    fig.update_layout(title=f"Hypervolume of the (val {metric.name}, sparsity) front after each complete trial",
+                      xaxis_title="trial", yaxis_title=f"hypervolume ({reference})", template="plotly_white",
+                      height=320,
                       margin={"t": 50, "b": 20})
     return fig
 
 
-def _target_scatter(table: pd.DataFrame, chosen: pd.Series | None) -> go.Figure:
+def _target_scatter(table: pd.DataFrame, chosen: pd.Series | None, metric: TaskMetric) -> go.Figure:
     """Achieved against target sparsity, the diagonal and its tolerance band; trials that missed their target by
     more than the tolerance crossed in red, the recommended trial starred with the lambda its target cost."""
     rows = table[table.target_sparsity.notna()]
@@ -126,8 +150,9 @@ def _target_scatter(table: pd.DataFrame, chosen: pd.Series | None) -> go.Figure:
         if len(part):
             fig.add_trace(go.Scatter(
                 x=part.target_sparsity, y=part.sparsity, mode="markers", name=label, marker=marker,
-                text=[f"trial {int(r.trial)} ({r['mode']}): effective lambda {r.effective_lambda:.4g}, val acc "
-                      f"{r.val_accuracy:.4f}" for _, r in part.iterrows()], hovertemplate="%{text}<extra></extra>"))
+                text=[f"trial {int(r.trial)} ({r['mode']}): effective lambda {r.effective_lambda:.4g}, val "
+                      f"{_short_name(metric)} {r[metric.val]:.4f}" for _, r in part.iterrows()],
+                hovertemplate="%{text}<extra></extra>"))
     if chosen is not None and pd.notna(chosen.get("target_sparsity")):
         fig.add_trace(go.Scatter(x=[chosen.target_sparsity], y=[chosen.sparsity], mode="markers+text",
                                  name="recommended", text=[f"effective lambda {chosen.effective_lambda:.4g}"],
@@ -163,8 +188,8 @@ def _recommended_detail(trial: optuna.trial.FrozenTrial) -> go.Figure | None:
     return fig
 
 
-def _format_table(front: pd.DataFrame) -> pd.DataFrame:
-    columns = dict(TABLE_COLUMNS)
+def _format_table(front: pd.DataFrame, metric: TaskMetric = TaskMetric()) -> pd.DataFrame:
+    columns = _table_columns(metric)
     targets = front.target_sparsity.notna().any()
     if targets:  # a target study: its lambda column is what each target cost
         columns = {**columns, "target_sparsity": "target"}
@@ -172,8 +197,8 @@ def _format_table(front: pd.DataFrame) -> pd.DataFrame:
     if targets:
         shown["target"] = [f"{t:.3f}" + (" (missed)" if m else "") for t, m in zip(front.target_sparsity,
                                                                                  missed_target(front))]
-    for col in ("val acc", "test acc"):
-        shown[col] = shown[col].map(lambda v: f"{v:.2%}")
+    for col in (columns[metric.val], columns[metric.test]):
+        shown[col] = shown[col].map(metric.show)
     for col in ("sparsity", "FLOPs ratio"):
         shown[col] = shown[col].map(lambda v: f"{v:.3f}")
     # Trials measure latency on the front (or every trial, where it is an objective): blank where none was taken.
@@ -223,34 +248,36 @@ def write_report(study: optuna.Study, out_dir: str | Path, tracking_uri: str | N
     table = trials_table(study)
     front = front_table(study)
     baseline = study.user_attrs.get("dense_baseline")
+    metric = task_metric(study)
     chosen, how = None, ""
     if not front.empty:
-        row, how = recommend(front, baseline, trade_off(spec_of(study)))
+        row, how = recommend(front, baseline, trade_off(spec_of(study)), metric)
         chosen = front.iloc[row]
     front.to_csv(out / "front.csv", index=False)
-    shown = _format_table(front)
+    shown = _format_table(front, metric)
     md = shown.to_markdown(index=False)
     (out / "front.md").write_text(f"# {study.study_name}: Pareto front\n\n{md}\n")
 
     spec = spec_of(study)
-    floor = _floor(spec)
+    floor = _floor(spec, metric)
+    y_name = f"Validation {metric.name}"
     figures = [
         _scatter(table, "sparsity", "sparsity (parameters removed / all)", baseline, chosen,
-                 "Validation accuracy against sparsity", floor),
+                 f"{y_name} against sparsity", floor, metric),
         _scatter(table.assign(flops_reduction=1 - table.flops_ratio), "flops_reduction",
                  "FLOPs reduction (1 - exported FLOPs / dense FLOPs)", baseline,
                  None if chosen is None else pd.concat([chosen, pd.Series({"flops_reduction": 1 - chosen.flops_ratio})]),
-                 "Validation accuracy against FLOPs reduction", floor),
+                 f"{y_name} against FLOPs reduction", floor, metric),
     ]
     runtime, batch = latency_setting(spec)
     if table.speedup.notna().any():
         figures.insert(0 if trade_off(spec) == "speedup" else 2, _scatter(
             table, "speedup", f"measured speed-up over dense ({runtime}, batch {batch}; dense ms / compacted ms)",
-            baseline, chosen, "Validation accuracy against measured speed-up", floor))
+            baseline, chosen, f"{y_name} against measured speed-up", floor, metric))
     if len(table[table.state == "COMPLETE"]):
-        figures.append(_hypervolume(study))
+        figures.append(_hypervolume(study, metric))
     if table.target_sparsity.notna().any():
-        figures.insert(1, _target_scatter(table, chosen))
+        figures.insert(1, _target_scatter(table, chosen, metric))
     if chosen is not None:
         detail = _recommended_detail(study.trials[int(chosen.trial)])
         if detail is not None:
@@ -274,13 +301,14 @@ def write_report(study: optuna.Study, out_dir: str | Path, tracking_uri: str | N
     rec = "<p>No complete trial yet.</p>" if chosen is None else (
         f"<p class='rec'><b>Recommended ({how}): trial {int(chosen.trial)}</b>: "
         f"{target or f'lambda {chosen.lam:.4g}, '}droprate_init {chosen.droprate_init:.3g}, mode {html.escape(str(chosen['mode']))}"
-        f" &mdash; val acc {chosen.val_accuracy:.2%}, test acc {chosen.test_accuracy:.2%}, sparsity "
+        f" &mdash; val {_short_name(metric)} {metric.show(chosen[metric.val])}, test {_short_name(metric)} "
+        f"{metric.show(chosen[metric.test])}, sparsity "
         f"{chosen.sparsity:.3f}, FLOPs ratio {chosen.flops_ratio:.3f}, MLflow run "
         f"<code>{html.escape(str(chosen.mlflow_run_id))}</code>. Other choices: "
         f"<code>l0sweep pick {html.escape(study.study_name)} --max-drop 1</code> or <code>--min-sparsity 0.8</code>.</p>")
     base = "" if not baseline else (
-        f"<p>{_baseline_name(baseline).capitalize()}: val acc {baseline['val_accuracy']:.2%}, test acc "
-        f"{baseline['test_accuracy']:.2%}."
+        f"<p>{_baseline_name(baseline).capitalize()}: val {_short_name(metric)} {metric.show(baseline[metric.val])}, "
+        f"test {_short_name(metric)} {metric.show(baseline[metric.test])}."
         + (" Fine-tuning trials start from it; scratch trials do not." if baseline.get("source") == "checkpoint"
            else "") + "</p>")
     base += _latency_note(study, runtime, batch)
@@ -298,7 +326,7 @@ td.chosen {{ background: gold; font-weight: bold; }}
 <h1>{html.escape(study.study_name)}</h1>
 <p>{html.escape(spec.get('description', ''))} Model <code>{html.escape(str(spec.get('trial', {}).get('model', {}).get('name', '?')))}</code>
 on <code>{html.escape(str(spec.get('trial', {}).get('data', {}).get('name', '?')))}</code>. {summary}
-Selection uses validation accuracy; test accuracy is reported only.</p>
+Selection uses {html.escape(metric.label())}; test {html.escape(metric.name)} is reported only.</p>
 {base}
 {rec}
 <h2>Pareto front</h2>

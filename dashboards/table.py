@@ -5,6 +5,7 @@ Everything here reads the Optuna storage only (values and user attrs the sweep w
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import numpy as np
 import optuna
@@ -14,6 +15,57 @@ from optuna.trial import TrialState
 COLUMNS = ["trial", "val_accuracy", "test_accuracy", "sparsity", "flops_ratio", "latency_ms", "speedup", "lam",
            "droprate_init", "mode", "removed_params", "total_params", "mlflow_run_id", "state", "feasible", "on_front",
            "target_sparsity", "effective_lambda"]
+
+
+@dataclass(frozen=True)
+class TaskMetric:
+    """The metric a study selects trials by, as its stored spec's ``trial.task`` says (accuracy, maximised, by
+    default): its table columns and MLflow names are ``val_<name>`` and ``test_<name>``."""
+
+    name: str = "accuracy"
+    direction: str = "maximize"
+    is_accuracy: bool = True  # the built-in classification accuracy: shown in percent, a chance floor possible
+
+    @property
+    def val(self) -> str:
+        return f"val_{self.name}"
+
+    @property
+    def test(self) -> str:
+        return f"test_{self.name}"
+
+    @property
+    def sign(self) -> float:
+        """1 for a maximised metric, -1 for a minimised one: ``sign * value`` is larger when better."""
+        return 1.0 if self.direction == "maximize" else -1.0
+
+    def label(self, split: str = "validation") -> str:
+        """Axis and column words, e.g. "validation accuracy", "validation rmse (lower is better)"."""
+        return f"{split} {self.name}" + ("" if self.direction == "maximize" else " (lower is better)")
+
+    def show(self, value: float) -> str:
+        """A value as the report writes it: accuracy in percent, other metrics to four significant digits."""
+        return f"{value:.2%}" if self.is_accuracy else f"{value:.4g}"
+
+
+def task_metric(study_or_spec: optuna.Study | dict) -> TaskMetric:
+    """The study's :class:`TaskMetric`, from its stored spec (a study from before tasks existed: accuracy).
+
+    >>> task_metric({"trial": {"task": {"metric": "m:rmse", "metric_name": "rmse", "direction": "minimize"}}}).val
+    'val_rmse'
+    """
+    spec = spec_of(study_or_spec) if isinstance(study_or_spec, optuna.Study) else study_or_spec
+    task = (spec.get("trial") or {}).get("task") or {}
+    metric = task.get("metric", "accuracy")
+    return TaskMetric(task.get("metric_name") or metric.rpartition(":")[2], task.get("direction", "maximize"),
+                      metric == "accuracy")
+
+
+def table_columns(metric: TaskMetric) -> list[str]:
+    """:data:`COLUMNS` with the metric's columns named for it (``val_accuracy`` and ``test_accuracy`` by default)."""
+    return [{"val_accuracy": metric.val, "test_accuracy": metric.test}.get(c, c) for c in COLUMNS]
+
+
 # A trial of a target study misses its target when its sparsity lies farther from it than this (2 points).
 TARGET_TOLERANCE = 0.02
 
@@ -50,8 +102,8 @@ def feasible(trial: optuna.trial.FrozenTrial) -> bool:
 
 
 def metric_names(study: optuna.Study) -> list[str]:
-    """The study's objective names (all maximised), e.g. ["val_accuracy", "sparsity"]; a study that names none
-    (made by hand, or before names were stored) is read as the default objectives, in their order."""
+    """The study's objective names, e.g. ["val_accuracy", "sparsity"]; a study that names none (made by hand, or
+    before names were stored) is read as the default objectives, in their order."""
     return study.metric_names or ["val_accuracy", "sparsity", "flops_reduction"][:len(study.directions)]
 
 
@@ -60,22 +112,24 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
     is False for a trial short of the study's accuracy floor, which keeps it off the front. In a target study
     ``target_sparsity`` is the trial's target and ``lam`` the lambda it cost (``effective_lambda``).
 
-    Metrics are the final model's: validation accuracy selects, test accuracy is only reported.
+    Metrics are the final model's: the task's validation metric (accuracy by default; its columns are named
+    ``val_<metric_name>`` and ``test_<metric_name>``) selects, the test metric is only reported.
     """
     front = {t.number for t in study.best_trials}
     runtime, batch = latency_setting(spec_of(study))
+    metric = task_metric(study)
     rows = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
         a = t.user_attrs
         history = a.get("history") or [[0, np.nan, np.nan]]
         if t.state == TrialState.COMPLETE:
             values = dict(zip(metric_names(study), t.values))
-            val_acc = values.get("val_accuracy", t.values[0])
+            val_value = values.get(metric.val, t.values[0])
             sparsity = values.get("sparsity", a.get("sparsity", np.nan))
         else:  # stopped early: its last epoch
-            val_acc, sparsity = history[-1][1], history[-1][2]
+            val_value, sparsity = history[-1][1], history[-1][2]
         latency_ms, speedup = latency_of(t, runtime, batch)
-        rows.append({"trial": t.number, "val_accuracy": val_acc, "test_accuracy": a.get("test_accuracy", np.nan),
+        rows.append({"trial": t.number, metric.val: val_value, metric.test: a.get(metric.test, np.nan),
                      # A target trial's lambda is the one its target cost (its Lagrangian's effective lambda).
                      "sparsity": sparsity, "flops_ratio": a.get("flops_ratio", np.nan), "latency_ms": latency_ms,
                      "speedup": speedup, "lam": a.get("lam", a.get("effective_lambda")),
@@ -85,29 +139,34 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
                      "on_front": t.number in front, "target_sparsity": a.get("target_sparsity", np.nan),
                      "effective_lambda": a.get("effective_lambda", np.nan)})
     # bool even with no rows: an empty object column would select columns, not rows, in table[table.on_front]
-    return pd.DataFrame(rows, columns=COLUMNS).astype({"on_front": bool, "feasible": bool})
+    return pd.DataFrame(rows, columns=table_columns(metric)).astype({"on_front": bool, "feasible": bool})
 
 
 def front_table(study: optuna.Study) -> pd.DataFrame:
     """The Pareto front in the GoogleNet study's form: one row per front trial, sorted by sparsity."""
     table = trials_table(study)
-    return table[table.on_front].sort_values(["sparsity", "val_accuracy"]).reset_index(drop=True)
+    return table[table.on_front].sort_values(["sparsity", task_metric(study).val]).reset_index(drop=True)
 
 
 def hypervolume_history(study: optuna.Study) -> pd.DataFrame:
-    """Hypervolume of the (val_accuracy, sparsity) front after each complete trial, reference point (0, 0).
+    """Hypervolume of the (validation metric, sparsity) front after each complete trial, reference point (0, 0).
 
-    Both objectives lie in [0, 1], so the origin is the natural worst point and values are comparable
-    between studies. Trials short of the accuracy floor add nothing, as they are not on the front (a network
-    with every unit removed would otherwise add a strip of its chance accuracy's height up to sparsity 1).
+    For accuracy both objectives lie in [0, 1], so the origin is the natural worst point and values are comparable
+    between studies. A metric that can be worse than 0 (any minimised one, an error) has the worst value of the
+    study's feasible trials as its reference instead. Trials short of the floor add nothing, as they are not on the
+    front (a network with every unit removed would otherwise add a strip of its chance accuracy's height up to
+    sparsity 1).
     """
     from optuna._hypervolume import compute_hypervolume
 
+    sign = task_metric(study).sign
+    complete = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.number)
+    worst = max([0.0, *(-sign * t.values[0] for t in complete if feasible(t))])  # optuna's hypervolume minimises
     points, rows = [], []
-    for t in sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.number):
+    for t in complete:
         if feasible(t):
-            points.append([-t.values[0], -t.values[1]])  # optuna's hypervolume minimises
-        hv = compute_hypervolume(np.array(points), np.array([0.0, 0.0])) if points else 0.0
+            points.append([-sign * t.values[0], -t.values[1]])
+        hv = compute_hypervolume(np.array(points), np.array([worst, 0.0])) if points else 0.0
         rows.append({"trial": t.number, "hypervolume": float(hv)})
     return pd.DataFrame(rows, columns=["trial", "hypervolume"])
 

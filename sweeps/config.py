@@ -6,15 +6,18 @@ of a second; the zoo itself lives in ``models.py`` and ``data.py``.
 """
 from __future__ import annotations
 
+import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .imports import import_object
 
 MODELS = ("mlp", "lenet5", "googlenet")  # built in; also "torchvision:NAME" and "package.module:factory"
 TORCHVISION_DATASETS = ("mnist", "fashion-mnist", "cifar10")
 DATASETS = ("digits", "synthetic", *TORCHVISION_DATASETS)
+LOSSES = ("cross_entropy", "mse")  # built in; also "package.module:function"
+METRICS = ("accuracy",)  # built in; also "package.module:function"
 
 
 def check_model(name: str) -> None:
@@ -42,6 +45,13 @@ def check_dataset(name: str) -> None:
         import_object(name, "dataset")
         return
     raise ValueError(f"dataset {name!r} is unknown: use one of {', '.join(DATASETS)} or 'package.module:factory'")
+
+
+def check_task_function(field: str, name: str) -> None:
+    """Raise one clear ValueError if a ``pkg.mod:fn`` loss or metric (``field``: "loss" or "metric") cannot be
+    imported or is not callable; built-in names pass (the form itself is :class:`TaskConfig`'s to check)."""
+    if ":" in name and not callable(import_object(name, field)):
+        raise ValueError(f"{field} {name!r} is not a function")
 
 
 class _Strict(BaseModel):
@@ -90,6 +100,51 @@ class ExportConfig(_Strict):
     exact_target: bool = False
 
 
+class TaskConfig(_Strict):
+    """What a trial learns and how it is judged: the training loss, the metric that selects trials (computed once
+    over the whole validation or test set, so F1 or mean IoU work), the name it is shown and logged under
+    (``val_NAME``, ``test_NAME``) and whether it is maximised or minimised. The default is classification:
+    cross-entropy, judged by accuracy."""
+
+    loss: str = "cross_entropy"  # cross_entropy | mse | package.module:function(outputs, targets) -> scalar tensor
+    metric: str = "accuracy"  # accuracy | package.module:function(outputs, targets) -> float, over a whole split
+    metric_name: str | None = None  # default: "accuracy", or a custom metric's function name
+    direction: Literal["maximize", "minimize"] = "maximize"
+
+    @field_validator("loss", "metric")
+    @classmethod
+    def _known(cls, v: str, info) -> str:
+        known = LOSSES if info.field_name == "loss" else METRICS
+        if v not in known and not re.fullmatch(r"[\w.]+:\w+", v):
+            raise ValueError(f"{v!r} is unknown: use {', '.join(known)} or 'package.module:function'")
+        return v
+
+    @field_validator("metric_name")
+    @classmethod
+    def _usable_name(cls, v: str | None) -> str | None:
+        # It becomes MLflow metric names and table columns (val_NAME): keep it a plain identifier.
+        if v is not None and not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]{0,49}", v):
+            raise ValueError(f"{v!r} is not a usable metric name: a letter, then letters, digits or '_' (at most 50)")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TaskConfig":
+        if self.metric == "accuracy":
+            if self.loss == "mse":
+                raise ValueError("metric accuracy compares the argmax of the outputs with class labels; a loss of "
+                                 "mse trains a regression: give your own metric ('package.module:function')")
+            if self.direction == "minimize":
+                raise ValueError("direction minimize with metric accuracy: accuracy is maximised")
+        if self.metric_name is None:
+            self.metric_name = self.metric.rpartition(":")[2]
+        return self
+
+    @property
+    def is_accuracy(self) -> bool:
+        """Whether trials are judged by the built-in classification accuracy (a ``chance`` floor needs it)."""
+        return self.metric == "accuracy"
+
+
 class TrialConfig(_Strict):
     """Everything one trial needs; the sweep fills lam (or target_sparsity), droprate_init and mode from the
     sampler. With ``target_sparsity`` set, a Lagrangian steers the expected sparsity to it and lam is unused."""
@@ -98,6 +153,7 @@ class TrialConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    task: TaskConfig = Field(default_factory=TaskConfig)
     lam: float = Field(0.1, ge=0)
     target_sparsity: float | None = Field(None, gt=0, lt=1)
     penalty_scale: Literal["model", "paper"] = "model"

@@ -25,6 +25,8 @@ class Splits:
     val: Dataset
     test: Dataset
     input_shape: tuple[int, ...]
+    # The model's output size, which a model factory receives as num_classes: the classes of integer labels, or the
+    # values one target holds where targets are floats (a regression's or multi-label task's; see output_size).
     num_classes: int
 
 
@@ -79,6 +81,22 @@ def _kept_labels(dataset: Dataset) -> torch.Tensor | None:
         return dataset.tensors[1]
     targets = getattr(dataset, "targets", None)
     return None if targets is None else torch.as_tensor(targets)
+
+
+def output_size(target: object, dataset: Dataset) -> int:
+    """How many outputs a model needs for ``dataset``, whose first target is ``target``: for float targets (a
+    regression, or multi-label scores) the number of values one target holds (1 for a scalar), otherwise the
+    class count, the largest label plus one.
+
+    >>> output_size(torch.tensor([0.5, 2.0]), None), output_size(1.5, None)
+    (2, 1)
+    >>> output_size(0, TensorBatches(torch.zeros(3, 2), torch.tensor([0, 4, 1])))
+    5
+    """
+    value = torch.as_tensor(target)
+    if value.is_floating_point():
+        return value.numel()
+    return int(labels(dataset).max()) + 1
 
 
 def chance_accuracy(dataset: Dataset) -> float:
@@ -196,9 +214,9 @@ def load_data(name: str, data_dir: str | None = None, seed: int = 0, val_fractio
     train_full, val, test = _factory_splits(name, import_object(name, "dataset")(**kwargs))
     # In-memory tensors are read a batch at a time (the same tensors, not a copy).
     train_full, val, test = (TensorBatches(*d.tensors) if type(d) is TensorDataset else d for d in (train_full, val, test))
-    x0, _ = train_full[0]
+    x0, y0 = train_full[0]
     classes = getattr(train_full, "classes", None)
-    num_classes = len(classes) if classes else int(labels(train_full).max()) + 1
+    num_classes = len(classes) if classes else output_size(y0, train_full)
     if val is not None:
         return Splits(train_full, val, test, tuple(x0.shape), num_classes)
     train_idx, val_idx = _split_indices(len(train_full), val_fraction, seed)

@@ -28,7 +28,7 @@ from torch import nn
 
 import l0core
 from dashboards import pick
-from dashboards.table import feasible
+from dashboards.table import feasible, task_metric
 
 from . import latency
 from .formats import export_program, onnx_bytes, onnx_session, to_onnx
@@ -86,9 +86,11 @@ def choose_trial(study: optuna.Study, number: int | None, max_drop: float | None
         raise ExportError(f"trial {number} of study {study.study_name!r} is {trial.state.name}, not COMPLETE: "
                           "only complete trials have a model")
     if not feasible(trial):
+        metric = task_metric(study)
         floor = trial.user_attrs.get("accuracy_floor", float("nan"))
-        raise ExportError(f"trial {number} is short of the accuracy floor (validation accuracy "
-                          f"{trial.values[0]:.4f} < {floor:.4f}, min_accuracy in the study file): choose another")
+        raise ExportError(f"trial {number} is short of the {metric.name} floor (validation {metric.name} "
+                          f"{trial.values[0]:.4f}, floor {floor:.4f}, min_accuracy / min_metric in the study file): "
+                          "choose another")
     return trial
 
 
@@ -182,11 +184,12 @@ def export_trial(study: optuna.Study, tracking_uri: str, to: Path, number: int |
                                       "compact": (files / "model.onnx").read_bytes()})
         one = torch.zeros(1, *saved["input_shape"])
         a = trial.user_attrs
+        metric = task_metric(study)
         dense_flops, small_flops = l0core.count_flops(dense, one), l0core.count_flops(small.cpu(), one)
         metrics = {
             "study": study.study_name, "trial": trial.number, "mlflow_run_id": a.get("mlflow_run_id"),
             "lambda": a["lam"], "droprate_init": a["droprate_init"], "mode": a["mode"],
-            "val_accuracy": trial.values[0], "test_accuracy": a.get("test_accuracy"),
+            metric.val: trial.values[0], metric.test: a.get(metric.test),
             "dense_baseline": study.user_attrs.get("dense_baseline"),
             "sparsity": a.get("sparsity", trial.values[1]),
             "parameters": {"dense": a.get("total_params"), "removed": a.get("removed_params"),

@@ -1,7 +1,8 @@
 """Early stopping of multi-objective trials: Optuna cannot prune them (optuna#3450), so the sweep does.
 
-Two methods, both reading every trial's per-epoch (validation accuracy, sparsity) from its ``history`` user
-attr, so they decide alike on any worker of any machine:
+Two methods, both reading every trial's per-epoch (validation metric, sparsity) from its ``history`` user
+attr, so they decide alike on any worker of any machine. The metric (accuracy by default) is compared in the
+direction the study's ``trial.task`` gives it: a minimised one enters every comparison negated.
 
 - ``dominance`` (:class:`ParetoStopper`): a running trial's point after epoch e is compared with what every
   completed trial had after its own epoch e; if one was better on both by the study's margins, it stops.
@@ -22,11 +23,11 @@ from optuna.trial import TrialState
 
 from .spec import EarlyStoppingSpec, StudySpec
 
-HISTORY_ATTR = "history"  # [[epoch, val_accuracy, sparsity], ...]
+HISTORY_ATTR = "history"  # [[epoch, validation metric, sparsity], ...]
 
 
 class TrialHistory:
-    """A running trial's per-epoch (epoch, validation accuracy, sparsity), kept in its ``history`` user attr.
+    """A running trial's per-epoch (epoch, validation metric, sparsity), kept in its ``history`` user attr.
 
     Written on the first epoch, then at most every ``seconds``, and by :meth:`flush` when the trial ends (before
     it is told COMPLETE: the stopper compares running trials with completed trials' whole histories). Each write
@@ -39,8 +40,8 @@ class TrialHistory:
         self.epochs: list[list[float]] = []
         self._written, self._at = 0, float("-inf")
 
-    def add(self, epoch: int, val_accuracy: float, sparsity: float) -> None:
-        self.epochs.append([epoch, round(val_accuracy, 6), round(sparsity, 6)])
+    def add(self, epoch: int, val_metric: float, sparsity: float) -> None:
+        self.epochs.append([epoch, round(val_metric, 6), round(sparsity, 6)])
         if time.monotonic() - self._at >= self.seconds:
             self.flush()
 
@@ -64,17 +65,19 @@ def clearly_dominated(point: tuple[float, float], others: Iterable[Sequence[floa
 
 
 class ParetoStopper:
-    """Decides, after each epoch of a trial, whether the completed trials clearly dominate it."""
+    """Decides, after each epoch of a trial, whether the completed trials clearly dominate it. ``sign`` is -1 for a
+    minimised metric (it is compared negated), else 1."""
 
-    def __init__(self, study: optuna.Study, spec: EarlyStoppingSpec) -> None:
+    def __init__(self, study: optuna.Study, spec: EarlyStoppingSpec, sign: float = 1.0) -> None:
         self.study = study
         self.spec = spec
+        self.sign = sign
 
     def at_rung(self, epoch: int) -> bool:
         """Dominance decides at every epoch from completed trials only: nothing to write early for others."""
         return False
 
-    def __call__(self, epoch: int, val_accuracy: float, sparsity: float) -> bool:
+    def __call__(self, epoch: int, val_metric: float, sparsity: float) -> bool:
         if not self.spec.enabled or epoch < self.spec.warmup_epochs:
             return False
         # Feasible as Optuna judges it (dashboards.feasible; importing dashboards would load plotly into workers).
@@ -82,8 +85,9 @@ class ParetoStopper:
                      if all(v <= 0 for v in t.constraints.values())]
         if len(completed) < self.spec.min_completed:
             return False
-        at_epoch = [h[1:] for t in completed for h in t.user_attrs.get(HISTORY_ATTR, []) if h[0] == epoch]
-        return clearly_dominated((val_accuracy, sparsity), at_epoch,
+        at_epoch = [(self.sign * h[1], h[2]) for t in completed for h in t.user_attrs.get(HISTORY_ATTR, [])
+                    if h[0] == epoch]
+        return clearly_dominated((self.sign * val_metric, sparsity), at_epoch,
                                  (self.spec.margin_accuracy, self.spec.margin_sparsity))
 
 
@@ -165,29 +169,32 @@ def _evidence(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 
 
 class AshaStopper:
-    """MO-ASHA: decides, at each rung, whether a trial ranks well enough among those that reached it."""
+    """MO-ASHA: decides, at each rung, whether a trial ranks well enough among those that reached it. ``sign`` is
+    -1 for a minimised metric (it is ranked negated), else 1."""
 
-    def __init__(self, study: optuna.Study, spec: EarlyStoppingSpec, epochs: int, trial_number: int) -> None:
-        self.study, self.spec, self.trial_number = study, spec, trial_number
+    def __init__(self, study: optuna.Study, spec: EarlyStoppingSpec, epochs: int, trial_number: int,
+                 sign: float = 1.0) -> None:
+        self.study, self.spec, self.trial_number, self.sign = study, spec, trial_number, sign
         self.rungs = set(rungs(spec.min_epochs, spec.eta, epochs)) if spec.enabled else set()
 
     def at_rung(self, epoch: int) -> bool:
         """Whether ``epoch`` is a rung: the trial's history must be in the storage then, for the others."""
         return epoch in self.rungs
 
-    def __call__(self, epoch: int, val_accuracy: float, sparsity: float) -> bool:
+    def __call__(self, epoch: int, val_metric: float, sparsity: float) -> bool:
         if epoch not in self.rungs:
             return False
-        others = [h[1:] for t in _evidence(self.study) if t.number != self.trial_number
+        others = [(self.sign * h[1], h[2]) for t in _evidence(self.study) if t.number != self.trial_number
                   for h in t.user_attrs.get(HISTORY_ATTR, []) if h[0] == epoch]
-        return not goes_on((val_accuracy, sparsity), others, self.spec.eta)
+        return not goes_on((self.sign * val_metric, sparsity), others, self.spec.eta)
 
 
 def stopper_for(study: optuna.Study, spec: StudySpec, epochs: int, trial_number: int):
     """The study's stopper for one trial of ``epochs`` epochs: called after each epoch, True stops the trial."""
+    sign = 1.0 if spec.trial.task.direction == "maximize" else -1.0
     if spec.early_stopping.method == "asha":
-        return AshaStopper(study, spec.early_stopping, epochs, trial_number)
-    return ParetoStopper(study, spec.early_stopping)
+        return AshaStopper(study, spec.early_stopping, epochs, trial_number, sign)
+    return ParetoStopper(study, spec.early_stopping, sign)
 
 
 def epochs_trained(study: optuna.Study) -> int:

@@ -17,15 +17,17 @@ from pathlib import Path
 from typing import Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AliasChoices, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
-from .config import TrialConfig, check_dataset, check_model
+from .config import TaskConfig, TrialConfig, check_dataset, check_model, check_task_function
 
 MODES = ("scratch", "finetune")
-# What each objective reads from a finished trial; all are maximised. "latency" is the measured speed-up of the
-# compacted model over the dense one (sweeps.latency), at the study's latency batch size and runtime.
-OBJECTIVE_METRICS = {"accuracy": "val_accuracy", "sparsity": "sparsity", "flops": "flops_reduction",
-                     "latency": "speedup"}
+# What each objective reads from a finished trial; all are maximised but the task's metric, which goes in the
+# direction trial.task says. "accuracy" stands for the task's metric (validation accuracy by default), logged as
+# val_<metric_name>. "latency" is the measured speed-up of the compacted model over the dense one
+# (sweeps.latency), at the study's latency batch size and runtime.
+OBJECTIVE_METRICS = {"sparsity": "sparsity", "flops": "flops_reduction", "latency": "speedup"}
 OBJECTIVE_SETS = (["accuracy", "sparsity"], ["accuracy", "sparsity", "flops"], ["accuracy", "latency"],
                   ["accuracy", "sparsity", "latency"])
 
@@ -142,7 +144,7 @@ class EarlyStoppingSpec(_Strict):
     eta: int = Field(3, ge=2)  # asha: a rung keeps the top 1/eta
     warmup_epochs: int = Field(2, ge=1)  # never stop before this epoch
     min_completed: int = Field(3, ge=1)  # completed trials needed before anything is stopped
-    margin_accuracy: float = Field(0.02, ge=0)  # "clearly": better by at least this much validation accuracy
+    margin_accuracy: float = Field(0.02, ge=0)  # "clearly": better by at least this much of the validation metric
     margin_sparsity: float = Field(0.02, ge=0)  # ... and at least this much sparsity
 
 
@@ -198,9 +200,12 @@ class StudySpec(_Strict):
     search: SearchSpace = Field(default_factory=SearchSpace)
     objectives: list[Literal["accuracy", "sparsity", "flops", "latency"]] = Field(
         default_factory=lambda: ["accuracy", "sparsity"], min_length=2)
-    # Trials whose validation accuracy falls short of this are infeasible (Optuna constraints): off the front, and
-    # the sampler steers away from them. "chance": a trial must beat always answering the commonest class.
-    min_accuracy: Union[Literal["chance"], float] = "chance"
+    # Trials whose validation metric falls short of this (lies above it, for a minimised metric) are infeasible
+    # (Optuna constraints): off the front, and the sampler steers away from them. "chance": a trial must beat
+    # always answering the commonest class (classification accuracy only). Default: "chance" for accuracy, no
+    # floor for other metrics (None). ``min_metric`` is the same setting under the name that fits other metrics.
+    min_accuracy: Union[Literal["chance"], float, None] = Field(
+        None, validation_alias=AliasChoices("min_accuracy", "min_metric"))
     trials: int = Field(20, ge=1)  # the study's budget, in complete trials, however many workers join
     sampler: SamplerSpec = Field(default_factory=SamplerSpec)
     enqueue: list[dict[str, Union[float, int, str, bool]]] = Field(default_factory=list)  # starting points
@@ -221,10 +226,21 @@ class StudySpec(_Strict):
 
     @field_validator("min_accuracy", mode="before")
     @classmethod
-    def _floor(cls, v: object) -> object:
-        if v == "chance" or (isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v <= 1.0):
+    def _floor(cls, v: object, info: ValidationInfo) -> object:
+        trial = info.data.get("trial")  # validated before this field (None if it was broken)
+        task = trial.task if trial is not None else TaskConfig()
+        number = isinstance(v, (int, float)) and not isinstance(v, bool)
+        if task.is_accuracy:
+            if v is None or v == "chance" or (number and 0.0 <= v <= 1.0):
+                return v
+            raise ValueError(f"must be 'chance' or a validation accuracy in [0, 1] (0: no floor), got {v!r}")
+        if v == "chance":
+            raise ValueError(f"'chance' is the accuracy of always answering the commonest class and needs "
+                             f"trial.task.metric accuracy, not {task.metric!r}: give a value of {task.metric_name} "
+                             "or leave it out (no floor)")
+        if v is None or number:
             return v
-        raise ValueError(f"must be 'chance' or a validation accuracy in [0, 1] (0: no floor), got {v!r}")
+        raise ValueError(f"must be a value of {task.metric_name} (or left out: no floor), got {v!r}")
 
     @field_validator("objectives")
     @classmethod
@@ -235,6 +251,8 @@ class StudySpec(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> "StudySpec":
+        if self.min_accuracy is None and self.trial.task.is_accuracy:
+            self.min_accuracy = "chance"
         for field in ("lam", "target_sparsity", "droprate_init"):
             value = getattr(self.search, field)
             if isinstance(value, dict):
@@ -265,8 +283,19 @@ class StudySpec(_Strict):
         return self
 
     @property
+    def metric_column(self) -> str:
+        """The task's validation metric as logged and tabled: ``val_<metric_name>`` (``val_accuracy`` by default)."""
+        return f"val_{self.trial.task.metric_name}"
+
+    @property
     def metric_names(self) -> list[str]:
-        return [OBJECTIVE_METRICS[o] for o in self.objectives]
+        """The objectives as Optuna names them (its metric names), e.g. ``["val_accuracy", "sparsity"]``."""
+        return [self.metric_column if o == "accuracy" else OBJECTIVE_METRICS[o] for o in self.objectives]
+
+    @property
+    def directions(self) -> list[str]:
+        """Optuna's direction of each objective: the task's for its metric, ``maximize`` for the others."""
+        return [self.trial.task.direction if o == "accuracy" else "maximize" for o in self.objectives]
 
 
 def _check_bounds(name: str, value: object, ok, allowed: str) -> None:
@@ -319,8 +348,12 @@ def parse_spec(data: object, source: str = "study") -> StudySpec:
     try:
         check_model(spec.trial.model.name)
         check_dataset(spec.trial.data.name)
+        for field in ("loss", "metric"):
+            check_task_function(field, getattr(spec.trial.task, field))
     except ValueError as exc:
-        field = "trial.model.name" if "model" in str(exc).split()[0] else "trial.data.name"
+        first = str(exc).split()[0]
+        field = {"model": "trial.model.name", "dataset": "trial.data.name", "loss": "trial.task.loss",
+                 "metric": "trial.task.metric"}[first]
         raise SpecError(f"{source}: {field}: {exc}") from None
     return spec
 

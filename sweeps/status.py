@@ -4,7 +4,7 @@ from __future__ import annotations
 import optuna
 from optuna.trial import TrialState
 
-from dashboards import feasible, front_table
+from dashboards import feasible, front_table, task_metric
 
 from .study import BUDGET_ATTR, counts, worker_gone
 
@@ -25,9 +25,13 @@ def print_status(study: optuna.Study) -> None:
               "'l0sweep run' or worker queues them again")
     short = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if not feasible(t)]
     if short:
-        print(f"short of the accuracy floor (min_accuracy), kept off the front: trial(s) {', '.join(map(str, short))}")
+        metric = task_metric(study)
+        setting = "min_accuracy" if metric.is_accuracy else "min_metric"
+        trials = ", ".join(map(str, short))
+        print(f"short of the {metric.name} floor ({setting}), kept off the front: trial(s) {trials}")
     front = front_table(study)
     if len(front):
-        cols = ["trial", "val_accuracy", "test_accuracy", "sparsity", "flops_ratio", "lam", "droprate_init", "mode"]
+        metric = task_metric(study)
+        cols = ["trial", metric.val, metric.test, "sparsity", "flops_ratio", "lam", "droprate_init", "mode"]
         print(f"Pareto front ({len(front)} trials, by sparsity):")
         print(front[cols].to_string(index=False, float_format=lambda x: f"{x:.4g}"))

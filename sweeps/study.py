@@ -163,7 +163,7 @@ def _create_or_resume(spec: StudySpec, settings: Settings, trials: int | None) -
     storage = storage_for(spec, settings)
     existed = spec.name in optuna.get_all_study_names(storage)
     study = optuna.create_study(study_name=spec.name, storage=storage, load_if_exists=True,
-                                directions=["maximize"] * len(spec.objectives))
+                                directions=spec.directions)
     spec_json = spec.model_dump_json()
     try:
         file_budget_changed = False

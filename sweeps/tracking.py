@@ -158,6 +158,7 @@ class TrialRun:
         attrs = trial.study.user_attrs
         self.client = MlflowClient(tracking_uri)
         self.tracking_uri = tracking_uri
+        self.metric_name = cfg.task.metric_name  # logged as val_<name> and test_<name> (val_accuracy by default)
         tags = {"mlflow.parentRunId": attrs[PARENT_RUN_ATTR], "l0sweep.study": trial.study.study_name,
                 "l0sweep.trial": str(trial.number), "l0sweep.host": socket.gethostname(), "l0sweep.mode": values["mode"]}
         if gpu := os.environ.get("CUDA_VISIBLE_DEVICES"):
@@ -178,7 +179,7 @@ class TrialRun:
     FLUSH_SECONDS = 5.0
 
     def log_epoch(self, m: EpochMetrics) -> None:
-        metrics = {"val_accuracy": m.val_accuracy, "sparsity": m.sparsity, "flops_ratio": m.flops_ratio,
+        metrics = {f"val_{self.metric_name}": m.val_metric, "sparsity": m.sparsity, "flops_ratio": m.flops_ratio,
                    "expected_density": m.expected_density, "train_task_loss": m.train_task_loss,
                    "train_penalty": m.train_penalty}
         if m.target_sparsity is not None:  # a target study: where the target stood, and the lambda it acted as
@@ -206,10 +207,11 @@ class TrialRun:
         # The last epoch evaluated the final model (train_trial takes its figures from it): a final figure equal to
         # what that epoch logged is not logged again at its step, which made every such history end [..., 10, 10].
         last = self._last_epoch[1] if self._last_epoch[0] == step else {}
-        final = {"val_accuracy": result.val_accuracy, "test_accuracy": result.test_accuracy,
+        final = {f"val_{self.metric_name}": result.val_metric, f"test_{self.metric_name}": result.test_metric,
                  "sparsity": result.sparsity, "flops_ratio": result.flops_ratio,
-                 "total_params": result.total_params, "removed_params": result.removed_params,
-                 "chance_accuracy": result.chance_accuracy}
+                 "total_params": result.total_params, "removed_params": result.removed_params}
+        if result.chance_accuracy is not None:  # classification accuracy only
+            final["chance_accuracy"] = result.chance_accuracy
         if result.target_sparsity is not None:
             final.update(target_sparsity=result.target_sparsity, effective_lambda=result.effective_lambda,
                          target_miss=result.sparsity - result.target_sparsity)

@@ -7,7 +7,9 @@ With ``target_sparsity`` the penalty is :class:`l0core.SparsityTarget`'s Lagrang
 ``mode="scratch"`` trains weights and gates together from initialisation; ``mode="finetune"`` starts from
 a dense baseline (no gates) trained once per (data, model, optimisation, seed) and shared through a file
 lock, with the gates almost open so the network starts from exactly the baseline's outputs.
-Selection metrics are validation accuracy and sparsity; test accuracy is only reported.
+Trials learn by ``cfg.task.loss`` and are judged by ``cfg.task.metric`` (cross-entropy and accuracy by default),
+the metric computed once over all of a split's outputs and targets. Selection metrics are the validation metric and
+sparsity; the test metric is only reported.
 """
 from __future__ import annotations
 
@@ -28,8 +30,9 @@ from torch.utils.data import DataLoader
 
 import l0core
 
-from .config import OptimConfig, TrialConfig
+from .config import OptimConfig, TaskConfig, TrialConfig
 from .data import Splits, chance_accuracy, data_loader, load_data
+from .imports import import_object
 from .models import build_model
 from .settings import file_lock
 from .spec import SpecError, one_line
@@ -40,7 +43,7 @@ class EpochMetrics:
     epoch: int
     train_task_loss: float
     train_penalty: float
-    val_accuracy: float
+    val_metric: float  # the task's metric on the validation set (accuracy by default)
     expected_density: float  # E[kept parameters] / parameters
     sparsity: float
     flops_ratio: float
@@ -50,21 +53,23 @@ class EpochMetrics:
 
 @dataclass
 class TrialResult:
-    val_accuracy: float
-    test_accuracy: float
+    val_metric: float  # the task's metric (trial.task: accuracy by default) on the validation set: it selects
+    test_metric: float  # ... and on the test set: reported only
     sparsity: float
     flops_ratio: float
     total_params: int
     removed_params: int
     kept_units: dict[str, list[int]]  # gate -> [kept, units]
-    chance_accuracy: float  # validation accuracy of always answering the commonest class (a model cut through)
+    # Validation accuracy of always answering the commonest class (a model cut through); None unless the task's
+    # metric is classification accuracy.
+    chance_accuracy: float | None
     val_examples: int
     epochs: list[EpochMetrics] = field(default_factory=list)
     stopped_early: bool = False
     target_sparsity: float | None = None
     effective_lambda: float | None = None  # with a target: the lambda it cost at the end of training
     # With export.exact_target: what the top-k changed against the deterministic gates (l0core.ExactKeep's
-    # fields, and the validation accuracy before it).
+    # fields, and the validation metric before it).
     exact_target: dict | None = None
     # The trained gated model and one example input, for logging and export; not part of the figures.
     model: nn.Module | None = field(default=None, repr=False, compare=False)
@@ -121,15 +126,66 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> tuple[torch.optim.Opt
     return opt, None
 
 
-def accuracy(model: nn.Module, loader: DataLoader, device: torch.device) -> float:
+LossFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (outputs, targets) -> scalar tensor
+MetricFunction = Callable[[torch.Tensor, torch.Tensor], float]  # (all outputs, all targets) of a split -> value
+
+
+def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> float:
+    """Classification accuracy: the share of examples whose highest output is their label (0 for no examples).
+
+    >>> accuracy(torch.tensor([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7]]), torch.tensor([1, 1, 1]))
+    0.6666666666666666
+    """
+    return float((outputs.argmax(1) == targets).sum()) / max(len(targets), 1)
+
+
+def mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean squared error against the targets as the data gives them, viewed in the outputs' shape where they hold
+    as many values: a scalar target per example meets an ``(N, 1)`` output (plain ``mse_loss`` would broadcast the
+    two to ``(N, N)``).
+
+    >>> float(mse(torch.tensor([[1.0], [3.0]]), torch.tensor([0.0, 1.0])))
+    2.5
+    """
+    if targets.numel() == outputs.numel():
+        targets = targets.reshape(outputs.shape)
+    return nn.functional.mse_loss(outputs, targets.to(outputs.dtype))
+
+
+def loss_function(task: TaskConfig) -> LossFunction:
+    """The training loss ``task.loss`` names: cross-entropy, :func:`mse`, or the user's ``package.module:fn``."""
+    if task.loss == "cross_entropy":
+        return nn.functional.cross_entropy
+    if task.loss == "mse":
+        return mse
+    return import_object(task.loss, "loss")
+
+
+def metric_function(task: TaskConfig) -> MetricFunction:
+    """The metric ``task.metric`` names: :func:`accuracy` or the user's ``package.module:fn``."""
+    return accuracy if task.metric == "accuracy" else import_object(task.metric, "metric")
+
+
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device,
+             metric: MetricFunction = accuracy) -> float:
+    """``metric`` of ``model`` (in eval mode) on everything ``loader`` gives: called once on all the outputs and
+    all the targets, concatenated, so a metric that is no mean over examples (F1, mean IoU) comes out right.
+
+    >>> from sweeps.data import TensorBatches
+    >>> net = nn.Linear(2, 2)
+    >>> loader = data_loader(TensorBatches(torch.randn(5, 2), torch.zeros(5, dtype=torch.long)), 2)
+    >>> evaluate(net, loader, torch.device("cpu"), lambda out, y: float(len(y)))  # one call, all five examples
+    5.0
+    """
     model.eval()
-    correct = total = 0
+    outputs, targets = [], []
     with torch.no_grad():
         for x, y in loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            correct += int((model(x).argmax(1) == y).sum())
-            total += len(y)
-    return correct / max(total, 1)
+            outputs.append(model(x.to(device, non_blocking=True)))
+            targets.append(y.to(device, non_blocking=True))
+    if not outputs:
+        return float(metric(torch.empty(0), torch.empty(0)))
+    return float(metric(torch.cat(outputs), torch.cat(targets)))
 
 
 def _loaders(splits: Splits, cfg: TrialConfig, device: torch.device) -> tuple[DataLoader, DataLoader, DataLoader]:
@@ -144,10 +200,12 @@ def _loaders(splits: Splits, cfg: TrialConfig, device: torch.device) -> tuple[Da
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                lam: float | None = None, *, autocast: torch.dtype | None = None,
                scaler: torch.amp.GradScaler | None = None, target: l0core.SparsityTarget | None = None,
-               multipliers: torch.optim.Optimizer | None = None, **penalty_kw) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimisation step on a batch: cross-entropy, plus ``l0core.penalty(model, lam, **penalty_kw)`` when
-    ``lam`` is given, or ``target(model)`` (a sparsity target, its multipliers stepped by ``multipliers``) when
-    that is, under ``torch.autocast`` to ``autocast`` if set (with ``scaler`` for float16).
+               multipliers: torch.optim.Optimizer | None = None, loss: LossFunction = nn.functional.cross_entropy,
+               **penalty_kw) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step on a batch: ``loss`` (the task's; cross-entropy by default), plus
+    ``l0core.penalty(model, lam, **penalty_kw)`` when ``lam`` is given, or ``target(model)`` (a sparsity target,
+    its multipliers stepped by ``multipliers``) when that is, under ``torch.autocast`` to ``autocast`` if set (with
+    ``scaler`` for float16).
     Returns (task loss, penalty), detached and left on the device (no sync).
 
     >>> net = nn.Linear(4, 3)
@@ -156,26 +214,26 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y:
     0.0
     """
     with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
-        task = nn.functional.cross_entropy(model(x), y)
+        task = loss(model(x), y)
         if target is not None:
             pen = target(model)
-            loss = task + pen
+            total = task + pen
         elif lam is None:
-            loss, pen = task, torch.zeros((), device=task.device)
+            total, pen = task, torch.zeros((), device=task.device)
         else:
             pen = l0core.penalty(model, lam, **penalty_kw)
-            loss = task + pen
+            total = task + pen
     opt.zero_grad(set_to_none=True)
     if multipliers is not None:
         multipliers.zero_grad(set_to_none=True)
     if scaler is not None:
-        scaler.scale(loss).backward()
+        scaler.scale(total).backward()
         scaler.step(opt)
         if multipliers is not None:
             scaler.step(multipliers)
         scaler.update()
     else:
-        loss.backward()
+        total.backward()
         opt.step()
         if multipliers is not None:
             multipliers.step()
@@ -241,6 +299,7 @@ def _run_epochs(model: nn.Module, cfg: TrialConfig, splits: Splits, device: torc
     penalty_kw = {"scale": cfg.penalty_scale, "n_train": len(splits.train),
                   "weight_decay": cfg.optim.weight_decay if cfg.penalty_scale == "paper" else 0.0}
     autocast, scaler = _precision(cfg, device)
+    loss, metric = loss_function(cfg.task), metric_function(cfg.task)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     # Compiled, the forward's many small operators (the gates' draw and products among them) run as a few fused
@@ -257,26 +316,26 @@ def _run_epochs(model: nn.Module, cfg: TrialConfig, splits: Splits, device: torc
         for x, y in train:
             x, y = _to_device(x, device, cfg.channels_last), y.to(device, non_blocking=True)
             task, pen = train_step(forward, opt, x, y, lam, autocast=autocast, scaler=scaler, target=target,
-                                   multipliers=multipliers, **penalty_kw)
+                                   multipliers=multipliers, loss=loss, **penalty_kw)
             task_sum += task
             pen_sum += pen
             batches += 1
         task_mean, pen_mean = float(task_sum) / batches, float(pen_sum) / batches
         if not math.isfinite(task_mean + pen_mean):
-            # Fail the trial: the epochs left would train nothing, and its figures (chance accuracy, gates
+            # Fail the trial: the epochs left would train nothing, and its figures (a collapsed metric, gates
             # read from NaN) would count as a complete trial of the budget.
             raise FloatingPointError(f"the training loss is {task_mean + pen_mean} in epoch {epoch}: the trial "
                                      "diverged (lower optim.lr or optim.gate_lr)")
         if sched is not None:
             sched.step()
-        val_acc = accuracy(model, val, device)
+        val_metric = evaluate(model, val, device, metric)
         if target is not None or lam is not None:
             report = l0core.sparsity(model, example)
-            metrics = EpochMetrics(epoch, task_mean, pen_mean, val_acc, report.expected_density, report.sparsity,
+            metrics = EpochMetrics(epoch, task_mean, pen_mean, val_metric, report.expected_density, report.sparsity,
                                    report.flops_ratio, *((target.current_target, target.effective_lambda)
                                                          if target is not None else ()))
         else:
-            metrics = EpochMetrics(epoch, task_mean, 0.0, val_acc, 1.0, 0.0, 1.0)
+            metrics = EpochMetrics(epoch, task_mean, 0.0, val_metric, 1.0, 0.0, 1.0)
         history.append(metrics)
         if on_epoch is not None and on_epoch(metrics):
             raise StopTrial(metrics)
@@ -319,6 +378,8 @@ def baseline_key(cfg: TrialConfig) -> str:
         ident["checkpoint"] = [str(cfg.model.checkpoint), stat.st_size, stat.st_mtime_ns]
     if cfg.amp or cfg.channels_last:  # only then, so existing baselines keep their keys
         ident["precision"] = {"amp": cfg.amp, "channels_last": cfg.channels_last}
+    if cfg.task != TaskConfig():  # the loss trains the baseline, the metric measures it; default: keys kept
+        ident["task"] = cfg.task.model_dump()
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -338,16 +399,17 @@ def dense_baseline(cfg: TrialConfig, splits: Splits | None = None) -> Path:
             torch.manual_seed(cfg.seed)
             dense = build_model(cfg.model.name, splits.input_shape, splits.num_classes, gates=False,
                                 **cfg.model.kwargs).to(device)
+            metric = metric_function(cfg.task)
             if cfg.model.checkpoint:  # the user's trained model is the baseline: measured, not trained
                 load_checkpoint(cfg.model.checkpoint, dense)
-                val_accuracy, source = accuracy(dense, _loaders(splits, cfg, device)[1], device), "checkpoint"
+                val_metric, source = evaluate(dense, _loaders(splits, cfg, device)[1], device, metric), "checkpoint"
             else:
                 epochs = cfg.optim.baseline_epochs or cfg.optim.epochs
                 history, _ = _run_epochs(dense, cfg, splits, device, None, None, None, epochs)
-                val_accuracy, source = history[-1].val_accuracy, "trained"
+                val_metric, source = history[-1].val_metric, "trained"
             tmp = path.with_suffix(f".tmp{os.getpid()}")
-            torch.save({"state_dict": dense.state_dict(), "val_accuracy": val_accuracy,
-                        "test_accuracy": accuracy(dense, _loaders(splits, cfg, device)[2], device),
+            torch.save({"state_dict": dense.state_dict(), "val_metric": val_metric,
+                        "test_metric": evaluate(dense, _loaders(splits, cfg, device)[2], device, metric),
                         "source": source, "config": json.loads(cfg.model_dump_json())}, tmp)
             os.replace(tmp, path)  # atomic: a reader never sees half a file
     return path
@@ -416,8 +478,8 @@ def _check_compiler() -> None:
 
 def check_fits(cfg: TrialConfig) -> None:
     """Raise :class:`SpecError` (one line) unless ``cfg``'s data loads and its gated model can be costed (its
-    dependency graph traced) and computes class scores for two of its examples: the mistakes that would otherwise
-    fail every trial of a sweep. Runs on the CPU.
+    dependency graph traced) and computes outputs for two of its examples that the task's loss and metric take:
+    the mistakes that would otherwise fail every trial of a sweep. Runs on the CPU.
 
     >>> lenet5_on_digits = {"data": {"name": "digits"}, "model": {"name": "lenet5"}}
     >>> check_fits(TrialConfig.model_validate(lenet5_on_digits))  # doctest: +ELLIPSIS
@@ -444,6 +506,14 @@ def check_fits(cfg: TrialConfig) -> None:
     except Exception as exc:
         raise SpecError(f"trial.model {cfg.model.name!r} cannot train on trial.data {cfg.data.name!r} (inputs "
                         f"{tuple(splits.input_shape)}): {one_line(exc)}") from None
+    y = next(iter(data_loader(splits.val, 2)))[1]
+    for field, function in (("loss", loss_function), ("metric", metric_function)):
+        try:
+            function(cfg.task)(out, y)
+        except Exception as exc:
+            raise SpecError(f"trial.task.{field} {getattr(cfg.task, field)!r} cannot take trial.model's outputs "
+                            f"{tuple(out.shape)} with trial.data's targets {tuple(y.shape)} ({y.dtype}): "
+                            f"{one_line(exc)}") from None
     if cfg.model.checkpoint:
         try:
             load_checkpoint(cfg.model.checkpoint, build_model(cfg.model.name, splits.input_shape, splits.num_classes,
@@ -480,19 +550,21 @@ def train_trial(cfg: TrialConfig, on_epoch: Callable[[EpochMetrics], bool] | Non
     target = l0core.SparsityTarget(cfg.target_sparsity).to(device) if cfg.target_sparsity is not None else None
     history, report = _run_epochs(model, cfg, splits, device, cfg.lam, example, on_epoch, cfg.optim.epochs, target)
     _, val_loader, test_loader = _loaders(splits, cfg, device)
-    # The last epoch already evaluated the final model: its validation accuracy and report are the final ones,
+    metric = metric_function(cfg.task)
+    # The last epoch already evaluated the final model: its validation metric and report are the final ones,
     # unless the exact target changes the gates.
-    val_accuracy, exact = history[-1].val_accuracy, None
+    val_metric, exact = history[-1].val_metric, None
     if cfg.export.exact_target:
         change = l0core.keep_exactly(model, cfg.target_sparsity)
         report = l0core.sparsity(model, example)
-        exact = {**asdict(change), "val_accuracy_before": val_accuracy}
-        val_accuracy = accuracy(model, val_loader, device)
+        exact = {**asdict(change), f"val_{cfg.task.metric_name}_before": val_metric}
+        val_metric = evaluate(model, val_loader, device, metric)
     return TrialResult(
-        val_accuracy=val_accuracy, test_accuracy=accuracy(model, test_loader, device),
+        val_metric=val_metric, test_metric=evaluate(model, test_loader, device, metric),
         sparsity=report.sparsity, flops_ratio=report.flops_ratio, total_params=report.total_params,
         removed_params=report.removed_params,
         kept_units={layer.gate: [layer.kept, layer.units] for layer in report.layers},
-        chance_accuracy=chance_accuracy(splits.val), val_examples=len(splits.val), epochs=history,
+        chance_accuracy=chance_accuracy(splits.val) if cfg.task.is_accuracy else None, val_examples=len(splits.val),
+        epochs=history,
         target_sparsity=cfg.target_sparsity, effective_lambda=target.effective_lambda if target is not None else None,
         exact_target=exact, model=model, example_inputs=example)

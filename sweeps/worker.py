@@ -3,7 +3,8 @@
 Any number of workers on any number of machines can join the same study; the budget (``n_trials`` in the
 study's user attrs) counts complete trials in the storage, so it holds however many join. A trial is
 trained by ``train_trial``, logged to MLflow as a child run of the study's run, and returns
-(validation accuracy, sparsity[, FLOPs reduction]) to Optuna.
+(the validation metric, sparsity[, FLOPs reduction]) to Optuna: the metric in the task's direction, the rest
+maximised.
 """
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ from .tracking import (PID_SPACE_ATTR, WORKER_ATTR, TrialRun, end_study_run, log
 from .training import EpochMetrics, StopTrial, check_fits, dense_baseline, resolve_device, train_trial
 
 BASELINE_ATTR = "dense_baseline"
-FLOOR_ATTR = "accuracy_floor"  # the validation accuracy a trial had to reach to count (study file: min_accuracy)
+# The validation metric a trial had to reach to count (study file: min_accuracy / min_metric; None: no floor).
+FLOOR_ATTR = "accuracy_floor"
 TRAIN_SECONDS_ATTR = "train_seconds"  # a complete trial's training (and the dense baseline's, if it had it trained)
 LATENCY_ATTR = "latency"  # a measured trial's sweeps.latency.figures: {runtime: {batch: {dense_ms, compact_ms, ...}}}
 LATENCY_SECONDS_ATTR = "latency_seconds"  # what timing it added to the trial (the timing itself, warm-up included)
@@ -49,22 +51,39 @@ def latency_speedup(spec: StudySpec, cfg, figures: dict) -> float:
     return float(figures[spec.latency.runtime][str(latency_batch(spec, cfg))]["speedup"])
 
 
-def accuracy_floor(min_accuracy: float | str, chance_accuracy: float, val_examples: int) -> float:
-    """The validation accuracy a trial must reach to be feasible: ``min_accuracy``, or for ``"chance"`` one
-    validation example more than ``chance_accuracy``, always answering the commonest class (a model that only
-    ties it may answer that class to everything; half an example keeps the comparison clear of rounding)."""
-    if min_accuracy == "chance":
+def metric_floor(min_metric: float | str | None, chance_accuracy: float | None, val_examples: int) -> float | None:
+    """The validation metric a trial must reach to be feasible: ``min_metric`` (None: no floor), or for
+    ``"chance"`` (classification accuracy) one validation example more than ``chance_accuracy``, always answering
+    the commonest class (a model that only ties it may answer that class to everything; half an example keeps the
+    comparison clear of rounding)."""
+    if min_metric == "chance":
         return chance_accuracy + 0.5 / max(val_examples, 1)
-    return float(min_accuracy)
+    return None if min_metric is None else float(min_metric)
 
 
-def _dominated(values: Sequence[float], front: list[FrozenTrial]) -> bool:
-    return any(all(a >= b for a, b in zip(t.values, values)) and any(a > b for a, b in zip(t.values, values))
+def shortfall(value: float, floor: float | None, direction: str) -> float:
+    """How far ``value`` falls short of ``floor`` in ``direction`` (an Optuna constraint: feasible when <= 0).
+
+    >>> shortfall(0.8, 0.9, "maximize"), shortfall(0.8, 0.9, "minimize"), shortfall(5.0, None, "minimize")
+    (0.09999999999999998, -0.09999999999999998, 0.0)
+    """
+    if floor is None:
+        return 0.0
+    return floor - value if direction == "maximize" else value - floor
+
+
+def _dominated(values: Sequence[float], front: list[FrozenTrial], directions: Sequence[str]) -> bool:
+    signs = [1.0 if d == "maximize" else -1.0 for d in directions]  # compared as maxima
+
+    def better_or_equal(t: FrozenTrial) -> list[tuple[float, float]]:
+        return [(s * a, s * b) for s, a, b in zip(signs, t.values, values)]
+
+    return any(all(a >= b for a, b in better_or_equal(t)) and any(a > b for a, b in better_or_equal(t))
                for t in front)
 
 
 class Objective:
-    """One trial: sample, train, log; returns the objectives (all maximised)."""
+    """One trial: sample, train, log; returns the objectives (in ``spec.directions``)."""
 
     def __init__(self, spec: StudySpec, settings: Settings) -> None:
         self.spec = spec
@@ -96,10 +115,10 @@ class Objective:
             try:
                 check_stop()
                 run.log_epoch(m)
-                history.add(m.epoch, m.val_accuracy, m.sparsity)
+                history.add(m.epoch, m.val_metric, m.sparsity)
                 if stopper.at_rung(m.epoch):
                     history.flush()  # the trials ranked at this rung after it must see it
-                return stopper(m.epoch, m.val_accuracy, m.sparsity)
+                return stopper(m.epoch, m.val_metric, m.sparsity)
             finally:
                 in_hook += time.perf_counter() - start
 
@@ -110,9 +129,10 @@ class Objective:
                 trained = time.perf_counter() - start - in_hook
             finally:
                 history.flush()  # whole, before the trial is told COMPLETE (or stopped, or failed)
-            metrics = {"val_accuracy": result.val_accuracy, "sparsity": result.sparsity,
+            metrics = {spec.metric_column: result.val_metric, "sparsity": result.sparsity,
                        "flops_reduction": 1.0 - result.flops_ratio}
-            for key in ("test_accuracy", "flops_ratio", "total_params", "removed_params", "kept_units", "sparsity"):
+            trial.set_user_attr(f"test_{spec.trial.task.metric_name}", result.test_metric)
+            for key in ("flops_ratio", "total_params", "removed_params", "kept_units", "sparsity"):
                 trial.set_user_attr(key, getattr(result, key))
             if result.target_sparsity is not None:  # what the target cost, in lambda's units, and what exact changed
                 trial.set_user_attr("effective_lambda", result.effective_lambda)
@@ -120,10 +140,11 @@ class Objective:
                     trial.set_user_attr("exact_target", result.exact_target)
             # An Optuna constraint (feasible when <= 0): a trial short of the floor stays off the front
             # (study.best_trials), and TPE and NSGA-II rank it below every feasible trial, steering away from it.
-            floor = accuracy_floor(spec.min_accuracy, result.chance_accuracy, result.val_examples)
+            floor = metric_floor(spec.min_accuracy, result.chance_accuracy, result.val_examples)
             trial.set_user_attr(FLOOR_ATTR, floor)
-            trial.set_constraint("min_accuracy", floor - result.val_accuracy)
-            feasible = result.val_accuracy >= floor
+            short = shortfall(result.val_metric, floor, spec.trial.task.direction)
+            trial.set_constraint("min_accuracy", short)  # the key existing studies have, whatever the metric
+            feasible = short <= 0
             alphas = log_alpha_by_gate(result.model)
             hist = log_alpha_histogram(alphas)
             trial.set_user_attr("log_alpha_hist", hist)
@@ -131,7 +152,7 @@ class Objective:
             # Latency costs time: measured where it is an objective, else only for trials entering the front.
             timed = "latency" in spec.objectives
             if not timed:
-                on_front = feasible and not _dominated([metrics[n] for n in spec.metric_names], front)
+                on_front = feasible and not _dominated([metrics[n] for n in spec.metric_names], front, spec.directions)
             small, latency = None, None
             if timed or on_front or spec.mlflow.log_models == "all":
                 small = l0core.compact(result.model, result.example_inputs, round_to=spec.export.round_to)
@@ -143,7 +164,7 @@ class Objective:
                 metrics["speedup"] = latency_speedup(spec, cfg, latency)
             objectives = [metrics[name] for name in spec.metric_names]
             if timed:
-                on_front = feasible and not _dominated(objectives, front)
+                on_front = feasible and not _dominated(objectives, front, spec.directions)
             log_model = spec.mlflow.log_models == "all" or (spec.mlflow.log_models == "front" and on_front)
             run.finish(result, small if log_model else None, alphas, hist, latency)
             trial.set_user_attr("model_logged", log_model)
@@ -187,7 +208,8 @@ class Objective:
         return figures
 
     def _record_baseline(self, study: optuna.Study, cfg) -> float:
-        """The dense model's accuracy, once per study: the report's reference line and ``pick``'s yardstick.
+        """The dense model's validation and test metric, once per study: the report's reference line and ``pick``'s
+        yardstick.
         Returns the seconds it took (training the baseline, if no trial has yet)."""
         if BASELINE_ATTR in study.user_attrs:
             return 0.0
@@ -197,8 +219,10 @@ class Objective:
         path = dense_baseline(cfg)
         took = time.perf_counter() - start
         saved = torch.load(path, map_location="cpu")
-        study.set_user_attr(BASELINE_ATTR, {"val_accuracy": saved["val_accuracy"],
-                                            "test_accuracy": saved["test_accuracy"],
+        name = cfg.task.metric_name
+        # Baseline files saved before tasks existed name their (accuracy) figures val_accuracy and test_accuracy.
+        study.set_user_attr(BASELINE_ATTR, {f"val_{name}": saved.get("val_metric", saved.get("val_accuracy")),
+                                            f"test_{name}": saved.get("test_metric", saved.get("test_accuracy")),
                                             "source": saved.get("source", "trained")})
         return took
 

@@ -44,6 +44,18 @@ CASES = {
                        "parameters to remove), not both"),
     "target-outside": ({"search": {"lam": None, "target_sparsity": {"low": 0.5, "high": 1.2}}}, [],
                        "search.target_sparsity must be in (0, 1), got 1.2"),
+    "unknown-loss": ({"trial": {"task": {"loss": "hinge"}}}, [],
+                     "trial.task.loss: 'hinge' is unknown: use cross_entropy, mse or 'package.module:function'"),
+    "unknown-metric": ({"trial": {"task": {"metric": "f1"}}}, [],
+                       "trial.task.metric: 'f1' is unknown: use accuracy or 'package.module:function'"),
+    "unimportable-metric": ({"trial": {"task": {"metric": "nowhere.metrics:f1"}}}, [],
+                            "trial.task.metric: metric 'nowhere.metrics:f1' cannot be imported"),
+    "bad-direction": ({"trial": {"task": {"direction": "up"}}}, [],
+                      "trial.task.direction: Input should be 'maximize' or 'minimize', got 'up'"),
+    "chance-without-accuracy": ({"trial": {"task": {"loss": "mse", "metric": "tests.task_helpers:rmse",
+                                                    "direction": "minimize"}}, "min_metric": "chance"}, [],
+                                "min_metric: 'chance' is the accuracy of always answering the commonest class and "
+                                "needs trial.task.metric accuracy, not 'tests.task_helpers:rmse'"),
 }
 
 

@@ -77,12 +77,12 @@ def test_bad_spec_is_one_clear_line(data, expected):
 
 
 def test_accuracy_floor_is_the_number_given_or_one_example_above_chance():
-    from sweeps.worker import accuracy_floor
+    from sweeps.worker import metric_floor
 
     result = (26 / 216, 216)  # the chance accuracy and size of the digits validation split
-    assert accuracy_floor(0.9, *result) == 0.9 and accuracy_floor(0, *result) == 0.0
+    assert metric_floor(0.9, *result) == 0.9 and metric_floor(0, *result) == 0.0
     # A tie with always answering the commonest class falls short; one example more reaches it.
-    assert 26 / 216 < accuracy_floor("chance", *result) <= 27 / 216
+    assert 26 / 216 < metric_floor("chance", *result) <= 27 / 216
 
 
 def test_broken_yaml_names_the_line(tmp_path):
