@@ -82,7 +82,7 @@ def main() -> None:
                  f"python -m benchmarks.accuracy_floor --study {args.study} --seeds {seeds} --trials {args.trials} "
                  f"--workers {args.workers}",
                  ["min_accuracy", "sampler seed", "complete", "collapsed", "collapsed on the front", "front size",
-                  "sparsest within 1 pt of dense", "wall s"], rows, notes))
+                  "sparsest within 1 pt of dense", "wall s"], rows, notes, settings=vars(args)))
 
 
 if __name__ == "__main__":

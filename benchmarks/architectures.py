@@ -65,7 +65,8 @@ def main() -> None:
                  ["model", "input", "exports", "max diff / output scale", "sparsity", "FLOPs ratio", "error",
                   "seconds"], rows,
                  f"{args.closed:.0%} of every channel gate's units closed at random (seed 0), BatchNorm statistics "
-                 "randomised; sparsity and FLOPs ratio from l0core.sparsity, which counts the exported model."))
+                 "randomised; sparsity and FLOPs ratio from l0core.sparsity, which counts the exported model.",
+                 settings=vars(args)))
 
 
 if __name__ == "__main__":

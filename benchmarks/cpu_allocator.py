@@ -81,7 +81,8 @@ def main() -> None:
                  ["model", "batch", "malloc", "ms a step (median of processes)", "min-max", "speed-up (defaults / this)",
                   "page faults a step", "peak RSS MB", "steps a process"], rows,
                  f"{args.rounds} processes per setting, alternating. Freed memory kept: mmap threshold and trim "
-                 "threshold 1 GiB (sweeps.training.keep_freed_memory, which every trial's training calls on a CPU)."))
+                 "threshold 1 GiB (sweeps.training.keep_freed_memory, which every trial's training calls on a CPU).",
+                 settings=vars(args)))
 
 
 if __name__ == "__main__":

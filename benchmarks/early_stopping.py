@@ -123,7 +123,9 @@ def main() -> None:
                  f"python -m benchmarks.early_stopping --study {args.study}{epochs} --trials {args.trials} "
                  f"--seeds {' '.join(map(str, args.seeds))} --methods {' '.join(methods)} --workers {args.workers}",
                  ["method", "seed", "complete", "stopped", "epochs trained", "final hypervolume", "vs none",
-                  "epochs ratio to 0.99", "wall s"], rows, notes))
+                  "epochs ratio to 0.99", "wall s"], rows, notes, settings=vars(args),
+                 goals=[{"figure": "epochs ratio to 0.99 (median over seeds)", "goal": "<= 0.5"},
+                        {"figure": "hypervolume ratio, vs none (median over seeds)", "goal": ">= 1"}]))
 
 
 if __name__ == "__main__":

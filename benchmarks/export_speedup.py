@@ -110,7 +110,8 @@ def deploy_table(budget: float, closed: float) -> None:
                  "torch.inference_mode; ONNX Runtime: CPU provider, torch's thread count), median of alternating "
                  f"dense/exported calls filling {budget} s after 3 warm-up rounds (5-200 calls). FLOPs are per "
                  "example (torch.utils.flop_counter). Torch-Pruning's 0.57-0.73 is its README's ResNet-50 table "
-                 "(GPU, batch 64), the only published figure to compare with, not the same hardware.")
+                 "(GPU, batch 64), the only published figure to compare with, not the same hardware.",
+           settings={"budget": budget, "closed": closed})
 
 
 def main() -> None:
@@ -174,7 +175,8 @@ def main() -> None:
             "conv/matmul alone: speed-up / FLOPs reduction"], rows,
            notes=f"{args.closed:.0%} of every gate's units closed at random; {args.runs} interleaved runs each. "
                  "Conv/matmul: self CPU time of convolution and matrix-product operators (torch profiler, "
-                 "5 forwards each), the only operators the FLOPs count." + (COMPILED_NOTE if args.compile else ""))
+                 "5 forwards each), the only operators the FLOPs count." + (COMPILED_NOTE if args.compile else ""),
+           settings=vars(args))
 
 
 if __name__ == "__main__":

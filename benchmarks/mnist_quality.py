@@ -124,7 +124,7 @@ def main() -> None:
                  f"python -m benchmarks.mnist_quality --data {args.data} --models {' '.join(args.models)} "
                  f"--trials {args.trials} --workers {args.workers}",
                  ["model", "trial", "mode", "lambda", "val acc", "test acc", "sparsity", "FLOPs ratio", "kept units",
-                  "role"], rows, "\n\n".join(notes)))
+                  "role"], rows, "\n\n".join(notes), settings=vars(args)))
 
 
 if __name__ == "__main__":

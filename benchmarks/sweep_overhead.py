@@ -219,7 +219,8 @@ def main() -> None:
              + _break_even(rest, med('per_trial'), med('trial'), args.trials))
     print(append(f"Sweep overhead ({args.study.name})", f"python -m benchmarks.sweep_overhead --study {os.path.relpath(args.study)} "
                  f"--trials {args.trials} --epochs {args.epochs} --rounds {args.rounds}",
-                 ["measure", "values (median)", "ratio (median)", "each round", "goal", "goal met"], rows, notes))
+                 ["measure", "values (median)", "ratio (median)", "each round", "goal", "goal met"], rows, notes,
+                 settings=vars(args), goals=[{"figure": f"{row[0]}: ratio (median)", "goal": row[4]} for row in rows if row[4]]))
 
 
 if __name__ == "__main__":

@@ -90,7 +90,9 @@ def main() -> None:
                  f"python -m benchmarks.target_vs_lambda --seeds {seeds} --trials {args.trials} --workers "
                  f"{args.workers}{epochs}",
                  ["searched", "sampler seed", "complete", "front size", "largest sparsity gap", "hypervolume",
-                  "collapsed", "best val acc at sparsity >= 0.8", "wall s"], rows, notes))
+                  "collapsed", "best val acc at sparsity >= 0.8", "wall s"], rows, notes, settings=vars(args),
+                 goals=[{"figure": "largest sparsity gap, target / lambda (medians over seeds)",
+                         "goal": "<= 0.5, at equal or better hypervolume"}]))
 
 
 if __name__ == "__main__":

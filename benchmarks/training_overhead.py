@@ -231,7 +231,12 @@ def main() -> None:
                     "compilation) left out of the step times; penalty, backward and Adam run as eager; ops not counted. "
                     "First 2 steps: the compilation, " + ("without inductor's caches (--cold)" if args.cold else
                     "with inductor's caches as earlier runs left them") + "; 'dense again' reuses the dense model's "
-                    "graphs." if args.compile else "")))
+                    "graphs." if args.compile else ""), settings=vars(args), goals=[
+                     {"figure": "time ratio (median of rounds), per-batch gates, at the model's own batch (128)",
+                      "goal": "<= 1.05"},
+                     {"figure": "time ratio (median of rounds), per-sample gates, at the model's own batch (128)",
+                      "goal": "<= 1.15"},
+                     {"figure": "memory ratio", "goal": "<= 1.10"}]))
 
 
 if __name__ == "__main__":

@@ -111,7 +111,7 @@ class ChannelGate(UnitGate):
 
 
 class NeuronGate(UnitGate):
-    """Gates features of a dense layer's input ``(N, D)`` (the paper's input-unit gates, the TF seed's l0_layer).
+    """Gates features of a dense layer's input ``(N, D)`` (the paper's input-unit gates).
 
     >>> NeuronGate(300).eval()(torch.ones(2, 300)).shape
     torch.Size([2, 300])

@@ -1,6 +1,6 @@
 """The expected-L0 penalty and optimizer groups.
 
-The scale, written down once (README "What lambda means"):
+The scale, written down once (docs/lambda-and-sparsity.md, "What lambda means"):
 
     penalty(model, lam) = lam * expected_kept(model) / count_parameters(model)
 

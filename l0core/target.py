@@ -10,7 +10,7 @@ whose multipliers ``l1`` and ``l2`` are trained by gradient *ascent* (an optimiz
 the model is denser than the target, ``l1`` goes negative and the term rewards removing parameters, and the
 other way round. Its slope in ``s_hat`` is ``l1 + 2 * l2 * (s_hat - t)``; the penalty
 ``lam * expected_kept / count_parameters = lam * (1 - s_hat)`` has slope ``-lam``, so the lambda this target
-costs (:attr:`SparsityTarget.effective_lambda`, on the README's "What lambda means" scale) is
+costs (:attr:`SparsityTarget.effective_lambda`, on the scale of docs/lambda-and-sparsity.md) is
 ``-(l1 + 2 * l2 * (s_hat - t))``.
 
 :func:`keep_exactly` makes the deterministic gates keep exactly a share of the parameters (to one unit), by the

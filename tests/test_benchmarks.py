@@ -1,7 +1,7 @@
 """The benchmark scripts run end to end on tiny settings and write the tables their docs promise.
 
 No timing is compared here, to a bound or to another timing: on a busy machine any such bound fails a correct
-program (a throughput ratio bounded at 2.5 read 2.55 under load). Goals are read off the results file. What
+program (a throughput ratio bounded at 2.5 read 2.55 under load). Goals are read off benchmarks/RESULTS.md. What
 is checked is that each script still runs against the current code, that its table has the rows and columns
 it promises with numbers where numbers belong, and the figures that are counts or exact by construction."""
 from __future__ import annotations
@@ -19,12 +19,24 @@ from tests.sweep_helpers import write_study
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _bench(module: str, results: Path, *args: str) -> str:
-    env = {**os.environ, "L0SWEEP_BENCHMARK_RESULTS": str(results), "PYTHONWARNINGS": "ignore"}
+def _bench(module: str, history: Path, *args: str) -> str:
+    """Run a benchmark with its history in a temporary folder (never the repository's); its one run, as Markdown."""
+    from benchmarks.results import HISTORY, load, render
+
+    before = {p.name: p.read_bytes() for p in HISTORY.glob("*.jsonl")}
+    env = {**os.environ, "L0SWEEP_BENCHMARK_HISTORY": str(history), "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *args], cwd=ROOT, env=env, text=True,
                           capture_output=True, timeout=600, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return results.read_text()
+    assert {p.name: p.read_bytes() for p in HISTORY.glob("*.jsonl")} == before
+    [entry] = load(history)[module]
+    # What every run records: where and what it measured, and its figures as rows under named columns.
+    assert set(entry) >= {"commit", "dirty", "machine", "versions", "command", "argv", "settings", "columns", "rows",
+                          "goals", "timestamp"} and not entry["pre-history"]
+    assert entry["command"].startswith(f"python -m benchmarks.{module}") and entry["argv"] == list(args)
+    assert all(len(row) == len(entry["columns"]) for row in entry["rows"]) and isinstance(entry["settings"], dict)
+    assert (history / "RESULTS.md").read_text().count(f"### {entry['title']}") == 1
+    return render(entry)
 
 
 # Timing cells as the scripts write them: milliseconds to 0.1, differences to 0.01, ratios to 0.001.
@@ -44,7 +56,7 @@ def _rows(table: str) -> list[list[str]]:
 
 @pytest.mark.slow
 def test_training_overhead_reports_each_variant_against_an_identical_dense_model(tmp_path):
-    text = _bench("training_overhead", tmp_path / "results.md", "--models", "lenet5", "--rounds", "3", "--steps", "1",
+    text = _bench("training_overhead", tmp_path / "history", "--models", "lenet5", "--rounds", "3", "--steps", "1",
                   "--instances", "2", "--min-seconds", "0")
     assert "Reproduce: `python -m benchmarks.training_overhead --rounds 3 --steps 1 --instances 2 --min-seconds 0 --device auto --models lenet5`" in text
     assert "over 2 identical instances of each variant in turn" in text
@@ -67,7 +79,7 @@ def test_training_overhead_reports_each_variant_against_an_identical_dense_model
 
 @pytest.mark.slow
 def test_training_overhead_at_another_batch_says_where_its_goals_are_set(tmp_path):
-    text = _bench("training_overhead", tmp_path / "results.md", "--models", "lenet5", "--rounds", "2", "--steps", "1",
+    text = _bench("training_overhead", tmp_path / "history", "--models", "lenet5", "--rounds", "2", "--steps", "1",
                   "--min-seconds", "0.1", "--batch", "2")
     assert "--models lenet5 --batch 2`" in text
     rows = {row[2]: row for row in _rows(text)}
@@ -77,7 +89,7 @@ def test_training_overhead_at_another_batch_says_where_its_goals_are_set(tmp_pat
 
 @pytest.mark.slow
 def test_training_overhead_compiled_times_every_variant_compiled_and_counts_no_operators(tmp_path):
-    text = _bench("training_overhead", tmp_path / "results.md", "--models", "lenet5", "--rounds", "1", "--steps", "1",
+    text = _bench("training_overhead", tmp_path / "history", "--models", "lenet5", "--rounds", "1", "--steps", "1",
                   "--instances", "1", "--min-seconds", "0", "--batch", "4", "--compile")
     assert "## Training step: gated / dense (cpu, --compile)" in text
     assert "--models lenet5 --batch 4 --compile`" in text and "Compiled: each model's forward compiled" in text
@@ -118,7 +130,7 @@ def test_sweep_benchmark_study_is_a_study_whose_model_trains_on_its_data():
 @pytest.mark.slow
 def test_sweep_overhead_splits_the_overhead_and_says_where_the_goal_holds(tmp_path):
     study = write_study(tmp_path / "study.yaml", trials=2)
-    text = _bench("sweep_overhead", tmp_path / "results.md", "--study", str(study), "--trials", "2", "--epochs", "2",
+    text = _bench("sweep_overhead", tmp_path / "history", "--study", str(study), "--trials", "2", "--epochs", "2",
                   "--rounds", "1")
     rows = _rows(text)
     assert [row[0] for row in rows] == [
@@ -145,7 +157,7 @@ def test_sweep_overhead_splits_the_overhead_and_says_where_the_goal_holds(tmp_pa
 
 @pytest.mark.slow
 def test_cpu_allocator_compares_fresh_processes_of_each_setting(tmp_path):
-    text = _bench("cpu_allocator", tmp_path / "results.md", "--rounds", "1", "--seconds", "0.2", "--models", "lenet5")
+    text = _bench("cpu_allocator", tmp_path / "history", "--rounds", "1", "--seconds", "0.2", "--models", "lenet5")
     assert "Reproduce: `python -m benchmarks.cpu_allocator --rounds 1 --seconds 0.2 --models lenet5`" in text
     rows = {row[2]: row for row in _rows(text)}
     assert set(rows) == {"glibc defaults", "freed memory kept"}
@@ -167,7 +179,7 @@ def test_accuracy_floor_counts_collapsed_trials_with_and_without_the_floor(tmp_p
     search = {**TINY["search"], "lam": {"low": 1e-3, "high": 1e3, "log": True}, "mode": ["scratch"],
               "droprate_init": 0.5}
     study = write_study(tmp_path / "study.yaml", trial=trial, search=search, enqueue=[{"lam": 100.0}, {"lam": 0.001}])
-    text = _bench("accuracy_floor", tmp_path / "results.md", "--study", str(study), "--seeds", "1", "--trials", "2",
+    text = _bench("accuracy_floor", tmp_path / "history", "--study", str(study), "--seeds", "1", "--trials", "2",
                   "--workers", "1")
     rows = {row[0]: row for row in _rows(text) if row[0] in ("0", "chance")}
     # min_accuracy, seed, complete, collapsed, collapsed on the front, front size, ...
@@ -179,7 +191,7 @@ def test_accuracy_floor_counts_collapsed_trials_with_and_without_the_floor(tmp_p
 @pytest.mark.slow
 def test_early_stopping_compares_methods_at_an_equal_epoch_budget(tmp_path):
     study = write_study(tmp_path / "study.yaml")
-    text = _bench("early_stopping", tmp_path / "results.md", "--study", str(study), "--trials", "1",
+    text = _bench("early_stopping", tmp_path / "history", "--study", str(study), "--trials", "1",
                   "--seeds", "1", "--methods", "none", "asha-3")
     rows = [r for r in _rows(text) if r[0] in ("none", "asha-3")]
     assert [r[:2] for r in rows] == [["none", "1"], ["asha-3", "1"]]
@@ -195,7 +207,7 @@ def test_target_vs_lambda_reports_both_sweeps_per_seed(tmp_path):
     target = write_study(tmp_path / "target.yaml", trials=2, enqueue=[],
                          trial={**TINY["trial"], "export": {"exact_target": True}},
                          search={**TINY["search"], "lam": None, "target_sparsity": {"low": 0.3, "high": 0.97}})
-    text = _bench("target_vs_lambda", tmp_path / "results.md", "--seeds", "1", "--trials", "2", "--workers", "1",
+    text = _bench("target_vs_lambda", tmp_path / "history", "--seeds", "1", "--trials", "2", "--workers", "1",
                   "--epochs", "2", "--lambda-study", str(lam), "--target-study", str(target))
     rows = {row[0]: row for row in _rows(text) if row[0] in ("lambda", "target")}
     assert set(rows) == {"lambda", "target"}
