@@ -1,7 +1,8 @@
-"""A user's own model and data, as a study file names them (``examples.your_model.factories:wine_mlp``).
+"""A user's own model, data and metric, as a study file names them (``examples.your_model.factories:wine_mlp``).
 
 l0sweep calls the model factory with ``num_classes`` and ``input_shape`` taken from the data (the study file's
-``model.kwargs`` set the rest), and the data factory with ``data.kwargs``.
+``model.kwargs`` set the rest), the data factory with ``data.kwargs``, and the metric with the outputs and targets
+of a whole validation (or test) set.
 """
 from __future__ import annotations
 
@@ -26,3 +27,19 @@ def wine(seed: int = 0) -> tuple[TensorDataset, TensorDataset, TensorDataset]:
     x, y = x[perm], torch.tensor(y)[perm]
     return (TensorDataset(x[:120], y[:120]), TensorDataset(x[120:149], y[120:149]),
             TensorDataset(x[149:], y[149:]))
+
+
+def macro_f1(outputs: torch.Tensor, targets: torch.Tensor) -> float:
+    """Macro-averaged F1 of the predicted classes over a whole evaluation set (a mean of per-batch F1s would not
+    be the set's F1): the metric this example selects on (``trial.task.metric``).
+
+    >>> round(macro_f1(torch.tensor([[2.0, 0.0], [0.0, 1.0], [0.0, 3.0]]), torch.tensor([0, 0, 1])), 3)
+    0.667
+    """
+    predicted = outputs.argmax(1)
+    scores = []
+    for c in range(outputs.shape[1]):
+        tp = int(((predicted == c) & (targets == c)).sum())
+        claimed, actual = int((predicted == c).sum()), int((targets == c).sum())
+        scores.append(2 * tp / (claimed + actual) if claimed + actual else 1.0)
+    return sum(scores) / len(scores)
