@@ -89,6 +89,12 @@ UNRUNNABLE = {
     "model-does-not-fit": ({"model": {"name": "lenet5"}}, {},
                            "trial.model 'lenet5' cannot train on trial.data 'digits' (inputs (1, 8, 8)): lenet5 needs "
                            "images of at least 16x16 pixels, got 8x8"),
+    # A data factory that returns neither datasets nor an object holding them.
+    "data-factory-returns-a-dict": ({"data": {"name": "tests.test_your_model:not_datasets"}}, {},
+                                    "trial.data 'tests.test_your_model:not_datasets' cannot be loaded: dataset "
+                                    "'tests.test_your_model:not_datasets' returned dict: a data factory returns "
+                                    "(train, test) or (train, val, test) datasets, or an object with train, val and "
+                                    "test (or train_dataset, val_dataset and test_dataset) datasets"),
     # torch.compile would find no C++ compiler at every trial's first step.
     "compile-without-compiler": ({"compile": True}, {"CXX": "no-such-compiler"},
                                  "trial.compile: true needs a C++ compiler on this machine (torch.compile builds its "
