@@ -15,9 +15,11 @@ import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
+from sweeps.records import StudyRecord, TaskMetric, TrialRecord, task_metric
+
 from .pick import recommend, trade_off
-from .table import (TARGET_TOLERANCE, TaskMetric, failed_and_interrupted, front_table, hypervolume_history,
-                    latency_setting, missed_target, spec_of, task_metric, trials_table)
+from .table import (TARGET_TOLERANCE, failed_and_interrupted, front_table, hypervolume_history, latency_setting,
+                    missed_target, spec_of, trials_table)
 
 MODE_COLOURS = {"scratch": "#1f77b4", "finetune": "#d62728"}
 
@@ -166,8 +168,9 @@ def _target_scatter(table: pd.DataFrame, chosen: pd.Series | None, metric: TaskM
 
 
 def _recommended_detail(trial: optuna.trial.FrozenTrial) -> go.Figure | None:
-    kept = trial.user_attrs.get("kept_units") or {}
-    hist = trial.user_attrs.get("log_alpha_hist")
+    record = TrialRecord.read(trial)
+    kept = record.kept_units or {}
+    hist = record.log_alpha_hist
     if not kept and not hist:
         return None
     fig = make_subplots(rows=1, cols=2, subplot_titles=("kept units per gated layer", "log_alpha per gate"))
@@ -224,12 +227,12 @@ def _missed(table: pd.DataFrame) -> str:
 
 def _latency_note(study: optuna.Study, runtime: str, batch: int) -> str:
     """What the latency columns are, the dense model's time, and how noisy the measurements were."""
-    timed = [t.user_attrs["latency"] for t in study.get_trials(deepcopy=False) if t.user_attrs.get("latency")]
+    timed = [lat for lat in (TrialRecord.read(t).latency for t in study.get_trials(deepcopy=False)) if lat]
     if not timed:
         return ""
     noise = [f["noise"] for lat in timed for by in lat.values() for f in by.values()]
     runs = [f["runs"] for lat in timed for by in lat.values() for f in by.values()]
-    dense = (study.user_attrs.get("dense_latency") or {}).get(runtime, {}).get(str(batch))
+    dense = (StudyRecord.read(study).dense_latency or {}).get(runtime, {}).get(str(batch))
     return (f"<p class='latency'>Latency ({runtime}, batch {batch}{', ' + dense['device'] if dense else ''}): one "
             f"forward in eval mode, the median of {min(runs)}-{max(runs)} timed calls after 3 warm-up calls, the "
             f"dense model and the compacted one timed alternately; speed-up = dense ms / compacted ms, from the same "
@@ -238,16 +241,15 @@ def _latency_note(study: optuna.Study, runtime: str, batch: int) -> str:
             f"{np.median(noise):.0%}, worst {max(noise):.0%}; speed-ups closer to 1 than that are not telling.</p>")
 
 
-def write_report(study: optuna.Study, out_dir: str | Path, tracking_uri: str | None = None) -> Path:
-    """Write ``report.html``, ``front.md`` and ``front.csv`` into ``out_dir``; log them to the study's MLflow run.
-
-    Returns the HTML page's path.
+def write_report(study: optuna.Study, out_dir: str | Path) -> Path:
+    """Write ``report.html``, ``front.md`` and ``front.csv`` into ``out_dir`` (the sweep logs them to the study's
+    MLflow run: sweeps.tracking.log_report). Returns the HTML page's path.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     table = trials_table(study)
     front = front_table(study)
-    baseline = study.user_attrs.get("dense_baseline")
+    baseline = StudyRecord.read(study).dense_baseline
     metric = task_metric(study)
     chosen, how = None, ""
     if not front.empty:
@@ -336,8 +338,4 @@ Selection uses {html.escape(metric.label())}; test {html.escape(metric.name)} is
 """
     path = out / "report.html"
     path.write_text(page)
-    if tracking_uri and study.user_attrs.get("mlflow_parent_run_id"):
-        from mlflow.tracking import MlflowClient
-
-        MlflowClient(tracking_uri).log_artifacts(study.user_attrs["mlflow_parent_run_id"], str(out), "report")
     return path

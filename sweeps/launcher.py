@@ -74,9 +74,15 @@ def _tail(path: Path, lines: int = 5) -> str:
         return ""
 
 
+# What writes the report at the end of a sweep: given the study, the report's path. The launcher draws nothing
+# itself (sweeps does not import dashboards); its one entry, sweeps.api, passes the report in.
+Reporter = Callable[["optuna.Study"], Path]
+
+
 def run_sweep(study_file: Path, spec: StudySpec, settings: Settings, workers: int, trials: int | None,
-              report: bool = True) -> int:
-    """The whole local sweep; returns the exit status (0 when the study reached its budget)."""
+              report: Reporter | None = None) -> int:
+    """The whole local sweep, then ``report`` (if any trial completed); returns the exit status (0 when the study
+    reached its budget)."""
     stop_on_signals(once=True)  # SIGTERM or a closed terminal: stop the workers as Ctrl-C does; finish closing
     check_url(settings.storage, workers)
     # A folder per run: a reused --out showed the last run's lines (its error among them) above this run's, and
@@ -111,20 +117,21 @@ def _stop(procs: dict[int, subprocess.Popen]) -> None:
 
 
 def _run(spawn: Callable[[int], subprocess.Popen], spec: StudySpec, settings: Settings, workers: int,
-         trials: int | None, report: bool, procs: dict[int, subprocess.Popen], ready: Path, gpus: list[str]) -> int:
+         trials: int | None, report: Reporter | None, procs: dict[int, subprocess.Popen], ready: Path,
+         gpus: list[str]) -> int:
     try:
         from tqdm import tqdm
 
         from .tracking import end_study_run
-        from .study import (BUDGET_ATTR, budget_reached, counts, create_or_resume, discard_new_study,
-                            recover_orphaned_trials)
+        from .records import StudyRecord
+        from .study import budget_reached, counts, create_or_resume, discard_new_study, recover_orphaned_trials
 
         study, created = create_or_resume(spec, settings, trials)
     except BaseException:
         _stop(procs)  # they were waiting for this study; nothing of theirs to clean up
         raise
     ready.touch()
-    budget = int(study.user_attrs[BUDGET_ATTR])
+    budget = int(StudyRecord.read(study).budget)
     log_dir = ready.parent
     on_gpus = (f" on GPU {', '.join(gpus[:workers])}" + (" (in turn)" if workers > len(gpus) else "")) if gpus else ""
     print(f"l0sweep: study {spec.name!r}: {budget} complete trials wanted, {workers} workers{on_gpus}; "
@@ -187,10 +194,7 @@ def _run(spawn: Callable[[int], subprocess.Popen], spec: StudySpec, settings: Se
 
     print(f"l0sweep: {n['COMPLETE']} complete, {n['PRUNED']} stopped early, {n['FAIL']} failed or interrupted "
           f"(budget {budget})" + runs_link(study, settings.tracking_uri, "; runs: "), file=sys.stderr)
-    if report and n["COMPLETE"]:
-        from dashboards import write_report
-
-        path = write_report(study, settings.out / "reports" / spec.name, settings.tracking_uri)
-        print(f"l0sweep: report {path}", file=sys.stderr)
+    if report is not None and n["COMPLETE"]:
+        print(f"l0sweep: report {report(study)}", file=sys.stderr)
     return 0 if reached else (130 if status == "KILLED" else 1)
 
