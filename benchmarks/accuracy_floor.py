@@ -24,7 +24,7 @@ from sweeps.data import chance_accuracy
 from sweeps.records import StudyRecord
 from sweeps.search import first_point, trial_config
 from sweeps.spec import load_spec
-from sweeps.training import load_splits
+from sweeps.loop import load_splits
 from sweeps.worker import metric_floor
 
 

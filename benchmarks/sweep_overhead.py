@@ -44,7 +44,8 @@ from benchmarks.results import append, timed_sweep
 from sweeps.records import TrialRecord
 from sweeps.search import trial_config
 from sweeps.spec import load_spec
-from sweeps.training import dense_baseline, train_trial
+from sweeps.baseline import dense_baseline
+from sweeps.training import train_trial
 
 
 def _break_even(rest: float, per_trial: float, trial: float, n: int) -> str:

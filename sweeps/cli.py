@@ -166,7 +166,7 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "create":
         from .search import first_point, trial_config
         from .study import create_or_resume
-        from .training import check_fits
+        from .preflight import check_fits
 
         check_fits(trial_config(spec, first_point(spec)))  # a study whose trials cannot run is not created
         _make_out(args)

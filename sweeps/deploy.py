@@ -34,7 +34,7 @@ from .models import build_model
 from .records import StudyRecord, TrialRecord, feasible, task_metric
 from .search import trial_config
 from .spec import StudySpec
-from .training import resolve_device
+from .runtime import resolve_device
 
 GATED_ARTIFACT = "gated.pt"  # a logged trial's gated model state, what export rebuilds the model from
 TOLERANCE = 1e-5  # of the output scale (max |output|, at least 1): how far an exported form may differ

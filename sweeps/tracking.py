@@ -27,7 +27,8 @@ if TYPE_CHECKING:  # torch stays out of the launcher, which creates the study's 
     import torch
 
     from .config import TrialConfig
-    from .training import EpochMetrics, TrialResult
+    from .loop import EpochMetrics
+    from .training import TrialResult
 
 # MLflow 3 marks an experiment's kind with this tag (its UI's experiment-type setting writes it); untagged, the
 # study's experiment opened on the GenAI overview (traces, an assistant), the training runs one click away.

@@ -28,7 +28,11 @@ from .spec import SpecError, StudySpec
 from .study import (budget_reached, check_same_study, counts, load_existing, recover_orphaned_trials, retry_trial,
                     storage_for)
 from .tracking import TrialRun, end_study_run, log_alpha_by_gate, log_alpha_histogram, pid_space, worker_tag
-from .training import EpochMetrics, StopTrial, check_fits, dense_baseline, resolve_device, train_trial
+from .baseline import dense_baseline
+from .loop import EpochMetrics, StopTrial
+from .preflight import check_fits
+from .runtime import resolve_device
+from .training import train_trial
 
 def latency_batch(spec: StudySpec, cfg) -> int:
     """The batch size the latency objective and the report's speed-up use: the study's, else the training batch."""

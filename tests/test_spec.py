@@ -136,7 +136,7 @@ def test_a_target_study_suggests_targets_per_mode_and_trains_towards_them():
 
 def test_the_target_settings_leave_the_dense_baselines_key_alone():
     from sweeps.config import TrialConfig
-    from sweeps.training import baseline_key
+    from sweeps.baseline import baseline_key
 
     plain = TrialConfig()
     tuned = TrialConfig.model_validate({"optim": {"target_warmup": 0.9, "multiplier_lr": 1.0}, "target_sparsity": 0.5})
