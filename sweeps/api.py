@@ -21,7 +21,7 @@ import yaml
 from dashboards import describe_pick, front_table, pick, trials_table, write_report
 
 from .launcher import run_sweep
-from .settings import Settings, default_tracking_uri, settings_from
+from .settings import default_tracking_uri, settings_from
 from .spec import StudySpec, load_spec, parse_spec, resolve_study_paths
 from .storage import open_storage
 from .study import load_existing
@@ -59,7 +59,7 @@ def run(study: str | Path | dict[str, Any] | StudySpec, workers: int = 2, trials
     path = _study_file(study, out)
     spec = load_spec(path)
     settings = _settings(out, storage, tracking_uri)
-    status = sweep(path, spec, settings, workers, trials)
+    status = run_sweep(path, spec, settings, workers, trials, report=report)
     if status != 0:
         raise RuntimeError(f"the sweep of {spec.name!r} ended with status {status}: its workers' logs are in "
                            f"{out / 'logs'}")
@@ -79,16 +79,6 @@ def report(study: optuna.Study, out_dir: str | Path, tracking_uri: str | None = 
     if tracking_uri:
         log_report(study, tracking_uri, Path(out_dir))
     return path
-
-
-def sweep(study_file: Path, spec: StudySpec, settings: Settings, workers: int, trials: int | None) -> int:
-    """``l0sweep run``: the local sweep (:func:`sweeps.launcher.run_sweep`), then its report under
-    ``OUT/reports/NAME``; returns the exit status."""
-
-    def report_of(study: optuna.Study) -> Path:
-        return report(study, settings.out / "reports" / spec.name, settings.tracking_uri)
-
-    return run_sweep(study_file, spec, settings, workers, trials, report=report_of)
 
 
 def chosen_trial(study: optuna.Study, max_drop: float | None = None, min_sparsity: float | None = None,

@@ -13,6 +13,10 @@ import os
 import sys
 from importlib.metadata import version
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the CLI imports what a command needs when it runs: `l0sweep --help` stays instant
+    import optuna
 
 DEFAULT_OUT = "l0sweep-out"
 
@@ -151,6 +155,13 @@ def _make_out(args: argparse.Namespace) -> None:
         raise ValueError(f"--out {args.out}: cannot create it ({exc.strerror})") from None
 
 
+def _report(study: optuna.Study, out_dir: Path, tracking_uri: str) -> Path:
+    """The report ``l0sweep run`` writes once its sweep is over (sweeps.api.report)."""
+    from .api import report  # here, not before the sweep: plotly and pandas would delay its workers' start
+
+    return report(study, out_dir, tracking_uri)
+
+
 def dispatch(args: argparse.Namespace) -> int:
     from .spec import load_spec
 
@@ -159,10 +170,10 @@ def dispatch(args: argparse.Namespace) -> int:
             _positive(f"--{name}", getattr(args, name, None))
         spec = load_spec(args.study_file)
     if args.command == "run":
-        from .api import sweep
+        from .launcher import run_sweep
 
         _make_out(args)
-        return sweep(args.study_file, spec, _settings(args), args.workers, args.trials)
+        return run_sweep(args.study_file, spec, _settings(args), args.workers, args.trials, report=_report)
     if args.command == "create":
         from .search import first_point, trial_config
         from .study import create_or_resume

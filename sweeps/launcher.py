@@ -74,15 +74,15 @@ def _tail(path: Path, lines: int = 5) -> str:
         return ""
 
 
-# What writes the report at the end of a sweep: given the study, the report's path. The launcher draws nothing
-# itself (sweeps does not import dashboards); its one entry, sweeps.api, passes the report in.
-Reporter = Callable[["optuna.Study"], Path]
+# What writes the report at the end of a sweep: (study, folder, tracking URI) -> the page's path. The launcher
+# draws nothing itself (sweeps does not import dashboards): its callers pass sweeps.api.report in.
+Reporter = Callable[["optuna.Study", Path, str], Path]
 
 
 def run_sweep(study_file: Path, spec: StudySpec, settings: Settings, workers: int, trials: int | None,
               report: Reporter | None = None) -> int:
-    """The whole local sweep, then ``report`` (if any trial completed); returns the exit status (0 when the study
-    reached its budget)."""
+    """The whole local sweep, then ``report`` into ``OUT/reports/NAME`` (if any trial completed); returns the exit
+    status (0 when the study reached its budget)."""
     stop_on_signals(once=True)  # SIGTERM or a closed terminal: stop the workers as Ctrl-C does; finish closing
     check_url(settings.storage, workers)
     # A folder per run: a reused --out showed the last run's lines (its error among them) above this run's, and
@@ -195,6 +195,7 @@ def _run(spawn: Callable[[int], subprocess.Popen], spec: StudySpec, settings: Se
     print(f"l0sweep: {n['COMPLETE']} complete, {n['PRUNED']} stopped early, {n['FAIL']} failed or interrupted "
           f"(budget {budget})" + runs_link(study, settings.tracking_uri, "; runs: "), file=sys.stderr)
     if report is not None and n["COMPLETE"]:
-        print(f"l0sweep: report {report(study)}", file=sys.stderr)
+        path = report(study, settings.out / "reports" / spec.name, settings.tracking_uri)
+        print(f"l0sweep: report {path}", file=sys.stderr)
     return 0 if reached else (130 if status == "KILLED" else 1)
 
