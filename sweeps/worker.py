@@ -13,12 +13,15 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import optuna
 import torch
+from torch import nn
 
 import l0core
 
+from .config import TrialConfig
 from .early_stopping import TrialHistory, stopper_for
 from .models import build_model
 from .records import StudyRecord, TrialRecord, dominated, record_shortfall
@@ -32,7 +35,7 @@ from .baseline import dense_baseline
 from .loop import EpochMetrics, StopTrial
 from .preflight import check_fits
 from .runtime import resolve_device
-from .training import train_trial
+from .training import TrialResult, train_trial
 
 def latency_batch(spec: StudySpec, cfg) -> int:
     """The batch size the latency objective and the report's speed-up use: the study's, else the training batch."""
@@ -65,8 +68,17 @@ def shortfall(value: float, floor: float | None, direction: str) -> float:
     return floor - value if direction == "maximize" else value - floor
 
 
+class Scored(NamedTuple):
+    """What a trained trial's objectives came to, and what was measured on the way."""
+
+    objectives: list[float]  # in spec.metric_names' order
+    on_front: bool  # whether it enters the study's front (feasible and not dominated)
+    small: nn.Module | None  # the compacted model, where it was needed (timed, or to be logged)
+    latency: dict | None  # sweeps.latency.figures, where measured
+
+
 class Objective:
-    """One trial: sample, train, log; returns the objectives (in ``spec.directions``)."""
+    """One trial: suggest -> train -> record -> log; returns the objectives (in ``spec.directions``)."""
 
     def __init__(self, spec: StudySpec, settings: Settings) -> None:
         self.spec = spec
@@ -76,17 +88,41 @@ class Objective:
         self._dense: tuple | None = None  # (what it is, the dense model) timed against each trial's compacted one
 
     def __call__(self, trial: optuna.Trial) -> list[float]:
-        spec, settings = self.spec, self.settings
         self.failed = False
-        cfg, values = suggest(trial, spec)
-        cfg = cfg.model_copy(update={"baseline_dir": str(settings.out / "baselines"),
-                                     "threads": settings.threads or cfg.threads})
+        cfg, values = self._suggest(trial)
+        run = TrialRun(trial, self.settings.tracking_uri, values, cfg)
+        try:
+            result, trained = self._train(trial, cfg, run)
+            feasible = self._record(trial, result)
+            scored = self._score(trial, cfg, result, feasible)
+            self._log(trial, cfg, run, result, scored, trained)
+        except StopTrial as stop:
+            TrialRecord.write(trial, stopped_at_epoch=stop.metrics.epoch)
+            run.end("KILLED")
+            raise optuna.TrialPruned(f"stopped early at epoch {stop.metrics.epoch} "
+                                     f"({self.spec.early_stopping.method})") from None
+        except BaseException as exc:
+            self.failed = True
+            if isinstance(exc, KeyboardInterrupt):
+                self.interrupted = trial._trial_id
+            run.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            raise
+        return scored.objectives
+
+    def _suggest(self, trial: optuna.Trial) -> tuple[TrialConfig, dict[str, Any]]:
+        """The trial's config and values, as the sampler suggests them; recorded on the trial with its worker."""
+        cfg, values = suggest(trial, self.spec)
+        cfg = cfg.model_copy(update={"baseline_dir": str(self.settings.out / "baselines"),
+                                     "threads": self.settings.threads or cfg.threads})
         TrialRecord.write(trial, **{k: values[k] for k in TrialRecord.VALUE_FIELDS if k in values},
                           worker=worker_tag(), pid_space=pid_space())
-        run = TrialRun(trial, settings.tracking_uri, values, cfg)
-        stopper = stopper_for(trial.study, spec, cfg.optim.epochs, trial.number)
-        history = TrialHistory(trial)
+        return cfg, values
 
+    def _train(self, trial: optuna.Trial, cfg: TrialConfig, run: TrialRun) -> tuple[TrialResult, float]:
+        """Train the trial, logging each epoch and asking the study's stopper after it (StopTrial when it says
+        stop); returns the result and the seconds training took, the epoch hook's own left out."""
+        stopper = stopper_for(trial.study, self.spec, cfg.optim.epochs, trial.number)
+        history = TrialHistory(trial)
         in_hook = 0.0  # seconds of the epoch hook (logging, early stopping), which are the sweep's, not training
 
         def on_epoch(m: EpochMetrics) -> bool:
@@ -103,64 +139,67 @@ class Objective:
                 in_hook += time.perf_counter() - start
 
         try:
-            try:
-                start = time.perf_counter()
-                result = train_trial(cfg, on_epoch)
-                trained = time.perf_counter() - start - in_hook
-            finally:
-                history.flush()  # whole, before the trial is told COMPLETE (or stopped, or failed)
-            metrics = {spec.metric_column: result.val_metric, "sparsity": result.sparsity,
-                       "flops_reduction": 1.0 - result.flops_ratio}
-            TrialRecord.write(trial, spec.metric, test_metric=result.test_metric, flops_ratio=result.flops_ratio,
-                              total_params=result.total_params, removed_params=result.removed_params,
-                              kept_units=result.kept_units, sparsity=result.sparsity)
-            if result.target_sparsity is not None:  # what the target cost, in lambda's units, and what exact changed
-                TrialRecord.write(trial, effective_lambda=result.effective_lambda)
-                if result.exact_target is not None:
-                    TrialRecord.write(trial, exact_target=result.exact_target)
-            floor = metric_floor(spec.min_accuracy, result.chance_accuracy, result.val_examples)
-            TrialRecord.write(trial, metric_floor=floor)
-            short = shortfall(result.val_metric, floor, spec.trial.task.direction)
-            record_shortfall(trial, short)  # steers the sampler away from trials short of the floor
-            feasible = short <= 0
-            alphas = log_alpha_by_gate(result.model)
-            hist = log_alpha_histogram(alphas)
-            TrialRecord.write(trial, log_alpha_hist=hist)
-            front = trial.study.best_trials
-            # Latency costs time: measured where it is an objective, else only for trials entering the front.
-            timed = "latency" in spec.objectives
-            if not timed:
-                on_front = feasible and not dominated([metrics[n] for n in spec.metric_names], front, spec.directions)
-            small, latency = None, None
-            if timed or on_front or spec.mlflow.log_models == "all":
-                small = l0core.compact(result.model, result.example_inputs, round_to=spec.export.round_to)
-            if timed or on_front:
-                start = time.perf_counter()
-                latency = self._latency(trial.study, cfg, result, small)
-                TrialRecord.write(trial, latency=latency, latency_seconds=time.perf_counter() - start)
-                metrics["speedup"] = latency_speedup(spec, cfg, latency)
-            objectives = [metrics[name] for name in spec.metric_names]
-            if timed:
-                on_front = feasible and not dominated(objectives, front, spec.directions)
-            log_model = spec.mlflow.log_models == "all" or (spec.mlflow.log_models == "front" and on_front)
-            run.finish(result, small if log_model else None, alphas, hist, latency)
-            TrialRecord.write(trial, model_logged=log_model)
-            # What the trial's training took (and the dense baseline's, where this trial had it trained), timed
-            # while the sweep ran: the sweep's own cost is its wall time less the sum of these
-            # (benchmarks/sweep_overhead.py), free of the machine's drift between separate runs.
-            TrialRecord.write(trial, train_seconds=trained + self._record_baseline(trial.study, cfg))
-        except StopTrial as stop:
-            TrialRecord.write(trial, stopped_at_epoch=stop.metrics.epoch)
-            run.end("KILLED")
-            raise optuna.TrialPruned(f"stopped early at epoch {stop.metrics.epoch} ({spec.early_stopping.method})") \
-                from None
-        except BaseException as exc:
-            self.failed = True
-            if isinstance(exc, KeyboardInterrupt):
-                self.interrupted = trial._trial_id
-            run.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
-            raise
-        return objectives
+            start = time.perf_counter()
+            result = train_trial(cfg, on_epoch)
+            return result, time.perf_counter() - start - in_hook
+        finally:
+            history.flush()  # whole, before the trial is told COMPLETE (or stopped, or failed)
+
+    def _record(self, trial: optuna.Trial, result: TrialResult) -> bool:
+        """Record the trained trial's figures and its floor, and set its shortfall (an Optuna constraint, which
+        steers the sampler away from trials short of the floor); returns whether it is feasible."""
+        spec = self.spec
+        TrialRecord.write(trial, spec.metric, test_metric=result.test_metric, flops_ratio=result.flops_ratio,
+                          total_params=result.total_params, removed_params=result.removed_params,
+                          kept_units=result.kept_units, sparsity=result.sparsity)
+        if result.target_sparsity is not None:  # what the target cost, in lambda's units, and what exact changed
+            TrialRecord.write(trial, effective_lambda=result.effective_lambda)
+            if result.exact_target is not None:
+                TrialRecord.write(trial, exact_target=result.exact_target)
+        floor = metric_floor(spec.min_accuracy, result.chance_accuracy, result.val_examples)
+        TrialRecord.write(trial, metric_floor=floor)
+        short = shortfall(result.val_metric, floor, spec.trial.task.direction)
+        record_shortfall(trial, short)
+        return short <= 0
+
+    def _score(self, trial: optuna.Trial, cfg: TrialConfig, result: TrialResult, feasible: bool) -> Scored:
+        """The trial's objectives, and whether it enters the front. Latency costs time: it is measured (and
+        recorded) where it is an objective, else only for a trial entering the front."""
+        spec = self.spec
+        metrics = {spec.metric_column: result.val_metric, "sparsity": result.sparsity,
+                   "flops_reduction": 1.0 - result.flops_ratio}
+        front = trial.study.best_trials
+        timed = "latency" in spec.objectives
+        if not timed:
+            on_front = feasible and not dominated([metrics[n] for n in spec.metric_names], front, spec.directions)
+        small, latency = None, None
+        if timed or on_front or spec.mlflow.log_models == "all":
+            small = l0core.compact(result.model, result.example_inputs, round_to=spec.export.round_to)
+        if timed or on_front:
+            start = time.perf_counter()
+            latency = self._latency(trial.study, cfg, result, small)
+            TrialRecord.write(trial, latency=latency, latency_seconds=time.perf_counter() - start)
+            metrics["speedup"] = latency_speedup(spec, cfg, latency)
+        objectives = [metrics[name] for name in spec.metric_names]
+        if timed:
+            on_front = feasible and not dominated(objectives, front, spec.directions)
+        return Scored(objectives, on_front, small, latency)
+
+    def _log(self, trial: optuna.Trial, cfg: TrialConfig, run: TrialRun, result: TrialResult, scored: Scored,
+             trained: float) -> None:
+        """Finish the trial's MLflow run (its model too, as the study's log_models says) and record what was
+        logged and what training took."""
+        log_models = self.spec.mlflow.log_models
+        alphas = log_alpha_by_gate(result.model)
+        hist = log_alpha_histogram(alphas)
+        TrialRecord.write(trial, log_alpha_hist=hist)
+        log_model = log_models == "all" or (log_models == "front" and scored.on_front)
+        run.finish(result, scored.small if log_model else None, alphas, hist, scored.latency)
+        TrialRecord.write(trial, model_logged=log_model)
+        # What the trial's training took (and the dense baseline's, where this trial had it trained), timed
+        # while the sweep ran: the sweep's own cost is its wall time less the sum of these
+        # (benchmarks/sweep_overhead.py), free of the machine's drift between separate runs.
+        TrialRecord.write(trial, train_seconds=trained + self._record_baseline(trial.study, cfg))
 
     def _latency(self, study: optuna.Study, cfg, result, small) -> dict:
         """Time ``small`` against the dense model (random weights: time does not depend on them) at batch 1 and
