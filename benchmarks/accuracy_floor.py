@@ -21,9 +21,10 @@ from optuna.trial import TrialState
 
 from benchmarks.results import append, timed_sweep
 from sweeps.data import chance_accuracy
+from sweeps.records import StudyRecord
 from sweeps.search import first_point, trial_config
 from sweeps.spec import load_spec
-from sweeps.training import load_splits
+from sweeps.loop import load_splits
 from sweeps.worker import metric_floor
 
 
@@ -43,7 +44,7 @@ def one(study_file: Path, floor: str, seed: int, trials: int, workers: int, tmp:
     wall, study = timed_sweep(path, tmp / f"out-{floor}-{seed}", "--trials", str(trials), "--workers", str(workers))
     complete = study.get_trials(states=(TrialState.COMPLETE,))
     front = study.best_trials
-    dense = study.user_attrs.get("dense_baseline", {}).get("val_accuracy")
+    dense = (StudyRecord.read(study).dense_baseline or {}).get("val_accuracy")
     within = [t.values[1] for t in complete if dense is not None and t.values[0] >= dense - 0.01]
     return {"floor": floor, "seed": seed, "complete": len(complete),
             "collapsed": sum(t.values[0] < chance for t in complete),

@@ -1,11 +1,11 @@
-"""What keeping freed memory (``sweeps.training.keep_freed_memory``) saves a CPU training step.
+"""What keeping freed memory (``sweeps.runtime.keep_freed_memory``) saves a CPU training step.
 
     python -m benchmarks.cpu_allocator [--rounds 5] [--models lenet5 googlenet]
 
 glibc's malloc can only be set up for a whole process, so each measurement is a fresh process: one with
 glibc's defaults, one with freed memory kept, as every trial's training sets it. Each round runs one of each,
 in turn (the order alternates), and the median over rounds is reported. A process times dense training steps
-(``sweeps.training.train_step``, as in ``benchmarks.training_overhead``) after three of warm-up, and counts the
+(``sweeps.loop.train_step``, as in ``benchmarks.training_overhead``) after three of warm-up, and counts the
 page faults they take (``getrusage``: pages the kernel had to hand out again) and its peak resident memory.
 Under glibc's defaults the faults differ from process to process (its thresholds adapt to the order in which
 blocks are freed): a LeNet-5 process may settle at none, or take 2,000-4,000 a step throughout.
@@ -24,7 +24,7 @@ import torch
 
 from benchmarks.results import append
 from benchmarks.training_overhead import MODELS, Setup
-from sweeps.training import keep_freed_memory
+from sweeps.runtime import keep_freed_memory
 
 VARIANTS = ("glibc defaults", "freed memory kept")
 SHAPE_AND_BATCH = {name: (shape, batch) for name, shape, batch in MODELS}
@@ -81,7 +81,7 @@ def main() -> None:
                  ["model", "batch", "malloc", "ms a step (median of processes)", "min-max", "speed-up (defaults / this)",
                   "page faults a step", "peak RSS MB", "steps a process"], rows,
                  f"{args.rounds} processes per setting, alternating. Freed memory kept: mmap threshold and trim "
-                 "threshold 1 GiB (sweeps.training.keep_freed_memory, which every trial's training calls on a CPU).",
+                 "threshold 1 GiB (sweeps.runtime.keep_freed_memory, which every trial's training calls on a CPU).",
                  settings=vars(args)))
 
 

@@ -27,6 +27,7 @@ from optuna.trial import TrialState
 
 from benchmarks.results import append, timed_sweep
 from dashboards import hypervolume_history
+from sweeps.records import TrialRecord
 
 METHODS = ("none", "dominance", "asha-3", "asha-4")
 
@@ -39,7 +40,7 @@ def _curve(study) -> list[tuple[int, float]]:
                       key=lambda t: t.number)
     curve, epochs, hv = [], 0, 0.0
     for t in finished:
-        epochs += len(t.user_attrs.get("history", []))
+        epochs += len(TrialRecord.read_history(t))
         hv = hv_after.get(t.number, hv)
         curve.append((epochs, hv))
     return curve
@@ -73,7 +74,7 @@ def one(study_file: Path, method: str, seed: int, trials: int, workers: int, tmp
     finished = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
     pruned = sum(t.state == TrialState.PRUNED for t in finished)
     history = hypervolume_history(study)
-    return {"method": method, "seed": seed, "epochs": sum(len(t.user_attrs.get("history", [])) for t in finished),
+    return {"method": method, "seed": seed, "epochs": sum(len(TrialRecord.read_history(t)) for t in finished),
             "pruned": pruned, "complete": len(finished) - pruned, "wall": wall, "curve": _curve(study),
             "hv": float(history.hypervolume.iloc[-1]) if len(history) else 0.0}
 

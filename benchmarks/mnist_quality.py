@@ -26,6 +26,7 @@ from optuna.trial import TrialState
 from torch.utils.data import TensorDataset
 
 from benchmarks.results import append, timed_sweep
+from sweeps.records import StudyRecord, TrialRecord
 
 PAPER = {  # Louizos et al. 2018, table 1 (kept units per layer, test error on full MNIST)
     "mlp": ("784-300-100 dense; L0 (lambda/N=0.1/N): 219-214-100, 1.4% error; L0-sep: 266-88-33, 1.8% error"),
@@ -100,7 +101,7 @@ def main() -> None:
         for model in args.models:
             study_file = _study_file(model, args.data, args.trials, tmp)
             wall, study = timed_sweep(study_file, tmp / model, "--workers", str(args.workers))
-            dense = study.user_attrs["dense_baseline"]
+            dense = StudyRecord.read(study).dense_baseline
             complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
             front = {t.number for t in study.best_trials}
             within = [t for t in complete if t.values[0] >= dense["val_accuracy"] - 0.01]
@@ -110,15 +111,16 @@ def main() -> None:
             for t in sorted(complete, key=lambda t: t.values[1]):
                 if t.number not in front and t is not best:
                     continue
-                a = t.user_attrs
-                rows.append([model, t.number, a["mode"], f"{a['lam']:.3g}", f"{t.values[0]:.4f}",
-                             f"{a['test_accuracy']:.4f}", t.values[1], a["flops_ratio"], _arch(a["kept_units"]),
+                a = TrialRecord.read(t)
+                rows.append([model, t.number, a.mode, f"{a.lam:.3g}", f"{t.values[0]:.4f}",
+                             f"{a.test_metric:.4f}", t.values[1], a.flops_ratio, _arch(a.kept_units),
                              "most removed within 1 pt (val)" if t is best else "front"])
+            best_record = TrialRecord.read(best) if best else None
             notes.append(f"**{model}**: {len(complete)} trials in {wall:.0f} s. " + (
                 f"Most removed within 1 point of the dense validation accuracy: trial {best.number}, "
-                f"{best.values[1]:.1%} of the parameters removed, test accuracy {best.user_attrs['test_accuracy']:.2%} "
-                f"(dense {dense['test_accuracy']:.2%}), kept {_arch(best.user_attrs['kept_units'])} "
-                f"({json.dumps(best.user_attrs['kept_units'])}). Paper: {PAPER[model]}." if best else
+                f"{best.values[1]:.1%} of the parameters removed, test accuracy {best_record.test_metric:.2%} "
+                f"(dense {dense['test_accuracy']:.2%}), kept {_arch(best_record.kept_units)} "
+                f"({json.dumps(best_record.kept_units)}). Paper: {PAPER[model]}." if best else
                 "No trial within 1 point of the dense validation accuracy."))
     print(append("Quality on real MNIST digits (t10k: 8,000 / 1,000 / 1,000)",
                  f"python -m benchmarks.mnist_quality --data {args.data} --models {' '.join(args.models)} "

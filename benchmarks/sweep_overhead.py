@@ -41,10 +41,11 @@ import yaml
 from optuna.trial import TrialState
 
 from benchmarks.results import append, timed_sweep
+from sweeps.records import TrialRecord
 from sweeps.search import trial_config
 from sweeps.spec import load_spec
-from sweeps.training import dense_baseline, train_trial
-from sweeps.worker import TRAIN_SECONDS_ATTR
+from sweeps.baseline import dense_baseline
+from sweeps.training import train_trial
 
 
 def _break_even(rest: float, per_trial: float, trial: float, n: int) -> str:
@@ -68,7 +69,7 @@ def _phase(trials: list) -> float:
 
 def _trained(trials: list) -> list[float]:
     """Each complete trial's training seconds, as its worker timed them in the sweep."""
-    return [t.user_attrs[TRAIN_SECONDS_ATTR] for t in trials]
+    return [TrialRecord.read(t).train_seconds for t in trials]
 
 
 def _sweep(study_file: Path, trials: int, workers: int, out: Path) -> tuple[float, list]:
@@ -77,7 +78,7 @@ def _sweep(study_file: Path, trials: int, workers: int, out: Path) -> tuple[floa
 
 
 def _bare_process(study_file: Path, complete: list, tmp: Path) -> subprocess.Popen:
-    values = [{k: t.user_attrs[k] for k in ("lam", "droprate_init", "mode")} for t in complete]
+    values = [TrialRecord.read(t).values for t in complete]
     return subprocess.Popen([sys.executable, "-m", "benchmarks.sweep_overhead", "--bare", str(study_file),
                              json.dumps(values), str(tmp / f"bare-{time.monotonic_ns()}")],
                             stdout=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)

@@ -5,7 +5,7 @@
 Variants of each model: dense (no gates, no penalty), gated with one gate draw per batch, gated with one
 draw per example, and a second, identical dense model ("dense again": its ratio to the first is the noise
 floor, what a ratio of two equal steps reads on this machine). Each takes the real training step
-(``sweeps.training.train_step``: forward, cross-entropy, the L0 penalty, backward, Adam as trials build it).
+(``sweeps.loop.train_step``: forward, cross-entropy, the L0 penalty, backward, Adam as trials build it).
 Timing is interleaved: every round runs ``--steps`` steps of each variant in turn (more for a model whose
 steps fill less than ``--min-seconds``), starting one variant later each round (a fixed order favours some positions by a few percent), so machine noise hits them alike; the ratio
 is taken per round, and the median over rounds is reported. A gated variant's ratio is to the mean of the two
@@ -47,7 +47,8 @@ import l0core
 from benchmarks.results import append
 from sweeps.models import build_model
 from sweeps.config import OptimConfig
-from sweeps.training import build_optimizer, keep_freed_memory, resolve_device, train_step
+from sweeps.loop import build_optimizer, train_step
+from sweeps.runtime import keep_freed_memory, resolve_device
 
 MODELS = [("googlenet", (3, 32, 32), 128), ("lenet5", (1, 28, 28), 128)]
 VARIANTS = ("dense", "dense again", "per-batch", "per-sample")
@@ -187,7 +188,7 @@ def main() -> None:
     if args.compile:
         # Several models of one architecture compile in this process, and per-example gates act through hooks,
         # which dynamo does not guard on by default: without this, the per-sample models reused the dense
-        # model's graph (no gates). Trials reset dynamo instead (sweeps.training.compiled); here that would
+        # model's graph (no gates). Trials reset dynamo instead (sweeps.runtime.compiled); here that would
         # drop the other variants' graphs.
         torch._dynamo.config.skip_nnmodule_hook_guards = False
     if args.cold:

@@ -2,11 +2,11 @@
 
 ``write_report(study, out_dir)`` writes one self-contained HTML page plus the front as Markdown and CSV;
 ``pick(study, max_drop=..., min_sparsity=...)`` chooses a trial (a lambda) from the front (the knee by default).
-Nothing here trains: it reads what the sweep stored on the study and its trials.
+Nothing here trains: it reads what the sweep stored on the study and its trials, through sweeps.records.
 """
 from .pick import PickError, describe_pick, knee, pick, recommend
 from .report import write_report
-from .table import TaskMetric, feasible, front_table, hypervolume_history, task_metric, trials_table
+from .table import front_table, hypervolume_history, trials_table
 
-__all__ = ["PickError", "TaskMetric", "describe_pick", "feasible", "front_table", "hypervolume_history", "knee",
-           "pick", "recommend", "task_metric", "trials_table", "write_report"]
+__all__ = ["PickError", "describe_pick", "front_table", "hypervolume_history", "knee", "pick", "recommend",
+           "trials_table", "write_report"]

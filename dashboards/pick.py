@@ -10,7 +10,9 @@ import numpy as np
 import optuna
 import pandas as pd
 
-from .table import TaskMetric, front_table, task_metric
+from sweeps.records import StudyRecord, TaskMetric, TrialRecord, task_metric
+
+from .table import front_table, spec_of
 
 
 class PickError(ValueError):
@@ -20,8 +22,6 @@ class PickError(ValueError):
 def trade_off(study_or_spec: optuna.Study | dict) -> str:
     """The front's column traded against accuracy: ``speedup`` for a study whose objectives are
     [accuracy, latency], else ``sparsity``."""
-    from .table import spec_of
-
     spec = spec_of(study_or_spec) if isinstance(study_or_spec, optuna.Study) else study_or_spec
     objectives = spec.get("objectives", ["accuracy", "sparsity"])
     return "speedup" if "latency" in objectives and "sparsity" not in objectives else "sparsity"
@@ -105,7 +105,7 @@ def pick(study: optuna.Study, max_drop: float | None = None, min_sparsity: float
         unit = "accuracy points" if metric.is_accuracy else metric.name
         if max_drop < 0:
             raise PickError(f"--max-drop must be >= 0 {unit}, got {max_drop}")
-        baseline = study.user_attrs.get("dense_baseline")
+        baseline = StudyRecord.read(study).dense_baseline
         best = float(front[metric.val].iloc[int(signed.to_numpy().argmax())])
         reference, what = (baseline[metric.val], "the dense baseline") if baseline else (best, "the best trial")
         ok = _sparsest_within(front, reference, max_drop, trade_off(study), metric)
@@ -130,13 +130,14 @@ def pick(study: optuna.Study, max_drop: float | None = None, min_sparsity: float
         distance = (aimed - target).abs().round(9)  # equal targets tie, whatever their floating-point noise
         return front.assign(_distance=-distance, _signed=signed).sort_values(["_distance", "_signed"]).iloc[-1] \
             .drop(["_distance", "_signed"])
-    return front.iloc[recommend(front, study.user_attrs.get("dense_baseline"), trade_off(study), metric)[0]]
+    return front.iloc[recommend(front, StudyRecord.read(study).dense_baseline, trade_off(study), metric)[0]]
 
 
 def describe_pick(study: optuna.Study, row: pd.Series, tracking_uri: str | None = None) -> str:
     """What ``l0sweep pick`` prints: the values to reuse, the metrics, and where the model is."""
     trial = study.trials[int(row.trial)]
     metric = task_metric(study)
+    record = TrialRecord.read(trial, metric)
     run = row.mlflow_run_id
     lines = [f"trial {int(row.trial)} of study {study.study_name!r}"]
     if pd.notna(row.get("target_sparsity")):
@@ -150,14 +151,14 @@ def describe_pick(study: optuna.Study, row: pd.Series, tracking_uri: str | None 
               f"  {'test ' + metric.name:<14} {row[metric.test]:.4f}   (reported only)",
               f"  sparsity       {row.sparsity:.4f}   ({int(row.removed_params)} of {int(row.total_params)} parameters removed)",
               f"  FLOPs ratio    {row.flops_ratio:.4f}"]
-    if trial.user_attrs.get("exact_target"):
-        e = trial.user_attrs["exact_target"]
+    if record.exact_target:
+        e = record.exact_target
         lines.append(f"  exact target   the top-k of log_alpha closed {e['closed']} and opened {e['opened']} units against "
                      f"the deterministic gates (sparsity {e['sparsity_before']:.4f} -> {e['sparsity_after']:.4f}, val "
                      f"{metric.name} {e[metric.val + '_before']:.4f} -> {row[metric.val]:.4f})")
-    lines += _latency_lines(trial)
+    lines += _latency_lines(record)
     lines.append(f"  MLflow run     {run}")
-    if trial.user_attrs.get("model_logged"):
+    if record.model_logged:
         # Pasted into a fresh shell it must find the run: the tracking URI goes in the line (a relative MLflow
         # default would also leave an empty ./mlflow.db behind).
         where = f"mlflow.set_tracking_uri({tracking_uri!r}); " if tracking_uri else ""
@@ -172,10 +173,10 @@ def describe_pick(study: optuna.Study, row: pd.Series, tracking_uri: str | None 
     return "\n".join(lines)
 
 
-def _latency_lines(trial: optuna.trial.FrozenTrial) -> list[str]:
+def _latency_lines(record: TrialRecord) -> list[str]:
     """The trial's measured latencies (sweeps.latency), one line per runtime and batch size."""
     lines = []
-    for runtime, by_batch in (trial.user_attrs.get("latency") or {}).items():
+    for runtime, by_batch in (record.latency or {}).items():
         for batch, f in by_batch.items():
             lines.append(f"  latency        {runtime} batch {batch} ({f['device']}): {f['compact_ms']:.3f} ms, dense "
                          f"{f['dense_ms']:.3f} ms: speed-up {f['speedup']:.2f}x (noise {f['noise']:.0%})")

@@ -15,9 +15,11 @@ import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
+from sweeps.records import StudyRecord, TaskMetric, TrialRecord, task_metric
+
 from .pick import recommend, trade_off
-from .table import (TARGET_TOLERANCE, TaskMetric, failed_and_interrupted, front_table, hypervolume_history,
-                    latency_setting, missed_target, spec_of, task_metric, trials_table)
+from .table import (TARGET_TOLERANCE, failed_and_interrupted, front_table, hypervolume_history, latency_setting,
+                    missed_target, spec_of, trials_table)
 
 MODE_COLOURS = {"scratch": "#1f77b4", "finetune": "#d62728"}
 
@@ -166,8 +168,9 @@ def _target_scatter(table: pd.DataFrame, chosen: pd.Series | None, metric: TaskM
 
 
 def _recommended_detail(trial: optuna.trial.FrozenTrial) -> go.Figure | None:
-    kept = trial.user_attrs.get("kept_units") or {}
-    hist = trial.user_attrs.get("log_alpha_hist")
+    record = TrialRecord.read(trial)
+    kept = record.kept_units or {}
+    hist = record.log_alpha_hist
     if not kept and not hist:
         return None
     fig = make_subplots(rows=1, cols=2, subplot_titles=("kept units per gated layer", "log_alpha per gate"))
@@ -224,12 +227,12 @@ def _missed(table: pd.DataFrame) -> str:
 
 def _latency_note(study: optuna.Study, runtime: str, batch: int) -> str:
     """What the latency columns are, the dense model's time, and how noisy the measurements were."""
-    timed = [t.user_attrs["latency"] for t in study.get_trials(deepcopy=False) if t.user_attrs.get("latency")]
+    timed = [lat for lat in (TrialRecord.read(t).latency for t in study.get_trials(deepcopy=False)) if lat]
     if not timed:
         return ""
     noise = [f["noise"] for lat in timed for by in lat.values() for f in by.values()]
     runs = [f["runs"] for lat in timed for by in lat.values() for f in by.values()]
-    dense = (study.user_attrs.get("dense_latency") or {}).get(runtime, {}).get(str(batch))
+    dense = (StudyRecord.read(study).dense_latency or {}).get(runtime, {}).get(str(batch))
     return (f"<p class='latency'>Latency ({runtime}, batch {batch}{', ' + dense['device'] if dense else ''}): one "
             f"forward in eval mode, the median of {min(runs)}-{max(runs)} timed calls after 3 warm-up calls, the "
             f"dense model and the compacted one timed alternately; speed-up = dense ms / compacted ms, from the same "
@@ -238,35 +241,76 @@ def _latency_note(study: optuna.Study, runtime: str, batch: int) -> str:
             f"{np.median(noise):.0%}, worst {max(noise):.0%}; speed-ups closer to 1 than that are not telling.</p>")
 
 
-def write_report(study: optuna.Study, out_dir: str | Path, tracking_uri: str | None = None) -> Path:
-    """Write ``report.html``, ``front.md`` and ``front.csv`` into ``out_dir``; log them to the study's MLflow run.
+_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{name}: L0 sparsity report</title>
+<script type="text/javascript">{plotly}</script>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 24px auto; max-width: 1100px; color: #222; }}
+.rec {{ background: #fff8dc; border-left: 4px solid gold; padding: 8px 12px; }}
+table.front {{ border-collapse: collapse; margin: 12px 0; }}
+table.front th, table.front td {{ padding: 4px 10px; text-align: right; border-bottom: 1px solid #ddd; }}
+td.chosen {{ background: gold; font-weight: bold; }}
+.fig {{ margin: 18px 0; }}
+</style></head><body>
+<h1>{name}</h1>
+<p>{description} Model <code>{model}</code>
+on <code>{data}</code>. {summary}
+Selection uses {label}; test {metric} is reported only.</p>
+{base}
+{rec}
+<h2>Pareto front</h2>
+{table}
+{plots}
+</body></html>
+"""
 
-    Returns the HTML page's path.
+
+def write_report(study: optuna.Study, out_dir: str | Path) -> Path:
+    """Write ``report.html``, ``front.md`` and ``front.csv`` into ``out_dir`` (the sweep logs them to the study's
+    MLflow run: sweeps.tracking.log_report). Returns the HTML page's path.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     table = trials_table(study)
     front = front_table(study)
-    baseline = study.user_attrs.get("dense_baseline")
+    baseline = StudyRecord.read(study).dense_baseline
+    spec = spec_of(study)
     metric = task_metric(study)
     chosen, how = None, ""
     if not front.empty:
-        row, how = recommend(front, baseline, trade_off(spec_of(study)), metric)
+        row, how = recommend(front, baseline, trade_off(spec), metric)
         chosen = front.iloc[row]
-    front.to_csv(out / "front.csv", index=False)
     shown = _format_table(front, metric)
-    md = shown.to_markdown(index=False)
-    (out / "front.md").write_text(f"# {study.study_name}: Pareto front\n\n{md}\n")
-
-    spec = spec_of(study)
+    front.to_csv(out / "front.csv", index=False)
+    (out / "front.md").write_text(f"# {study.study_name}: Pareto front\n\n{shown.to_markdown(index=False)}\n")
     floor = _floor(spec, metric)
+    plots = "\n".join(f'<div class="fig">{f.to_html(full_html=False, include_plotlyjs=False)}</div>'
+                      for f in _figures(study, table, spec, baseline, chosen, floor, metric))
+    model, data = ((spec.get("trial", {}).get(part, {}).get("name", "?")) for part in ("model", "data"))
+    page = _PAGE.format(
+        name=html.escape(study.study_name), plotly=get_plotlyjs(), description=html.escape(spec.get("description", "")),
+        model=html.escape(str(model)), data=html.escape(str(data)), summary=_summary(study, table, front, floor),
+        label=html.escape(metric.label()), metric=html.escape(metric.name),
+        base=_baseline_note(baseline, metric) + _latency_note(study, *latency_setting(spec)),
+        rec=_recommendation(study.study_name, chosen, how, metric), table=_front_html(shown, chosen), plots=plots)
+    path = out / "report.html"
+    path.write_text(page)
+    return path
+
+
+def _figures(study: optuna.Study, table: pd.DataFrame, spec: dict, baseline: dict | None, chosen: pd.Series | None,
+             floor: tuple[str, float | None], metric: TaskMetric) -> list[go.Figure]:
+    """The page's figures, in order: the metric against sparsity (against speed-up first, where latency is the
+    objective), achieved against target sparsity, against FLOPs reduction, against speed-up, the hypervolume,
+    what the recommended trial keeps; each where the study has what it draws."""
     y_name = f"Validation {metric.name}"
     figures = [
         _scatter(table, "sparsity", "sparsity (parameters removed / all)", baseline, chosen,
                  f"{y_name} against sparsity", floor, metric),
         _scatter(table.assign(flops_reduction=1 - table.flops_ratio), "flops_reduction",
                  "FLOPs reduction (1 - exported FLOPs / dense FLOPs)", baseline,
-                 None if chosen is None else pd.concat([chosen, pd.Series({"flops_reduction": 1 - chosen.flops_ratio})]),
+                 None if chosen is None else
+                 pd.concat([chosen, pd.Series({"flops_reduction": 1 - chosen.flops_ratio})]),
                  f"{y_name} against FLOPs reduction", floor, metric),
     ]
     runtime, batch = latency_setting(spec)
@@ -282,62 +326,52 @@ def write_report(study: optuna.Study, out_dir: str | Path, tracking_uri: str | N
         detail = _recommended_detail(study.trials[int(chosen.trial)])
         if detail is not None:
             figures.append(detail)
-    plots = "\n".join(f'<div class="fig">{f.to_html(full_html=False, include_plotlyjs=False)}</div>'
-                      for f in figures)
+    return figures
+
+
+def _front_html(shown: pd.DataFrame, chosen: pd.Series | None) -> str:
+    """The front table as HTML, the recommended trial's cell starred."""
     table_html = shown.to_html(index=False, classes="front", border=0, table_id="front-table")
     if chosen is not None:
         table_html = table_html.replace(f"<td>{int(chosen.trial)}</td>",
                                         f'<td class="chosen">{int(chosen.trial)} &#9733;</td>', 1)
+    return table_html
+
+
+def _summary(study: optuna.Study, table: pd.DataFrame, front: pd.DataFrame, floor: tuple[str, float | None]) -> str:
+    """The trials by state, those short of the floor or off their target, and the front's size, in words."""
     counts = table.state.value_counts().to_dict()
     failed, interrupted = failed_and_interrupted(study)
-    summary = (f"{counts.get('COMPLETE', 0)} complete trials, {counts.get('PRUNED', 0)} stopped early"
-               + (f", {failed} failed (their errors are in the workers' logs and the FAILED MLflow runs)"
-                  if failed else "")
-               + (f", {interrupted} interrupted and run again (their workers were stopped or died)"
-                  if interrupted else "") + _short_of_floor(table, floor) + _missed(table)
-               + f"; {len(front)} on the front.")
-    target = "" if chosen is None or pd.isna(chosen.target_sparsity) else \
+    return (f"{counts.get('COMPLETE', 0)} complete trials, {counts.get('PRUNED', 0)} stopped early"
+            + (f", {failed} failed (their errors are in the workers' logs and the FAILED MLflow runs)"
+               if failed else "")
+            + (f", {interrupted} interrupted and run again (their workers were stopped or died)"
+               if interrupted else "") + _short_of_floor(table, floor) + _missed(table)
+            + f"; {len(front)} on the front.")
+
+
+def _recommendation(study_name: str, chosen: pd.Series | None, how: str, metric: TaskMetric) -> str:
+    """The recommended trial (chosen ``how``), its values and figures, and the other ways to choose."""
+    if chosen is None:
+        return "<p>No complete trial yet.</p>"
+    target = "" if pd.isna(chosen.target_sparsity) else \
         f"target sparsity {chosen.target_sparsity:.3f} (it cost lambda {chosen.effective_lambda:.4g}), "
-    rec = "<p>No complete trial yet.</p>" if chosen is None else (
+    return (
         f"<p class='rec'><b>Recommended ({how}): trial {int(chosen.trial)}</b>: "
-        f"{target or f'lambda {chosen.lam:.4g}, '}droprate_init {chosen.droprate_init:.3g}, mode {html.escape(str(chosen['mode']))}"
+        f"{target or f'lambda {chosen.lam:.4g}, '}droprate_init {chosen.droprate_init:.3g}, "
+        f"mode {html.escape(str(chosen['mode']))}"
         f" &mdash; val {_short_name(metric)} {metric.show(chosen[metric.val])}, test {_short_name(metric)} "
         f"{metric.show(chosen[metric.test])}, sparsity "
         f"{chosen.sparsity:.3f}, FLOPs ratio {chosen.flops_ratio:.3f}, MLflow run "
         f"<code>{html.escape(str(chosen.mlflow_run_id))}</code>. Other choices: "
-        f"<code>l0sweep pick {html.escape(study.study_name)} --max-drop 1</code> or <code>--min-sparsity 0.8</code>.</p>")
-    base = "" if not baseline else (
-        f"<p>{_baseline_name(baseline).capitalize()}: val {_short_name(metric)} {metric.show(baseline[metric.val])}, "
-        f"test {_short_name(metric)} {metric.show(baseline[metric.test])}."
-        + (" Fine-tuning trials start from it; scratch trials do not." if baseline.get("source") == "checkpoint"
-           else "") + "</p>")
-    base += _latency_note(study, runtime, batch)
-    page = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{html.escape(study.study_name)}: L0 sparsity report</title>
-<script type="text/javascript">{get_plotlyjs()}</script>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 24px auto; max-width: 1100px; color: #222; }}
-.rec {{ background: #fff8dc; border-left: 4px solid gold; padding: 8px 12px; }}
-table.front {{ border-collapse: collapse; margin: 12px 0; }}
-table.front th, table.front td {{ padding: 4px 10px; text-align: right; border-bottom: 1px solid #ddd; }}
-td.chosen {{ background: gold; font-weight: bold; }}
-.fig {{ margin: 18px 0; }}
-</style></head><body>
-<h1>{html.escape(study.study_name)}</h1>
-<p>{html.escape(spec.get('description', ''))} Model <code>{html.escape(str(spec.get('trial', {}).get('model', {}).get('name', '?')))}</code>
-on <code>{html.escape(str(spec.get('trial', {}).get('data', {}).get('name', '?')))}</code>. {summary}
-Selection uses {html.escape(metric.label())}; test {html.escape(metric.name)} is reported only.</p>
-{base}
-{rec}
-<h2>Pareto front</h2>
-{table_html}
-{plots}
-</body></html>
-"""
-    path = out / "report.html"
-    path.write_text(page)
-    if tracking_uri and study.user_attrs.get("mlflow_parent_run_id"):
-        from mlflow.tracking import MlflowClient
+        f"<code>l0sweep pick {html.escape(study_name)} --max-drop 1</code> or <code>--min-sparsity 0.8</code>.</p>")
 
-        MlflowClient(tracking_uri).log_artifacts(study.user_attrs["mlflow_parent_run_id"], str(out), "report")
-    return path
+
+def _baseline_note(baseline: dict | None, metric: TaskMetric) -> str:
+    """The dense baseline's figures, and whether fine-tuning trials start from it ("" without one)."""
+    if not baseline:
+        return ""
+    return (f"<p>{_baseline_name(baseline).capitalize()}: val {_short_name(metric)} "
+            f"{metric.show(baseline[metric.val])}, test {_short_name(metric)} {metric.show(baseline[metric.test])}."
+            + (" Fine-tuning trials start from it; scratch trials do not." if baseline.get("source") == "checkpoint"
+               else "") + "</p>")

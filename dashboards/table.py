@@ -1,64 +1,20 @@
 """A study's trials as a pandas table, its Pareto front, and hypervolume: what the report and ``pick`` read.
 
-Everything here reads the Optuna storage only (values and user attrs the sweep wrote); nothing trains.
+Everything here reads the Optuna storage only, through sweeps.records (what the sweep wrote); nothing trains.
 """
 from __future__ import annotations
-
-import json
-from dataclasses import dataclass
 
 import numpy as np
 import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
+from sweeps.records import (StudyRecord, TaskMetric, TrialRecord, feasible, final_point, retry_history,
+                            task_metric)
+
 COLUMNS = ["trial", "val_accuracy", "test_accuracy", "sparsity", "flops_ratio", "latency_ms", "speedup", "lam",
            "droprate_init", "mode", "removed_params", "total_params", "mlflow_run_id", "state", "feasible", "on_front",
            "target_sparsity", "effective_lambda"]
-
-
-@dataclass(frozen=True)
-class TaskMetric:
-    """The metric a study selects trials by, as its stored spec's ``trial.task`` says (accuracy, maximised, by
-    default): its table columns and MLflow names are ``val_<name>`` and ``test_<name>``."""
-
-    name: str = "accuracy"
-    direction: str = "maximize"
-    is_accuracy: bool = True  # the built-in classification accuracy: shown in percent, a chance floor possible
-
-    @property
-    def val(self) -> str:
-        return f"val_{self.name}"
-
-    @property
-    def test(self) -> str:
-        return f"test_{self.name}"
-
-    @property
-    def sign(self) -> float:
-        """1 for a maximised metric, -1 for a minimised one: ``sign * value`` is larger when better."""
-        return 1.0 if self.direction == "maximize" else -1.0
-
-    def label(self, split: str = "validation") -> str:
-        """Axis and column words, e.g. "validation accuracy", "validation rmse (lower is better)"."""
-        return f"{split} {self.name}" + ("" if self.direction == "maximize" else " (lower is better)")
-
-    def show(self, value: float) -> str:
-        """A value as the report writes it: accuracy in percent, other metrics to four significant digits."""
-        return f"{value:.2%}" if self.is_accuracy else f"{value:.4g}"
-
-
-def task_metric(study_or_spec: optuna.Study | dict) -> TaskMetric:
-    """The study's :class:`TaskMetric`, from its stored spec (a study from before tasks existed: accuracy).
-
-    >>> task_metric({"trial": {"task": {"metric": "m:rmse", "metric_name": "rmse", "direction": "minimize"}}}).val
-    'val_rmse'
-    """
-    spec = spec_of(study_or_spec) if isinstance(study_or_spec, optuna.Study) else study_or_spec
-    task = (spec.get("trial") or {}).get("task") or {}
-    metric = task.get("metric", "accuracy")
-    return TaskMetric(task.get("metric_name") or metric.rpartition(":")[2], task.get("direction", "maximize"),
-                      metric == "accuracy")
 
 
 def table_columns(metric: TaskMetric) -> list[str]:
@@ -91,20 +47,8 @@ def latency_setting(spec: dict) -> tuple[str, int]:
 def latency_of(trial: optuna.trial.FrozenTrial, runtime: str, batch: int) -> tuple[float, float]:
     """(compacted model's median ms, speed-up over dense) a trial measured, NaN where it measured none (trials
     off the front when they finished, unless latency is an objective)."""
-    f = (trial.user_attrs.get("latency") or {}).get(runtime, {}).get(str(batch))
+    f = (TrialRecord.read(trial).latency or {}).get(runtime, {}).get(str(batch))
     return (f["compact_ms"], f["speedup"]) if f else (np.nan, np.nan)
-
-
-def feasible(trial: optuna.trial.FrozenTrial) -> bool:
-    """Whether a trial meets its constraints (the study file's ``min_accuracy``), as Optuna judges it: every
-    constraint value <= 0. Trials without constraints (stopped early, or from before floors) are feasible."""
-    return all(v <= 0 for v in trial.constraints.values())
-
-
-def metric_names(study: optuna.Study) -> list[str]:
-    """The study's objective names, e.g. ["val_accuracy", "sparsity"]; a study that names none (made by hand, or
-    before names were stored) is read as the default objectives, in their order."""
-    return study.metric_names or ["val_accuracy", "sparsity", "flops_reduction"][:len(study.directions)]
 
 
 def trials_table(study: optuna.Study) -> pd.DataFrame:
@@ -120,24 +64,20 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
     metric = task_metric(study)
     rows = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
-        a = t.user_attrs
-        history = a.get("history") or [[0, np.nan, np.nan]]
-        if t.state == TrialState.COMPLETE:
-            values = dict(zip(metric_names(study), t.values))
-            val_value = values.get(metric.val, t.values[0])
-            sparsity = values.get("sparsity", a.get("sparsity", np.nan))
-        else:  # stopped early: its last epoch
-            val_value, sparsity = history[-1][1], history[-1][2]
+        record = TrialRecord.read(t, metric)
+        val_value, sparsity = final_point(study, t, metric)
         latency_ms, speedup = latency_of(t, runtime, batch)
-        rows.append({"trial": t.number, metric.val: val_value, metric.test: a.get(metric.test, np.nan),
+        nan_if_none = {name: np.nan if getattr(record, name) is None else getattr(record, name)
+                       for name in ("test_metric", "flops_ratio", "target_sparsity", "effective_lambda")}
+        rows.append({"trial": t.number, metric.val: val_value, metric.test: nan_if_none["test_metric"],
                      # A target trial's lambda is the one its target cost (its Lagrangian's effective lambda).
-                     "sparsity": sparsity, "flops_ratio": a.get("flops_ratio", np.nan), "latency_ms": latency_ms,
-                     "speedup": speedup, "lam": a.get("lam", a.get("effective_lambda")),
-                     "droprate_init": a.get("droprate_init"), "mode": a.get("mode"),
-                     "removed_params": a.get("removed_params"), "total_params": a.get("total_params"),
-                     "mlflow_run_id": a.get("mlflow_run_id"), "state": t.state.name, "feasible": feasible(t),
-                     "on_front": t.number in front, "target_sparsity": a.get("target_sparsity", np.nan),
-                     "effective_lambda": a.get("effective_lambda", np.nan)})
+                     "sparsity": sparsity, "flops_ratio": nan_if_none["flops_ratio"], "latency_ms": latency_ms,
+                     "speedup": speedup, "lam": record.trained_lambda, "droprate_init": record.droprate_init,
+                     "mode": record.mode, "removed_params": record.removed_params,
+                     "total_params": record.total_params, "mlflow_run_id": record.mlflow_run_id,
+                     "state": t.state.name, "feasible": feasible(t), "on_front": t.number in front,
+                     "target_sparsity": nan_if_none["target_sparsity"],
+                     "effective_lambda": nan_if_none["effective_lambda"]})
     # bool even with no rows: an empty object column would select columns, not rows, in table[table.on_front]
     return pd.DataFrame(rows, columns=table_columns(metric)).astype({"on_front": bool, "feasible": bool})
 
@@ -175,7 +115,7 @@ def failed_and_interrupted(study: optuna.Study) -> tuple[int, int]:
     """(trials that failed, failed trials that were queued again because their worker was stopped or died),
     the latter read from the ``retry_history`` Optuna's retry convention keeps on each retry."""
     trials = study.get_trials(deepcopy=False)
-    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    retried = {n for t in trials for n in retry_history(t)}
     failed = [t.number for t in trials if t.state == TrialState.FAIL]
     interrupted = sum(1 for n in failed if n in retried)
     return len(failed) - interrupted, interrupted
@@ -183,4 +123,4 @@ def failed_and_interrupted(study: optuna.Study) -> tuple[int, int]:
 
 def spec_of(study: optuna.Study) -> dict:
     """The study file the sweep stored on the study (as a dict)."""
-    return json.loads(study.user_attrs.get("spec", "{}"))
+    return StudyRecord.read(study).spec

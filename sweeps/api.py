@@ -5,6 +5,9 @@ to minutes, so the example is not a doctest; tests/test_your_model.py runs it)::
     study = sweeps.run("studies/default.yaml", workers=2)
     table, front = sweeps.load("digits-mlp")
     front[["trial", "lam", "val_accuracy", "sparsity"]]
+
+The one module of sweeps that imports dashboards (pyproject.toml's import contracts hold the rest of sweeps off
+it): the CLI's ``run``, ``report``, ``pick`` and ``export`` come here for the report and the choice of a trial.
 """
 from __future__ import annotations
 
@@ -15,13 +18,14 @@ import optuna
 import pandas as pd
 import yaml
 
-from dashboards import front_table, trials_table
+from dashboards import describe_pick, front_table, pick, trials_table, write_report
 
 from .launcher import run_sweep
 from .settings import default_tracking_uri, settings_from
 from .spec import StudySpec, load_spec, parse_spec, resolve_study_paths
 from .storage import open_storage
 from .study import load_existing
+from .tracking import log_report
 
 
 def _study_file(study: str | Path | dict | StudySpec, out: Path) -> Path:
@@ -55,7 +59,7 @@ def run(study: str | Path | dict[str, Any] | StudySpec, workers: int = 2, trials
     path = _study_file(study, out)
     spec = load_spec(path)
     settings = _settings(out, storage, tracking_uri)
-    status = run_sweep(path, spec, settings, workers, trials)
+    status = run_sweep(path, spec, settings, workers, trials, report=report)
     if status != 0:
         raise RuntimeError(f"the sweep of {spec.name!r} ended with status {status}: its workers' logs are in "
                            f"{out / 'logs'}")
@@ -66,3 +70,25 @@ def load(name: str, out: str | Path = "l0sweep-out", storage: str | None = None)
     """The trials of study ``name`` as a table, and its Pareto front (the report's tables)."""
     study = load_existing(name, open_storage(_settings(out, storage, None).storage))
     return trials_table(study), front_table(study)
+
+
+def report(study: optuna.Study, out_dir: str | Path, tracking_uri: str | None = None) -> Path:
+    """Write the study's report into ``out_dir`` (``dashboards.write_report``) and, given ``tracking_uri``, log it
+    to the study's MLflow run; returns the HTML page's path."""
+    path = write_report(study, out_dir)
+    if tracking_uri:
+        log_report(study, tracking_uri, Path(out_dir))
+    return path
+
+
+def chosen_trial(study: optuna.Study, max_drop: float | None = None, min_sparsity: float | None = None,
+                 target: float | None = None) -> int:
+    """The number of the front trial ``dashboards.pick`` chooses (the recommended one without a criterion)."""
+    return int(pick(study, max_drop=max_drop, min_sparsity=min_sparsity, target=target).trial)
+
+
+def describe_choice(study: optuna.Study, max_drop: float | None = None, min_sparsity: float | None = None,
+                    target: float | None = None, tracking_uri: str | None = None) -> str:
+    """What ``l0sweep pick`` prints: the chosen trial's values, metrics and where its model is."""
+    choice = pick(study, max_drop=max_drop, min_sparsity=min_sparsity, target=target)
+    return describe_pick(study, choice, tracking_uri)

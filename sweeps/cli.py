@@ -13,6 +13,10 @@ import os
 import sys
 from importlib.metadata import version
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the CLI imports what a command needs when it runs: `l0sweep --help` stays instant
+    import optuna
 
 DEFAULT_OUT = "l0sweep-out"
 
@@ -151,6 +155,13 @@ def _make_out(args: argparse.Namespace) -> None:
         raise ValueError(f"--out {args.out}: cannot create it ({exc.strerror})") from None
 
 
+def _report(study: optuna.Study, out_dir: Path, tracking_uri: str) -> Path:
+    """The report ``l0sweep run`` writes once its sweep is over (sweeps.api.report)."""
+    from .api import report  # here, not before the sweep: plotly and pandas would delay its workers' start
+
+    return report(study, out_dir, tracking_uri)
+
+
 def dispatch(args: argparse.Namespace) -> int:
     from .spec import load_spec
 
@@ -162,19 +173,20 @@ def dispatch(args: argparse.Namespace) -> int:
         from .launcher import run_sweep
 
         _make_out(args)
-        return run_sweep(args.study_file, spec, _settings(args), args.workers, args.trials)
+        return run_sweep(args.study_file, spec, _settings(args), args.workers, args.trials, report=_report)
     if args.command == "create":
         from .search import first_point, trial_config
         from .study import create_or_resume
-        from .training import check_fits
+        from .preflight import check_fits
 
         check_fits(trial_config(spec, first_point(spec)))  # a study whose trials cannot run is not created
         _make_out(args)
+        from .records import StudyRecord
         from .tracking import runs_link
 
         settings = _settings(args)
         study, _ = create_or_resume(spec, settings, args.trials)
-        print(f"study {study.study_name!r} ready: budget {study.user_attrs['n_trials']} complete trials"
+        print(f"study {study.study_name!r} ready: budget {StudyRecord.read(study).budget} complete trials"
               + runs_link(study, settings.tracking_uri, "; runs: "))
         return 0
     if args.command == "worker":
@@ -190,21 +202,20 @@ def dispatch(args: argparse.Namespace) -> int:
         print_status(study)
         return 0
     if args.command == "report":
-        from dashboards import write_report
+        from .api import report
 
         study, settings = _open_study(args)
-        path = write_report(study, args.report_dir or settings.out / "reports" / study.study_name,
-                            settings.tracking_uri)
+        path = report(study, args.report_dir or settings.out / "reports" / study.study_name, settings.tracking_uri)
         print(path)
         return 0
     if args.command == "pick":
-        from dashboards import pick, describe_pick
+        from .api import describe_choice
 
         study, settings = _open_study(args)
-        choice = pick(study, max_drop=args.max_drop, min_sparsity=args.min_sparsity, target=args.target)
-        print(describe_pick(study, choice, settings.tracking_uri))
+        print(describe_choice(study, args.max_drop, args.min_sparsity, args.target, settings.tracking_uri))
         return 0
     if args.command == "export":
+        from .api import chosen_trial
         from .deploy import ExportError, describe_export, export_trial
 
         if args.round_to is not None and args.round_to < 1:
@@ -213,8 +224,9 @@ def dispatch(args: argparse.Namespace) -> int:
             raise ExportError("--trial names the trial: give it without --max-drop, --min-sparsity or --target")
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # stderr is for the one-line errors
         study, settings = _open_study(args)
-        metrics = export_trial(study, settings.tracking_uri, args.to, args.trial, args.max_drop, args.min_sparsity,
-                               args.force, args.round_to, target=args.target)
+        number = chosen_trial(study, args.max_drop, args.min_sparsity, args.target) if args.trial is None \
+            else args.trial
+        metrics = export_trial(study, settings.tracking_uri, args.to, number, args.force, args.round_to)
         print(describe_export(metrics, args.to))
         return 0
     if args.command == "dashboard":

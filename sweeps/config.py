@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .imports import import_object
+from .records import TaskMetric
 
 MODELS = ("mlp", "lenet5", "googlenet")  # built in; also "torchvision:NAME" and "package.module:factory"
 TORCHVISION_DATASETS = ("mnist", "fashion-mnist", "cifar10")
@@ -143,6 +144,11 @@ class TaskConfig(_Strict):
     def is_accuracy(self) -> bool:
         """Whether trials are judged by the built-in classification accuracy (a ``chance`` floor needs it)."""
         return self.metric == "accuracy"
+
+    @property
+    def task_metric(self) -> TaskMetric:
+        """The metric and its names as the study records them (``val_<metric_name>``, ``test_<metric_name>``)."""
+        return TaskMetric(self.metric_name, self.direction, self.is_accuracy)
 
 
 class TrialConfig(_Strict):

@@ -27,15 +27,14 @@ from mlflow.tracking import MlflowClient
 from torch import nn
 
 import l0core
-from dashboards import pick
-from dashboards.table import feasible, task_metric
 
 from . import latency
 from .formats import export_program, onnx_bytes, onnx_session, to_onnx
 from .models import build_model
+from .records import StudyRecord, TrialRecord, feasible, task_metric
 from .search import trial_config
 from .spec import StudySpec
-from .training import resolve_device
+from .runtime import resolve_device
 
 GATED_ARTIFACT = "gated.pt"  # a logged trial's gated model state, what export rebuilds the model from
 TOLERANCE = 1e-5  # of the output scale (max |output|, at least 1): how far an exported form may differ
@@ -65,19 +64,16 @@ def rebuild_gated(spec_json: str, values: dict[str, Any], saved: dict[str, Any])
 
 
 def trial_values(trial: optuna.trial.FrozenTrial, spec_json: str) -> dict[str, Any]:
-    """The values a trial trained with: lam, droprate_init, mode and the searched dotted paths."""
+    """The values a trial trained with: lam (or target_sparsity), droprate_init, mode and the searched dotted
+    paths."""
     params = json.loads(spec_json).get("search", {}).get("params", {})
-    values = {k: trial.user_attrs[k] for k in ("lam", "droprate_init", "mode")}
+    values = TrialRecord.read(trial).values
     values.update({path: trial.params[path] for path in params if path in trial.params})
     return values
 
 
-def choose_trial(study: optuna.Study, number: int | None, max_drop: float | None,
-                 min_sparsity: float | None, target: float | None = None) -> optuna.trial.FrozenTrial:
-    """The trial to export: ``number``, or the one ``pick`` chooses; one-line errors for unusable ones."""
-
-    if number is None:
-        return study.trials[int(pick(study, max_drop=max_drop, min_sparsity=min_sparsity, target=target).trial)]
+def choose_trial(study: optuna.Study, number: int) -> optuna.trial.FrozenTrial:
+    """Trial ``number``, checked: one-line errors for one that has no model to export."""
     if not 0 <= number < len(study.trials):
         raise ExportError(f"study {study.study_name!r} has no trial {number} (its trials are 0-{len(study.trials) - 1})"
                           if study.trials else f"study {study.study_name!r} has no trials yet")
@@ -87,7 +83,8 @@ def choose_trial(study: optuna.Study, number: int | None, max_drop: float | None
                           "only complete trials have a model")
     if not feasible(trial):
         metric = task_metric(study)
-        floor = trial.user_attrs.get("accuracy_floor", float("nan"))
+        floor = TrialRecord.read(trial).metric_floor
+        floor = float("nan") if floor is None else floor
         raise ExportError(f"trial {number} is short of the {metric.name} floor (validation {metric.name} "
                           f"{trial.values[0]:.4f}, floor {floor:.4f}, min_accuracy / min_metric in the study file): "
                           "choose another")
@@ -133,25 +130,26 @@ The batch dimension is dynamic in both models. `metrics.json` holds the trial's 
 """
 
 
-def export_trial(study: optuna.Study, tracking_uri: str, to: Path, number: int | None = None,
-                 max_drop: float | None = None, min_sparsity: float | None = None, force: bool = False,
-                 round_to: int | None = None, latency_budget_s: float = 0.2, target: float | None = None
-                 ) -> dict[str, Any]:
-    """Write the chosen trial's model files into ``to`` (see the module docstring); returns ``metrics.json``'s
-    content. ``round_to``: default the study file's ``export.round_to``."""
+def export_trial(study: optuna.Study, tracking_uri: str, to: Path, number: int, force: bool = False,
+                 round_to: int | None = None, latency_budget_s: float = 0.2) -> dict[str, Any]:
+    """Write trial ``number``'s model files into ``to`` (see the module docstring); returns ``metrics.json``'s
+    content. ``round_to``: default the study file's ``export.round_to``. (Which trial to export is the caller's
+    choice: ``l0sweep export`` asks ``dashboards.pick`` when no ``--trial`` is given.)"""
 
     if round_to is not None and round_to < 1:
         raise ExportError(f"--round-to must be at least 1, got {round_to}")
     to = Path(to)
     _check_target(to, force)
-    trial = choose_trial(study, number, max_drop, min_sparsity, target)
-    spec_json = study.user_attrs["spec"]
-    spec = json.loads(spec_json)
+    trial = choose_trial(study, number)
+    stored = StudyRecord.read(study)
+    spec_json, spec = stored.spec_json, stored.spec
     k = round_to or int(spec.get("export", {}).get("round_to", 1))
     to.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{to.name}.", dir=to.parent) as tmp_name:
         tmp = Path(tmp_name)
-        saved = _download_gated(tracking_uri, trial.user_attrs.get("mlflow_run_id"), trial.number, tmp / "dl")
+        metric = task_metric(spec)
+        record = TrialRecord.read(trial, metric)
+        saved = _download_gated(tracking_uri, record.mlflow_run_id, trial.number, tmp / "dl")
         gated, cfg = rebuild_gated(spec_json, trial_values(trial, spec_json), saved)
         example = saved["example"]
         small = l0core.compact(gated, example, round_to=k).eval()
@@ -183,21 +181,19 @@ def export_trial(study: optuna.Study, tracking_uri: str, to: Path, number: int |
                                 onnx={"dense": onnx_bytes(dense, example),
                                       "compact": (files / "model.onnx").read_bytes()})
         one = torch.zeros(1, *saved["input_shape"])
-        a = trial.user_attrs
-        metric = task_metric(study)
         dense_flops, small_flops = l0core.count_flops(dense, one), l0core.count_flops(small.cpu(), one)
         metrics = {
-            "study": study.study_name, "trial": trial.number, "mlflow_run_id": a.get("mlflow_run_id"),
-            "lambda": a["lam"], "droprate_init": a["droprate_init"], "mode": a["mode"],
-            metric.val: trial.values[0], metric.test: a.get(metric.test),
-            "dense_baseline": study.user_attrs.get("dense_baseline"),
-            "sparsity": a.get("sparsity", trial.values[1]),
-            "parameters": {"dense": a.get("total_params"), "removed": a.get("removed_params"),
+            "study": study.study_name, "trial": trial.number, "mlflow_run_id": record.mlflow_run_id,
+            "lambda": record.trained_lambda, "droprate_init": record.droprate_init, "mode": record.mode,
+            metric.val: trial.values[0], metric.test: record.test_metric,
+            "dense_baseline": stored.dense_baseline,
+            "sparsity": trial.values[1] if record.sparsity is None else record.sparsity,
+            "parameters": {"dense": record.total_params, "removed": record.removed_params,
                            "exported_tensors": sum(p.numel() for p in small.parameters())},
             "flops": {"dense": dense_flops, "exported": small_flops, "ratio": small_flops / max(dense_flops, 1),
                       "per_example": True},
             "kept_units": {g.removesuffix(".l0_gate"): {"kept": v[0], "units": v[1]}
-                           for g, v in (a.get("kept_units") or {}).items()},
+                           for g, v in (record.kept_units or {}).items()},
             "round_to": k, "input_shape": saved["input_shape"], "num_classes": saved["num_classes"],
             "max_abs_diff": diffs, "output_scale": scale,
             "latency": latency.figures(timed), "latency_definition": latency.__doc__.split("\n\n")[1].replace("\n", " "),

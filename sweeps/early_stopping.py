@@ -21,9 +21,8 @@ from typing import Iterable, Sequence
 import optuna
 from optuna.trial import TrialState
 
+from .records import TrialRecord, feasible
 from .spec import EarlyStoppingSpec, StudySpec
-
-HISTORY_ATTR = "history"  # [[epoch, validation metric, sparsity], ...]
 
 
 class TrialHistory:
@@ -47,7 +46,7 @@ class TrialHistory:
 
     def flush(self) -> None:
         if len(self.epochs) > self._written:
-            self.trial.set_user_attr(HISTORY_ATTR, list(self.epochs))  # a copy: an in-memory storage keeps the object
+            TrialRecord.write(self.trial, history=list(self.epochs))  # a copy: an in-memory storage keeps the object
             self._written, self._at = len(self.epochs), time.monotonic()
 
 
@@ -80,12 +79,10 @@ class ParetoStopper:
     def __call__(self, epoch: int, val_metric: float, sparsity: float) -> bool:
         if not self.spec.enabled or epoch < self.spec.warmup_epochs:
             return False
-        # Feasible as Optuna judges it (dashboards.feasible; importing dashboards would load plotly into workers).
-        completed = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                     if all(v <= 0 for v in t.constraints.values())]
+        completed = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if feasible(t)]
         if len(completed) < self.spec.min_completed:
             return False
-        at_epoch = [(self.sign * h[1], h[2]) for t in completed for h in t.user_attrs.get(HISTORY_ATTR, [])
+        at_epoch = [(self.sign * h[1], h[2]) for t in completed for h in TrialRecord.read_history(t)
                     if h[0] == epoch]
         return clearly_dominated((self.sign * val_metric, sparsity), at_epoch,
                                  (self.spec.margin_accuracy, self.spec.margin_sparsity))
@@ -161,11 +158,10 @@ def goes_on(point: Sequence[float], others: Sequence[Sequence[float]], eta: int)
 
 
 def _evidence(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """Trials whose histories may count: all but complete ones short of the floor (Optuna's feasibility, as
-    dashboards.feasible reads it; importing dashboards would load plotly into workers)."""
+    """Trials whose histories may count: all but complete ones short of the floor."""
     return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
                                                                  TrialState.RUNNING))
-            if t.state != TrialState.COMPLETE or all(v <= 0 for v in t.constraints.values())]
+            if t.state != TrialState.COMPLETE or feasible(t)]
 
 
 class AshaStopper:
@@ -185,7 +181,7 @@ class AshaStopper:
         if epoch not in self.rungs:
             return False
         others = [(self.sign * h[1], h[2]) for t in _evidence(self.study) if t.number != self.trial_number
-                  for h in t.user_attrs.get(HISTORY_ATTR, []) if h[0] == epoch]
+                  for h in TrialRecord.read_history(t) if h[0] == epoch]
         return not goes_on((self.sign * val_metric, sparsity), others, self.spec.eta)
 
 
@@ -200,4 +196,4 @@ def stopper_for(study: optuna.Study, spec: StudySpec, epochs: int, trial_number:
 def epochs_trained(study: optuna.Study) -> int:
     """Epochs the study's trials have trained, stopped and running ones included (a running trial's as far as
     its history was last written)."""
-    return sum(len(t.user_attrs.get(HISTORY_ATTR, [])) for t in study.get_trials(deepcopy=False))
+    return sum(len(TrialRecord.read_history(t)) for t in study.get_trials(deepcopy=False))

@@ -18,10 +18,6 @@ from optuna.trial import FrozenTrial, TrialState
 from .config import TrialConfig
 from .spec import Choices, Param, Range, StudySpec
 
-# A trial's values, kept on it as user attrs whatever their names (a study searches lam or target_sparsity).
-VALUE_ATTRS = ("lam", "target_sparsity", "droprate_init", "mode")
-
-
 def _searched(spec: StudySpec) -> tuple[str, str]:
     """The searched fields besides mode: lam or target_sparsity, and droprate_init."""
     return spec.search.size_field, "droprate_init"

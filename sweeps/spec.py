@@ -21,6 +21,7 @@ from pydantic import (AliasChoices, BaseModel, ConfigDict, Field, ValidationErro
                       model_validator)
 
 from .config import TaskConfig, TrialConfig, check_dataset, check_model, check_task_function
+from .records import TaskMetric
 
 MODES = ("scratch", "finetune")
 # What each objective reads from a finished trial; all are maximised but the task's metric, which goes in the
@@ -283,9 +284,14 @@ class StudySpec(_Strict):
         return self
 
     @property
+    def metric(self) -> TaskMetric:
+        """The task's metric (accuracy, maximised, by default) and its names."""
+        return self.trial.task.task_metric
+
+    @property
     def metric_column(self) -> str:
         """The task's validation metric as logged and tabled: ``val_<metric_name>`` (``val_accuracy`` by default)."""
-        return f"val_{self.trial.task.metric_name}"
+        return self.metric.val
 
     @property
     def metric_names(self) -> list[str]:

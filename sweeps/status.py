@@ -2,22 +2,38 @@
 from __future__ import annotations
 
 import optuna
+import pandas as pd
 from optuna.trial import TrialState
 
-from dashboards import feasible, front_table, task_metric
-
-from .study import BUDGET_ATTR, counts, worker_gone
+from .records import StudyRecord, TrialRecord, feasible, final_point, task_metric
+from .study import counts, worker_gone
 
 
 # The states other than complete, in the words the report and `l0sweep run` use.
 _OTHER_STATES = {"RUNNING": "running", "WAITING": "queued", "PRUNED": "stopped early", "FAIL": "failed"}
 
 
+def front_rows(study: optuna.Study) -> pd.DataFrame:
+    """The Pareto front as ``status`` shows it: trial, validation and test metric, sparsity, FLOPs ratio, lambda,
+    droprate_init and mode, by sparsity (then metric)."""
+    metric = task_metric(study)
+    rows = []
+    for t in study.best_trials:
+        record = TrialRecord.read(t, metric)
+        val, sparsity = final_point(study, t, metric)
+        rows.append({"trial": t.number, metric.val: val, metric.test: record.test_metric, "sparsity": sparsity,
+                     "flops_ratio": record.flops_ratio, "lam": record.trained_lambda,
+                     "droprate_init": record.droprate_init, "mode": record.mode})
+    columns = ["trial", metric.val, metric.test, "sparsity", "flops_ratio", "lam", "droprate_init", "mode"]
+    table = pd.DataFrame(rows, columns=columns)
+    return table.sort_values(["sparsity", metric.val]).reset_index(drop=True)
+
+
 def print_status(study: optuna.Study) -> None:
     n = counts(study)
-    budget = study.user_attrs.get(BUDGET_ATTR, "?")
+    budget = StudyRecord.read(study).budget
     others = ", ".join(f"{n[state]} {word}" for state, word in _OTHER_STATES.items() if n[state])
-    print(f"study {study.study_name}: {n['COMPLETE']}/{budget} complete trials"
+    print(f"study {study.study_name}: {n['COMPLETE']}/{'?' if budget is None else budget} complete trials"
           + (f"; {others}" if others else "" if sum(n.values()) else "; no trials yet"))
     gone = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if worker_gone(t, None)]
     if gone:
@@ -29,9 +45,7 @@ def print_status(study: optuna.Study) -> None:
         setting = "min_accuracy" if metric.is_accuracy else "min_metric"
         trials = ", ".join(map(str, short))
         print(f"short of the {metric.name} floor ({setting}), kept off the front: trial(s) {trials}")
-    front = front_table(study)
+    front = front_rows(study)
     if len(front):
-        metric = task_metric(study)
-        cols = ["trial", metric.val, metric.test, "sparsity", "flops_ratio", "lam", "droprate_init", "mode"]
         print(f"Pareto front ({len(front)} trials, by sparsity):")
-        print(front[cols].to_string(index=False, float_format=lambda x: f"{x:.4g}"))
+        print(front.to_string(index=False, float_format=lambda x: f"{x:.4g}"))

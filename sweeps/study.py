@@ -15,17 +15,15 @@ from pathlib import Path
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from .search import VALUE_ATTRS, starting_point
+from .records import StudyRecord, TrialRecord, retry_history, retry_system_attrs
+from .search import starting_point
 from .settings import Settings, file_lock
 from .early_stopping import epochs_trained
 from .spec import STUDY_PATHS, SpecError, StudySpec
 from .storage import open_storage
-from .tracking import (PID_SPACE_ATTR, WORKER_ATTR, check_tracking, delete_study_run, end_run_of, ensure_study_run,
-                       pid_space)
+from .tracking import check_tracking, delete_study_run, end_run_of, ensure_study_run, pid_space
 
 _log = logging.getLogger(__name__)
-SPEC_ATTR = "spec"
-BUDGET_ATTR = "n_trials"
 # Settings that define what a trial is, or which trials count: resuming a study with any of them changed would mix
 # two studies.
 _IDENTITY = ("trial", "search", "objectives", "min_accuracy")
@@ -39,14 +37,11 @@ def retry_trial(study: optuna.Study, trial: FrozenTrial, max_retry: int | None) 
     its worker's tag would make the retry look orphaned before its new worker tags it, and its MLflow run and
     epoch history are the old attempt's.
     """
-    history = [*trial.system_attrs.get("retry_history", []), trial.number]
-    if max_retry is not None and len(history) > max_retry:
+    if max_retry is not None and len(retry_history(trial)) + 1 > max_retry:
         return False
     study.add_trial(optuna.create_trial(
         state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
-        user_attrs={k: trial.user_attrs[k] for k in VALUE_ATTRS if k in trial.user_attrs},
-        system_attrs={**trial.system_attrs, "failed_trial": trial.system_attrs.get("failed_trial", trial.number),
-                      "retry_history": history}))
+        user_attrs=TrialRecord.attrs(**TrialRecord.read(trial).values), system_attrs=retry_system_attrs(trial)))
     return True
 
 
@@ -66,10 +61,11 @@ def stale_trial_callback(tracking_uri: str, max_retry: int):
 def worker_gone(trial: FrozenTrial, pid: int | None) -> bool:
     """Whether the worker (``host:pid``) running ``trial`` is known to be gone: decidable only where its pid means
     something, on its host in its pid namespace; anywhere else the RDB heartbeats decide."""
-    host, _, owner = trial.user_attrs.get(WORKER_ATTR, "").rpartition(":")
+    record = TrialRecord.read(trial)
+    host, _, owner = (record.worker or "").rpartition(":")
     if host != socket.gethostname() or not owner.isdigit():
         return False
-    theirs, mine = trial.user_attrs.get(PID_SPACE_ATTR, ""), pid_space()
+    theirs, mine = record.pid_space or "", pid_space()
     if theirs != mine:
         # The same namespace on an earlier boot (the host's own, after a reboot) is gone; another container's
         # namespace (containers sharing the host's name) cannot be looked into.
@@ -167,21 +163,22 @@ def _create_or_resume(spec: StudySpec, settings: Settings, trials: int | None) -
     spec_json = spec.model_dump_json()
     try:
         file_budget_changed = False
-        if SPEC_ATTR in study.user_attrs:
-            check_same_study(spec, study.user_attrs[SPEC_ATTR])
+        stored = StudyRecord.read(study)
+        if stored.spec_json is not None:
+            check_same_study(spec, stored.spec_json)
             # The file's `trials` was edited since the study last read it: the new budget applies, as --trials would.
-            file_budget_changed = json.loads(study.user_attrs[SPEC_ATTR]).get("trials") != spec.trials
+            file_budget_changed = stored.spec.get("trials") != spec.trials
             if file_budget_changed:
-                study.set_user_attr(SPEC_ATTR, spec_json)
+                StudyRecord.write(study, spec_json=spec_json)
         elif existed:
             raise SpecError(f"study {spec.name!r} exists in the storage but was not made by l0sweep")
         else:
             study.set_metric_names(spec.metric_names)
-            study.set_user_attr(SPEC_ATTR, spec_json)
+            StudyRecord.write(study, spec_json=spec_json)
         for point in spec.enqueue:  # also on resume: a point added to the file since runs; one already run does not
             study.enqueue_trial(starting_point(spec, point), skip_if_exists=True)
-        if trials is not None or file_budget_changed or BUDGET_ATTR not in study.user_attrs:
-            study.set_user_attr(BUDGET_ATTR, trials or spec.trials)
+        if trials is not None or file_budget_changed or stored.budget is None:
+            StudyRecord.write(study, budget=trials or spec.trials)
         ensure_study_run(study, settings.tracking_uri, spec.mlflow.experiment or spec.name,
                          settings.out / "mlartifacts", spec_json)
     except BaseException:
@@ -204,7 +201,7 @@ def load_existing(name: str, storage: optuna.storages.BaseStorage, sampler=None)
     except KeyError:
         raise SpecError(f"study {name!r} does not exist in this storage: create it with "
                         "'l0sweep create' or 'l0sweep run'") from None
-    if SPEC_ATTR not in study.user_attrs:
+    if StudyRecord.read(study).spec_json is None:
         raise SpecError(f"study {name!r} was not made by l0sweep (it has no spec)")
     return study
 

@@ -21,16 +21,15 @@ import optuna
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
+from .records import StudyRecord, TrialRecord
+
 if TYPE_CHECKING:  # torch stays out of the launcher, which creates the study's run while its workers import it
     import torch
 
     from .config import TrialConfig
-    from .training import EpochMetrics, TrialResult
+    from .loop import EpochMetrics
+    from .training import TrialResult
 
-PARENT_RUN_ATTR = "mlflow_parent_run_id"
-EXPERIMENT_ATTR = "mlflow_experiment_id"
-RUN_ATTR = "mlflow_run_id"
-TRACKING_ATTR = "mlflow_tracking_uri"
 # MLflow 3 marks an experiment's kind with this tag (its UI's experiment-type setting writes it); untagged, the
 # study's experiment opened on the GenAI overview (traces, an assistant), the training runs one click away.
 # MLflow 3.17's UI itself goes by its GenAI / Model training switch: experiment_page() links set that.
@@ -81,13 +80,13 @@ def ensure_study_run(study: optuna.Study, tracking_uri: str, experiment: str, ar
 
     Call it from one launcher (``l0sweep run`` or ``l0sweep create``): workers only read the id.
     """
-    attrs = study.user_attrs
+    stored = StudyRecord.read(study)
     client = MlflowClient(tracking_uri)
-    if PARENT_RUN_ATTR in attrs:
-        if EXPERIMENT_ATTR in attrs:
-            _mark_model_development(client, client.get_experiment(attrs[EXPERIMENT_ATTR]))
-        client.update_run(attrs[PARENT_RUN_ATTR], status="RUNNING")
-        return attrs[PARENT_RUN_ATTR]
+    if stored.mlflow_parent_run_id is not None:
+        if stored.mlflow_experiment_id is not None:
+            _mark_model_development(client, client.get_experiment(stored.mlflow_experiment_id))
+        client.update_run(stored.mlflow_parent_run_id, status="RUNNING")
+        return stored.mlflow_parent_run_id
     found = client.get_experiment_by_name(experiment)
     if found is not None:
         experiment_id = found.experiment_id
@@ -100,8 +99,7 @@ def ensure_study_run(study: optuna.Study, tracking_uri: str, experiment: str, ar
     run = client.create_run(experiment_id, run_name=study.study_name,
                             tags={"l0sweep.study": study.study_name, "l0sweep.role": "study"})
     client.log_text(run.info.run_id, spec_json, "study.json")
-    study.set_user_attr(EXPERIMENT_ATTR, experiment_id)
-    study.set_user_attr(PARENT_RUN_ATTR, run.info.run_id)
+    StudyRecord.write(study, mlflow_experiment_id=experiment_id, mlflow_parent_run_id=run.info.run_id)
     return run.info.run_id
 
 
@@ -115,7 +113,7 @@ def experiment_page(ui_url: str, experiment_id: str) -> str:
 
 def runs_link(study: optuna.Study, tracking_uri: str, prefix: str) -> str:
     """``prefix`` and the UI page of the study's runs where the tracking URI is a server's, else ""."""
-    experiment_id = study.user_attrs.get(EXPERIMENT_ATTR)
+    experiment_id = StudyRecord.read(study).mlflow_experiment_id
     if not experiment_id or not tracking_uri.startswith(("http://", "https://")):
         return ""
     return prefix + experiment_page(tracking_uri, experiment_id)
@@ -128,18 +126,25 @@ def _mark_model_development(client: MlflowClient, experiment: mlflow.entities.Ex
 
 
 def end_study_run(study: optuna.Study, tracking_uri: str, status: str = "FINISHED") -> None:
-    run_id = study.user_attrs.get(PARENT_RUN_ATTR)
+    run_id = StudyRecord.read(study).mlflow_parent_run_id
     if run_id:
         MlflowClient(tracking_uri).set_terminated(run_id, status)
 
 
 def delete_study_run(study: optuna.Study, tracking_uri: str) -> None:
     """End the study's run FAILED and delete it: for a study discarded before any trial ran."""
-    run_id = study.user_attrs.get(PARENT_RUN_ATTR)
+    run_id = StudyRecord.read(study).mlflow_parent_run_id
     if run_id:
         client = MlflowClient(tracking_uri)
         client.set_terminated(run_id, "FAILED")
         client.delete_run(run_id)
+
+
+def log_report(study: optuna.Study, tracking_uri: str, report_dir: Path) -> None:
+    """Log a written report's files (``report_dir``) to the study's MLflow run, under ``report/``."""
+    run_id = StudyRecord.read(study).mlflow_parent_run_id
+    if run_id:
+        MlflowClient(tracking_uri).log_artifacts(run_id, str(report_dir), "report")
 
 
 def _flatten(prefix: str, data: Any, out: dict[str, Any]) -> dict[str, Any]:
@@ -155,20 +160,20 @@ class TrialRun:
     """The child run of one trial. Create it when the trial starts; call ``finish`` or ``end``."""
 
     def __init__(self, trial: optuna.Trial, tracking_uri: str, values: dict[str, Any], cfg: TrialConfig) -> None:
-        attrs = trial.study.user_attrs
+        stored = StudyRecord.read(trial.study)
         self.client = MlflowClient(tracking_uri)
         self.tracking_uri = tracking_uri
-        self.metric_name = cfg.task.metric_name  # logged as val_<name> and test_<name> (val_accuracy by default)
-        tags = {"mlflow.parentRunId": attrs[PARENT_RUN_ATTR], "l0sweep.study": trial.study.study_name,
+        self.metric = cfg.task.task_metric  # logged as val_<name> and test_<name> (val_accuracy by default)
+        tags = {"mlflow.parentRunId": stored.mlflow_parent_run_id, "l0sweep.study": trial.study.study_name,
                 "l0sweep.trial": str(trial.number), "l0sweep.host": socket.gethostname(), "l0sweep.mode": values["mode"]}
         if gpu := os.environ.get("CUDA_VISIBLE_DEVICES"):
             tags["l0sweep.gpu"] = gpu  # which of the host's GPUs it could use
-        run = self.client.create_run(attrs[EXPERIMENT_ATTR], run_name=f"trial-{trial.number}", tags=tags)
+        run = self.client.create_run(stored.mlflow_experiment_id, run_name=f"trial-{trial.number}", tags=tags)
         self.run_id = run.info.run_id
         self._pending: list[mlflow.entities.Metric] = []
         self._last_epoch: tuple[int | None, dict[str, float]] = (None, {})  # (its step, the metrics it logged)
         self._flushed = time.monotonic()
-        trial.set_user_attr(RUN_ATTR, self.run_id)
+        TrialRecord.write(trial, mlflow_run_id=self.run_id)
         params = _flatten("", json.loads(cfg.model_dump_json()), {})
         params.update(values)
         self.client.log_batch(self.run_id, params=[mlflow.entities.Param(k, str(v)[:6000])
@@ -179,7 +184,7 @@ class TrialRun:
     FLUSH_SECONDS = 5.0
 
     def log_epoch(self, m: EpochMetrics) -> None:
-        metrics = {f"val_{self.metric_name}": m.val_metric, "sparsity": m.sparsity, "flops_ratio": m.flops_ratio,
+        metrics = {self.metric.val: m.val_metric, "sparsity": m.sparsity, "flops_ratio": m.flops_ratio,
                    "expected_density": m.expected_density, "train_task_loss": m.train_task_loss,
                    "train_penalty": m.train_penalty}
         if m.target_sparsity is not None:  # a target study: where the target stood, and the lambda it acted as
@@ -207,7 +212,7 @@ class TrialRun:
         # The last epoch evaluated the final model (train_trial takes its figures from it): a final figure equal to
         # what that epoch logged is not logged again at its step, which made every such history end [..., 10, 10].
         last = self._last_epoch[1] if self._last_epoch[0] == step else {}
-        final = {f"val_{self.metric_name}": result.val_metric, f"test_{self.metric_name}": result.test_metric,
+        final = {self.metric.val: result.val_metric, self.metric.test: result.test_metric,
                  "sparsity": result.sparsity, "flops_ratio": result.flops_ratio,
                  "total_params": result.total_params, "removed_params": result.removed_params}
         if result.chance_accuracy is not None:  # classification accuracy only
@@ -327,18 +332,15 @@ def log_alpha_histogram_png(hist: dict) -> Any:
 
 def end_run_of(trial: optuna.trial.FrozenTrial, tracking_uri: str, status: str = "KILLED") -> None:
     """Close the MLflow run of a trial whose worker died (it was left RUNNING)."""
-    run_id = trial.user_attrs.get(RUN_ATTR)
+    run_id = TrialRecord.read(trial).mlflow_run_id
     if run_id:
         client = MlflowClient(tracking_uri)
         if client.get_run(run_id).info.status == RunStatus.to_string(RunStatus.RUNNING):
             client.set_terminated(run_id, status)
 
 
-WORKER_ATTR = "worker"  # the trial's user attr naming the worker that runs it, worker_tag()
-PID_SPACE_ATTR = "worker_pid_space"  # and where its pid means something, pid_space()
-
-
 def worker_tag() -> str:
+    """The worker running a trial, as its record names it: ``host:pid``."""
     return f"{socket.gethostname()}:{os.getpid()}"
 
 

@@ -48,12 +48,12 @@ def _experiments(storage_url: str) -> list[tuple[str, str]]:
     """(study, its MLflow experiment id) for each l0sweep study in the storage."""
     import optuna
 
+    from .records import StudyRecord
     from .storage import open_storage
-    from .tracking import EXPERIMENT_ATTR
 
-    return [(s.study_name, s.user_attrs[EXPERIMENT_ATTR])
-            for s in optuna.get_all_study_summaries(open_storage(storage_url), include_best_trial=False)
-            if EXPERIMENT_ATTR in s.user_attrs]
+    found = [(s.study_name, StudyRecord.read(s).mlflow_experiment_id)
+             for s in optuna.get_all_study_summaries(open_storage(storage_url), include_best_trial=False)]
+    return [(name, experiment) for name, experiment in found if experiment is not None]
 
 
 def serve(settings: Settings, port: int, dashboard_port: int) -> int:

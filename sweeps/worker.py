@@ -13,33 +13,29 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, NamedTuple
 
 import optuna
 import torch
-from optuna.trial import FrozenTrial
+from torch import nn
 
 import l0core
 
+from .config import TrialConfig
 from .early_stopping import TrialHistory, stopper_for
 from .models import build_model
-from .search import VALUE_ATTRS, first_point, make_sampler, suggest, trial_config
+from .records import StudyRecord, TrialRecord, dominated, record_shortfall
+from .search import first_point, make_sampler, suggest, trial_config
 from .settings import CONFIG_ERROR, ERROR_PREFIX, Settings, check_stop, stop_on_signals
 from .spec import SpecError, StudySpec
-from .study import (BUDGET_ATTR, SPEC_ATTR, budget_reached, check_same_study, counts, load_existing, recover_orphaned_trials,
-                    retry_trial, storage_for)
-from .tracking import (PID_SPACE_ATTR, WORKER_ATTR, TrialRun, end_study_run, log_alpha_by_gate, log_alpha_histogram,
-                       pid_space, worker_tag)
-from .training import EpochMetrics, StopTrial, check_fits, dense_baseline, resolve_device, train_trial
-
-BASELINE_ATTR = "dense_baseline"
-# The validation metric a trial had to reach to count (study file: min_accuracy / min_metric; None: no floor).
-FLOOR_ATTR = "accuracy_floor"
-TRAIN_SECONDS_ATTR = "train_seconds"  # a complete trial's training (and the dense baseline's, if it had it trained)
-LATENCY_ATTR = "latency"  # a measured trial's sweeps.latency.figures: {runtime: {batch: {dense_ms, compact_ms, ...}}}
-LATENCY_SECONDS_ATTR = "latency_seconds"  # what timing it added to the trial (the timing itself, warm-up included)
-DENSE_LATENCY_ATTR = "dense_latency"  # the study's dense model, as first timed: {runtime: {batch: {dense_ms, ...}}}
-
+from .study import (budget_reached, check_same_study, counts, load_existing, recover_orphaned_trials, retry_trial,
+                    storage_for)
+from .tracking import TrialRun, end_study_run, log_alpha_by_gate, log_alpha_histogram, pid_space, worker_tag
+from .baseline import dense_baseline
+from .loop import EpochMetrics, StopTrial
+from .preflight import check_fits
+from .runtime import resolve_device
+from .training import TrialResult, train_trial
 
 def latency_batch(spec: StudySpec, cfg) -> int:
     """The batch size the latency objective and the report's speed-up use: the study's, else the training batch."""
@@ -72,18 +68,17 @@ def shortfall(value: float, floor: float | None, direction: str) -> float:
     return floor - value if direction == "maximize" else value - floor
 
 
-def _dominated(values: Sequence[float], front: list[FrozenTrial], directions: Sequence[str]) -> bool:
-    signs = [1.0 if d == "maximize" else -1.0 for d in directions]  # compared as maxima
+class Scored(NamedTuple):
+    """What a trained trial's objectives came to, and what was measured on the way."""
 
-    def better_or_equal(t: FrozenTrial) -> list[tuple[float, float]]:
-        return [(s * a, s * b) for s, a, b in zip(signs, t.values, values)]
-
-    return any(all(a >= b for a, b in better_or_equal(t)) and any(a > b for a, b in better_or_equal(t))
-               for t in front)
+    objectives: list[float]  # in spec.metric_names' order
+    on_front: bool  # whether it enters the study's front (feasible and not dominated)
+    small: nn.Module | None  # the compacted model, where it was needed (timed, or to be logged)
+    latency: dict | None  # sweeps.latency.figures, where measured
 
 
 class Objective:
-    """One trial: sample, train, log; returns the objectives (in ``spec.directions``)."""
+    """One trial: suggest -> train -> record -> log; returns the objectives (in ``spec.directions``)."""
 
     def __init__(self, spec: StudySpec, settings: Settings) -> None:
         self.spec = spec
@@ -93,20 +88,41 @@ class Objective:
         self._dense: tuple | None = None  # (what it is, the dense model) timed against each trial's compacted one
 
     def __call__(self, trial: optuna.Trial) -> list[float]:
-        spec, settings = self.spec, self.settings
         self.failed = False
-        cfg, values = suggest(trial, spec)
-        cfg = cfg.model_copy(update={"baseline_dir": str(settings.out / "baselines"),
-                                     "threads": settings.threads or cfg.threads})
-        for key in VALUE_ATTRS:
-            if key in values:  # a study searches lam or target_sparsity
-                trial.set_user_attr(key, values[key])
-        trial.set_user_attr(WORKER_ATTR, worker_tag())
-        trial.set_user_attr(PID_SPACE_ATTR, pid_space())
-        run = TrialRun(trial, settings.tracking_uri, values, cfg)
-        stopper = stopper_for(trial.study, spec, cfg.optim.epochs, trial.number)
-        history = TrialHistory(trial)
+        cfg, values = self._suggest(trial)
+        run = TrialRun(trial, self.settings.tracking_uri, values, cfg)
+        try:
+            result, trained = self._train(trial, cfg, run)
+            feasible = self._record(trial, result)
+            scored = self._score(trial, cfg, result, feasible)
+            self._log(trial, cfg, run, result, scored, trained)
+        except StopTrial as stop:
+            TrialRecord.write(trial, stopped_at_epoch=stop.metrics.epoch)
+            run.end("KILLED")
+            raise optuna.TrialPruned(f"stopped early at epoch {stop.metrics.epoch} "
+                                     f"({self.spec.early_stopping.method})") from None
+        except BaseException as exc:
+            self.failed = True
+            if isinstance(exc, KeyboardInterrupt):
+                self.interrupted = trial._trial_id
+            run.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            raise
+        return scored.objectives
 
+    def _suggest(self, trial: optuna.Trial) -> tuple[TrialConfig, dict[str, Any]]:
+        """The trial's config and values, as the sampler suggests them; recorded on the trial with its worker."""
+        cfg, values = suggest(trial, self.spec)
+        cfg = cfg.model_copy(update={"baseline_dir": str(self.settings.out / "baselines"),
+                                     "threads": self.settings.threads or cfg.threads})
+        TrialRecord.write(trial, **{k: values[k] for k in TrialRecord.VALUE_FIELDS if k in values},
+                          worker=worker_tag(), pid_space=pid_space())
+        return cfg, values
+
+    def _train(self, trial: optuna.Trial, cfg: TrialConfig, run: TrialRun) -> tuple[TrialResult, float]:
+        """Train the trial, logging each epoch and asking the study's stopper after it (StopTrial when it says
+        stop); returns the result and the seconds training took, the epoch hook's own left out."""
+        stopper = stopper_for(trial.study, self.spec, cfg.optim.epochs, trial.number)
+        history = TrialHistory(trial)
         in_hook = 0.0  # seconds of the epoch hook (logging, early stopping), which are the sweep's, not training
 
         def on_epoch(m: EpochMetrics) -> bool:
@@ -123,67 +139,67 @@ class Objective:
                 in_hook += time.perf_counter() - start
 
         try:
-            try:
-                start = time.perf_counter()
-                result = train_trial(cfg, on_epoch)
-                trained = time.perf_counter() - start - in_hook
-            finally:
-                history.flush()  # whole, before the trial is told COMPLETE (or stopped, or failed)
-            metrics = {spec.metric_column: result.val_metric, "sparsity": result.sparsity,
-                       "flops_reduction": 1.0 - result.flops_ratio}
-            trial.set_user_attr(f"test_{spec.trial.task.metric_name}", result.test_metric)
-            for key in ("flops_ratio", "total_params", "removed_params", "kept_units", "sparsity"):
-                trial.set_user_attr(key, getattr(result, key))
-            if result.target_sparsity is not None:  # what the target cost, in lambda's units, and what exact changed
-                trial.set_user_attr("effective_lambda", result.effective_lambda)
-                if result.exact_target is not None:
-                    trial.set_user_attr("exact_target", result.exact_target)
-            # An Optuna constraint (feasible when <= 0): a trial short of the floor stays off the front
-            # (study.best_trials), and TPE and NSGA-II rank it below every feasible trial, steering away from it.
-            floor = metric_floor(spec.min_accuracy, result.chance_accuracy, result.val_examples)
-            trial.set_user_attr(FLOOR_ATTR, floor)
-            short = shortfall(result.val_metric, floor, spec.trial.task.direction)
-            trial.set_constraint("min_accuracy", short)  # the key existing studies have, whatever the metric
-            feasible = short <= 0
-            alphas = log_alpha_by_gate(result.model)
-            hist = log_alpha_histogram(alphas)
-            trial.set_user_attr("log_alpha_hist", hist)
-            front = trial.study.best_trials
-            # Latency costs time: measured where it is an objective, else only for trials entering the front.
-            timed = "latency" in spec.objectives
-            if not timed:
-                on_front = feasible and not _dominated([metrics[n] for n in spec.metric_names], front, spec.directions)
-            small, latency = None, None
-            if timed or on_front or spec.mlflow.log_models == "all":
-                small = l0core.compact(result.model, result.example_inputs, round_to=spec.export.round_to)
-            if timed or on_front:
-                start = time.perf_counter()
-                latency = self._latency(trial.study, cfg, result, small)
-                trial.set_user_attr(LATENCY_ATTR, latency)
-                trial.set_user_attr(LATENCY_SECONDS_ATTR, time.perf_counter() - start)
-                metrics["speedup"] = latency_speedup(spec, cfg, latency)
-            objectives = [metrics[name] for name in spec.metric_names]
-            if timed:
-                on_front = feasible and not _dominated(objectives, front, spec.directions)
-            log_model = spec.mlflow.log_models == "all" or (spec.mlflow.log_models == "front" and on_front)
-            run.finish(result, small if log_model else None, alphas, hist, latency)
-            trial.set_user_attr("model_logged", log_model)
-            # What the trial's training took (and the dense baseline's, where this trial had it trained), timed
-            # while the sweep ran: the sweep's own cost is its wall time less the sum of these
-            # (benchmarks/sweep_overhead.py), free of the machine's drift between separate runs.
-            trial.set_user_attr(TRAIN_SECONDS_ATTR, trained + self._record_baseline(trial.study, cfg))
-        except StopTrial as stop:
-            trial.set_user_attr("stopped_at_epoch", stop.metrics.epoch)
-            run.end("KILLED")
-            raise optuna.TrialPruned(f"stopped early at epoch {stop.metrics.epoch} ({spec.early_stopping.method})") \
-                from None
-        except BaseException as exc:
-            self.failed = True
-            if isinstance(exc, KeyboardInterrupt):
-                self.interrupted = trial._trial_id
-            run.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
-            raise
-        return objectives
+            start = time.perf_counter()
+            result = train_trial(cfg, on_epoch)
+            return result, time.perf_counter() - start - in_hook
+        finally:
+            history.flush()  # whole, before the trial is told COMPLETE (or stopped, or failed)
+
+    def _record(self, trial: optuna.Trial, result: TrialResult) -> bool:
+        """Record the trained trial's figures and its floor, and set its shortfall (an Optuna constraint, which
+        steers the sampler away from trials short of the floor); returns whether it is feasible."""
+        spec = self.spec
+        TrialRecord.write(trial, spec.metric, test_metric=result.test_metric, flops_ratio=result.flops_ratio,
+                          total_params=result.total_params, removed_params=result.removed_params,
+                          kept_units=result.kept_units, sparsity=result.sparsity)
+        if result.target_sparsity is not None:  # what the target cost, in lambda's units, and what exact changed
+            TrialRecord.write(trial, effective_lambda=result.effective_lambda)
+            if result.exact_target is not None:
+                TrialRecord.write(trial, exact_target=result.exact_target)
+        floor = metric_floor(spec.min_accuracy, result.chance_accuracy, result.val_examples)
+        TrialRecord.write(trial, metric_floor=floor)
+        short = shortfall(result.val_metric, floor, spec.trial.task.direction)
+        record_shortfall(trial, short)
+        return short <= 0
+
+    def _score(self, trial: optuna.Trial, cfg: TrialConfig, result: TrialResult, feasible: bool) -> Scored:
+        """The trial's objectives, and whether it enters the front. Latency costs time: it is measured (and
+        recorded) where it is an objective, else only for a trial entering the front."""
+        spec = self.spec
+        metrics = {spec.metric_column: result.val_metric, "sparsity": result.sparsity,
+                   "flops_reduction": 1.0 - result.flops_ratio}
+        front = trial.study.best_trials
+        timed = "latency" in spec.objectives
+        if not timed:
+            on_front = feasible and not dominated([metrics[n] for n in spec.metric_names], front, spec.directions)
+        small, latency = None, None
+        if timed or on_front or spec.mlflow.log_models == "all":
+            small = l0core.compact(result.model, result.example_inputs, round_to=spec.export.round_to)
+        if timed or on_front:
+            start = time.perf_counter()
+            latency = self._latency(trial.study, cfg, result, small)
+            TrialRecord.write(trial, latency=latency, latency_seconds=time.perf_counter() - start)
+            metrics["speedup"] = latency_speedup(spec, cfg, latency)
+        objectives = [metrics[name] for name in spec.metric_names]
+        if timed:
+            on_front = feasible and not dominated(objectives, front, spec.directions)
+        return Scored(objectives, on_front, small, latency)
+
+    def _log(self, trial: optuna.Trial, cfg: TrialConfig, run: TrialRun, result: TrialResult, scored: Scored,
+             trained: float) -> None:
+        """Finish the trial's MLflow run (its model too, as the study's log_models says) and record what was
+        logged and what training took."""
+        log_models = self.spec.mlflow.log_models
+        alphas = log_alpha_by_gate(result.model)
+        hist = log_alpha_histogram(alphas)
+        TrialRecord.write(trial, log_alpha_hist=hist)
+        log_model = log_models == "all" or (log_models == "front" and scored.on_front)
+        run.finish(result, scored.small if log_model else None, alphas, hist, scored.latency)
+        TrialRecord.write(trial, model_logged=log_model)
+        # What the trial's training took (and the dense baseline's, where this trial had it trained), timed
+        # while the sweep ran: the sweep's own cost is its wall time less the sum of these
+        # (benchmarks/sweep_overhead.py), free of the machine's drift between separate runs.
+        TrialRecord.write(trial, train_seconds=trained + self._record_baseline(trial.study, cfg))
 
     def _latency(self, study: optuna.Study, cfg, result, small) -> dict:
         """Time ``small`` against the dense model (random weights: time does not depend on them) at batch 1 and
@@ -202,8 +218,8 @@ class Objective:
         figures = latency.figures(latency.compare(
             self._dense[1], small, shape, sorted({1, latency_batch(self.spec, cfg)}), runtimes, device,
             lat.budget_seconds))
-        if DENSE_LATENCY_ATTR not in study.user_attrs:
-            study.set_user_attr(DENSE_LATENCY_ATTR, {r: {b: {k: f[k] for k in ("device", "dense_ms", "noise")}
+        if StudyRecord.read(study).dense_latency is None:
+            StudyRecord.write(study, dense_latency={r: {b: {k: f[k] for k in ("device", "dense_ms", "noise")}
                                                         for b, f in by.items()} for r, by in figures.items()})
         return figures
 
@@ -211,7 +227,7 @@ class Objective:
         """The dense model's validation and test metric, once per study: the report's reference line and ``pick``'s
         yardstick.
         Returns the seconds it took (training the baseline, if no trial has yet)."""
-        if BASELINE_ATTR in study.user_attrs:
+        if StudyRecord.read(study).dense_baseline is not None:
             return 0.0
         import torch
 
@@ -219,11 +235,12 @@ class Objective:
         path = dense_baseline(cfg)
         took = time.perf_counter() - start
         saved = torch.load(path, map_location="cpu")
-        name = cfg.task.metric_name
+        metric = cfg.task.task_metric
         # Baseline files saved before tasks existed name their (accuracy) figures val_accuracy and test_accuracy.
-        study.set_user_attr(BASELINE_ATTR, {f"val_{name}": saved.get("val_metric", saved.get("val_accuracy")),
-                                            f"test_{name}": saved.get("test_metric", saved.get("test_accuracy")),
-                                            "source": saved.get("source", "trained")})
+        StudyRecord.write(study, dense_baseline={
+            metric.val: saved.get("val_metric", saved.get("val_accuracy")),
+            metric.test: saved.get("test_metric", saved.get("test_accuracy")),
+            "source": saved.get("source", "trained")})
         return took
 
 
@@ -272,7 +289,7 @@ def run_worker(spec: StudySpec, settings: Settings, poll: float = 1.0,
 
         torch.set_num_threads(settings.threads)
     study = load_existing(spec.name, storage_for(spec, settings), make_sampler(spec))
-    check_same_study(spec, study.user_attrs[SPEC_ATTR])
+    check_same_study(spec, StudyRecord.read(study).spec_json)
     objective = Objective(spec, settings)
     failures = 0
     try:
@@ -281,7 +298,7 @@ def run_worker(spec: StudySpec, settings: Settings, poll: float = 1.0,
             # Trials of dead workers on this machine are failed and queued again (heartbeats do it on an RDB;
             # a journal has none): otherwise a sweep killed outright leaves them RUNNING, waited on forever.
             recover_orphaned_trials(study, settings.tracking_uri, spec.workers.max_retry)
-            budget = int(study.user_attrs[BUDGET_ATTR])
+            budget = int(StudyRecord.read(study).budget)
             n = counts(study)
             if budget_reached(study, spec, budget):
                 if not n["RUNNING"]:  # the sweep is over: whichever worker sees it last closes the study's run

@@ -120,7 +120,7 @@ def test_sweep_overhead_break_even_counts_a_negative_per_trial_figure_as_none():
 def test_sweep_benchmark_study_is_a_study_whose_model_trains_on_its_data():
     from sweeps.search import first_point, trial_config
     from sweeps.spec import load_spec
-    from sweeps.training import check_fits
+    from sweeps.preflight import check_fits
 
     spec = load_spec(Path(__file__).parents[1] / "benchmarks" / "sweep_study.yaml")
     assert spec.trials == 12 and not spec.early_stopping.enabled

@@ -136,7 +136,7 @@ def test_a_target_study_suggests_targets_per_mode_and_trains_towards_them():
 
 def test_the_target_settings_leave_the_dense_baselines_key_alone():
     from sweeps.config import TrialConfig
-    from sweeps.training import baseline_key
+    from sweeps.baseline import baseline_key
 
     plain = TrialConfig()
     tuned = TrialConfig.model_validate({"optim": {"target_warmup": 0.9, "multiplier_lr": 1.0}, "target_sparsity": 0.5})
@@ -205,7 +205,8 @@ def test_sampler_draws_are_seeded_per_trial(sampler):
 
 def test_budget_and_starting_points_follow_an_edited_study_file(tmp_path):
     from sweeps.settings import settings_from
-    from sweeps.study import BUDGET_ATTR, create_or_resume
+    from sweeps.records import StudyRecord
+    from sweeps.study import create_or_resume
 
     out = tmp_path / "out"
     settings = settings_from(str(out / "optuna.journal"), f"sqlite:///{out / 'mlflow.db'}", out)
@@ -214,7 +215,7 @@ def test_budget_and_starting_points_follow_an_edited_study_file(tmp_path):
 
     def budget(file_trials: int, trials: int | None = None) -> int:
         study, _ = create_or_resume(parse_spec({**base, "trials": file_trials}), settings, trials)
-        return study.user_attrs[BUDGET_ATTR]
+        return StudyRecord.read(study).budget
 
     assert budget(2) == 2
     assert budget(5) == 5  # the file was edited: its new budget applies (it used to stay 2, silently)

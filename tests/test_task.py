@@ -15,7 +15,8 @@ from sweeps.data import TensorBatches, data_loader, load_data
 from sweeps.early_stopping import stopper_for
 from sweeps.spec import SpecError, parse_spec
 from sweeps.storage import open_storage
-from sweeps.training import check_fits, evaluate, mse
+from sweeps.loop import evaluate, mse
+from sweeps.preflight import check_fits
 from tests.sweep_helpers import TINY, l0sweep, runs_of, write_study
 from tests.task_helpers import binary_f1
 

@@ -11,8 +11,10 @@ from sweeps.config import ModelConfig, OptimConfig
 from sweeps.data import load_data
 from sweeps.models import build_model
 from sweeps.spec import SpecError
-from sweeps.training import (StopTrial, TrialConfig, baseline_key, build_optimizer, check_fits, dense_baseline,
-                             train_step, train_trial)
+from sweeps.baseline import baseline_key, dense_baseline
+from sweeps.loop import StopTrial, build_optimizer, train_step
+from sweeps.preflight import check_fits
+from sweeps.training import TrialConfig, train_trial
 
 FAST = {"lr": 3e-3, "gate_lr": 0.05, "epochs": 4}
 
@@ -174,13 +176,13 @@ def test_two_processes_share_one_baseline(tmp_path):
     cfg = _cfg(tmp_path, mode="finetune", droprate_init=0.05)
     script = textwrap.dedent(f"""
         import json, sys, time
-        import sweeps.training as t
+        import sweeps.baseline as t
         calls = []
-        original = t._run_epochs
+        original = t.run_epochs
         def counted(*a, **k):
             calls.append(1)
             return original(*a, **k)
-        t._run_epochs = counted
+        t.run_epochs = counted
         cfg = t.TrialConfig.model_validate_json({cfg.model_dump_json()!r})
         t.dense_baseline(cfg)
         print(json.dumps({{"trained": len(calls)}}))
@@ -318,7 +320,7 @@ def test_compiled_training_forward_trains_and_leaves_the_module_itself_to_evalua
 def test_a_compiled_gated_model_runs_its_gates_after_its_dense_twin_was_compiled():
     """Per-example gates act through hooks, which dynamo does not guard on: compiled after a dense LeNet-5 (as a
     fine-tuning trial's baseline is), the gated one must get a graph of its own, not the dense one's."""
-    from sweeps.training import compiled
+    from sweeps.runtime import compiled
 
     x = torch.randn(1, 1, 28, 28).expand(8, 1, 28, 28).contiguous()  # eight identical examples
     compiled(build_model("lenet5", (1, 28, 28), 10, gates=False).train())(x)

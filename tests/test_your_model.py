@@ -16,7 +16,7 @@ from examples.your_model.factories import macro_f1, wine, wine_mlp
 from sweeps.data import load_data
 from sweeps.models import build_model
 from sweeps.storage import open_storage
-from sweeps.training import load_checkpoint
+from sweeps.baseline import load_checkpoint
 from tests.sweep_helpers import TINY, l0sweep, write_study
 
 ROOT = Path(__file__).resolve().parents[1]
