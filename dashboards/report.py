@@ -15,7 +15,7 @@ import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
-from sweeps.records import StudyRecord, TaskMetric, TrialRecord, task_metric
+from sweeps.records import StudyRecord, TaskMetric, TrialRecord, metric_names, task_metric
 
 from .pick import recommend, trade_off
 from .table import (TARGET_TOLERANCE, failed_and_interrupted, front_table, hypervolume_history, latency_setting,
@@ -124,11 +124,17 @@ def _scatter(table: pd.DataFrame, x: str, x_title: str, baseline: dict | None, c
     return fig
 
 
+# The second objective as the hypervolume's title names it (the first is the task's metric).
+SECOND_OBJECTIVE = {"sparsity": "sparsity", "flops_reduction": "FLOPs reduction", "speedup": "speed-up"}
+
+
 def _hypervolume(study: optuna.Study, metric: TaskMetric) -> go.Figure:
     hv = hypervolume_history(study)
     fig = go.Figure(go.Scatter(x=hv.trial, y=hv.hypervolume, mode="lines+markers", name="hypervolume"))
-    reference = "ref. 0, 0" if metric.direction == "maximize" else f"ref. worst {metric.name}, sparsity 0"
-    fig.update_layout(title=f"Hypervolume of the (val {metric.name}, sparsity) front after each complete trial",
+    second = metric_names(study)[1]
+    second = SECOND_OBJECTIVE.get(second, second)
+    reference = "ref. 0, 0" if metric.direction == "maximize" else f"ref. worst {metric.name}, {second} 0"
+    fig.update_layout(title=f"Hypervolume of the (val {metric.name}, {second}) front after each complete trial",
                       xaxis_title="trial", yaxis_title=f"hypervolume ({reference})", template="plotly_white",
                       height=320,
                       margin={"t": 50, "b": 20})

@@ -89,7 +89,8 @@ def front_table(study: optuna.Study) -> pd.DataFrame:
 
 
 def hypervolume_history(study: optuna.Study) -> pd.DataFrame:
-    """Hypervolume of the (validation metric, sparsity) front after each complete trial, reference point (0, 0).
+    """Hypervolume of the front of the first two objectives (the validation metric, then sparsity, FLOPs reduction
+    or speed-up: each >= 0 and maximised) after each complete trial, reference point (0, 0).
 
     For accuracy both objectives lie in [0, 1], so the origin is the natural worst point and values are comparable
     between studies. A metric that can be worse than 0 (any minimised one, an error) has the worst value of the

@@ -199,5 +199,6 @@ def test_latency_as_an_objective_makes_the_front_measured_speed(tmp_path):
         assert 0 <= t.user_attrs["sparsity"] <= 1
     page = (out / "reports" / "tiny" / "report.html").read_text()
     assert "Validation accuracy against measured speed-up" in page and "Noise (interquartile range / median" in page
+    assert "Hypervolume of the (val accuracy, speed-up) front" in page  # of the objectives the study has
     picked = l0sweep("pick", "tiny", "--out", out)
     assert picked.returncode == 0 and "latency        torch batch 32 (cpu)" in picked.stdout, picked.stderr
