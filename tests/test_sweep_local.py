@@ -32,6 +32,11 @@ def test_a_finished_sweep_has_every_trial_its_run_and_the_front_its_models(defau
     spec = load_spec(Path(__file__).resolve().parents[1] / "studies" / "default.yaml")
     assert len(spec.enqueue) == 2
     assert [t.params for t in study.trials[:2]] == [starting_point(spec, point) for point in spec.enqueue]
+    # The fine-tuning trials' dense baseline was trained once, for the study file's epochs, and the log says so.
+    assert study.user_attrs["dense_baseline"]["source"] == "trained"
+    assert study.user_attrs["dense_baseline"]["epochs_trained"] == spec.trial.optim.epochs
+    logs = "".join(log.read_text() for log in (out / "logs").glob("*/worker-*.log"))
+    assert f"dense baseline trained for {spec.trial.optim.epochs} epochs" in logs
 
     tracking = f"sqlite:///{out.resolve() / 'mlflow.db'}"
     runs = runs_of(tracking, "digits-mlp")
