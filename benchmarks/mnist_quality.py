@@ -1,6 +1,7 @@
 """Result quality on real MNIST digits: the dense network against the front a sweep finds.
 
     python -m benchmarks.mnist_quality --data ../shared/data/mnist-t10k [--models mlp lenet5] [--trials 8]
+        [--objectives sparsity latency]
 
 The data are the 10,000 MNIST test images (the IDX files ``t10k-images-idx3-ubyte.gz`` and
 ``t10k-labels-idx1-ubyte.gz`` in ``--data``), shuffled once and split 8,000 train / 1,000 validation / 1,000
@@ -9,6 +10,10 @@ figures reported are the final models' test accuracies. For each model: the dens
 the trial with the most parameters removed whose validation accuracy is within 1 point of the dense
 baseline's, with its kept units per layer beside the paper's (trained on all 60,000 images for 200 epochs,
 so a smaller sweep on 8,000 images is not expected to match it).
+
+``--objectives sparsity latency`` runs each model twice at the same budget, with ``objectives: [accuracy,
+sparsity]`` and ``[accuracy, latency]`` (measured speed-up of the compacted model, torch, batch 64; front trials of
+the sparsity sweep are timed the same way), and reports each sweep's fastest trial within 1 point of dense.
 """
 from __future__ import annotations
 
@@ -59,10 +64,15 @@ def mnist_t10k(path: str, seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
     return TensorDataset(x[train], y[train]), TensorDataset(x[test], y[test])
 
 
-def _study_file(model: str, data: Path, trials: int, tmp: Path) -> Path:
+LATENCY_BATCH = 64
+
+
+def _study_file(model: str, data: Path, trials: int, tmp: Path, second: str = "sparsity") -> Path:
     s = STUDIES[model]
     study = {
-        "name": f"mnist10k-{model}",
+        "name": f"mnist10k-{model}" + ("" if second == "sparsity" else f"-{second}"),
+        "objectives": ["accuracy", second],
+        "latency": {"batch_size": LATENCY_BATCH, "runtime": "torch"},
         "trial": {"data": {"name": "benchmarks.mnist_quality:mnist_t10k", "batch_size": 100,
                            "val_fraction": 1000 / 9000, "kwargs": {"path": str(data.resolve())}},
                   "model": s["model"], "optim": s["optim"], "seed": 0},
@@ -76,9 +86,14 @@ def _study_file(model: str, data: Path, trials: int, tmp: Path) -> Path:
                     {"mode": "scratch", "lam": s["lam"]["scratch"]["low"] * 5, "droprate_init": 0.5}],
         "early_stopping": {"enabled": False},
     }
-    path = tmp / f"{model}.yaml"
+    path = tmp / f"{model}-{second}.yaml"
     path.write_text(yaml.safe_dump(study))
     return path
+
+
+def _speedup(trial) -> float:
+    """The trial's measured speed-up over dense at the latency batch size (torch)."""
+    return float(TrialRecord.read(trial).latency["torch"][str(LATENCY_BATCH)]["speedup"])
 
 
 def _arch(kept: dict) -> str:
@@ -91,6 +106,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=["mlp", "lenet5"], choices=sorted(STUDIES))
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--objectives", nargs="+", default=["sparsity"], choices=["sparsity", "latency"],
+                        help="the second objective of each model's sweep; both: one sweep each, compared")
     args = parser.parse_args()
     for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
         if not (args.data / name).is_file():
@@ -98,35 +115,46 @@ def main() -> None:
     rows, notes = [], []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        for model in args.models:
-            study_file = _study_file(model, args.data, args.trials, tmp)
-            wall, study = timed_sweep(study_file, tmp / model, "--workers", str(args.workers))
+        for model, second in [(m, o) for m in args.models for o in args.objectives]:
+            study_file = _study_file(model, args.data, args.trials, tmp, second)
+            wall, study = timed_sweep(study_file, tmp / f"{model}-{second}", "--workers", str(args.workers))
             dense = StudyRecord.read(study).dense_baseline
             complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
             front = {t.number for t in study.best_trials}
             within = [t for t in complete if t.values[0] >= dense["val_accuracy"] - 0.01]
-            best = max(within, key=lambda t: t.values[1]) if within else None
-            rows.append([model, "dense", "", "", f"{dense['val_accuracy']:.4f}", f"{dense['test_accuracy']:.4f}",
-                         0.0, 1.0, "", ""])
-            for t in sorted(complete, key=lambda t: t.values[1]):
-                if t.number not in front and t is not best:
+            sparsity = {t.number: TrialRecord.read(t).sparsity for t in complete}
+            best = max(within, key=lambda t: sparsity[t.number]) if within else None
+            timed = [t for t in within if TrialRecord.read(t).latency]
+            fastest = max(timed, key=lambda t: _speedup(t)) if timed else None
+            label = model if second == "sparsity" else f"{model} (latency)"
+            rows.append([label, "dense", "", "", f"{dense['val_accuracy']:.4f}", f"{dense['test_accuracy']:.4f}",
+                         0.0, 1.0, 1.0, "", ""])
+            for t in sorted(complete, key=lambda t: sparsity[t.number]):
+                if t.number not in front and t is not best and t is not fastest:
                     continue
                 a = TrialRecord.read(t)
-                rows.append([model, t.number, a.mode, f"{a.lam:.3g}", f"{t.values[0]:.4f}",
-                             f"{a.test_metric:.4f}", t.values[1], a.flops_ratio, _arch(a.kept_units),
-                             "most removed within 1 pt (val)" if t is best else "front"])
+                role = ", ".join(r for r, chosen in (("most removed within 1 pt (val)", t is best),
+                                                     ("fastest within 1 pt (val)", t is fastest)) if chosen)
+                rows.append([label, t.number, a.mode, f"{a.lam:.3g}", f"{t.values[0]:.4f}",
+                             f"{a.test_metric:.4f}", sparsity[t.number], a.flops_ratio,
+                             f"{_speedup(t):.2f}" if a.latency else "", _arch(a.kept_units), role or "front"])
             best_record = TrialRecord.read(best) if best else None
-            notes.append(f"**{model}**: {len(complete)} trials in {wall:.0f} s. " + (
+            if fastest is not None:
+                notes.append(f"**{label}**: fastest within 1 point of the dense validation accuracy: trial "
+                             f"{fastest.number}, {_speedup(fastest):.2f}x the dense model's speed (torch, batch "
+                             f"{LATENCY_BATCH}), {sparsity[fastest.number]:.1%} of the parameters removed, test "
+                             f"accuracy {TrialRecord.read(fastest).test_metric:.2%}.")
+            notes.append(f"**{label}**: {len(complete)} trials in {wall:.0f} s. " + (
                 f"Most removed within 1 point of the dense validation accuracy: trial {best.number}, "
-                f"{best.values[1]:.1%} of the parameters removed, test accuracy {best_record.test_metric:.2%} "
+                f"{sparsity[best.number]:.1%} of the parameters removed, test accuracy {best_record.test_metric:.2%} "
                 f"(dense {dense['test_accuracy']:.2%}), kept {_arch(best_record.kept_units)} "
                 f"({json.dumps(best_record.kept_units)}). Paper: {PAPER[model]}." if best else
                 "No trial within 1 point of the dense validation accuracy."))
     print(append("Quality on real MNIST digits (t10k: 8,000 / 1,000 / 1,000)",
                  f"python -m benchmarks.mnist_quality --data {args.data} --models {' '.join(args.models)} "
-                 f"--trials {args.trials} --workers {args.workers}",
-                 ["model", "trial", "mode", "lambda", "val acc", "test acc", "sparsity", "FLOPs ratio", "kept units",
-                  "role"], rows, "\n\n".join(notes), settings=vars(args)))
+                 f"--trials {args.trials} --workers {args.workers} --objectives {' '.join(args.objectives)}",
+                 ["model", "trial", "mode", "lambda", "val acc", "test acc", "sparsity", "FLOPs ratio",
+                  f"speed-up (torch, batch {LATENCY_BATCH})", "kept units", "role"], rows, "\n\n".join(notes), settings=vars(args)))
 
 
 if __name__ == "__main__":
