@@ -83,7 +83,7 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
 
 
 def front_table(study: optuna.Study) -> pd.DataFrame:
-    """The Pareto front in the GoogleNet study's form: one row per front trial, sorted by sparsity."""
+    """The Pareto front as a table: one row per front trial, sorted by sparsity."""
     table = trials_table(study)
     return table[table.on_front].sort_values(["sparsity", task_metric(study).val]).reset_index(drop=True)
 

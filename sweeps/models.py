@@ -1,8 +1,8 @@
-"""The model zoo: each model built plain, then gated with ``l0core.attach`` where the paper and seeds put gates.
+"""The model zoo: each model built plain, then gated with ``l0core.attach`` (gates where the paper puts them).
 
 - ``mlp``: LeNet-300-100, neuron gates on every dense layer's inputs (the paper's L0Dense).
 - ``lenet5``: LeNet-5-Caffe 20-50-800-500, channel gates on the convs, neuron gates on the dense inputs.
-- ``googlenet``: the CIFAR-10 GoogleNet of the GoogleNet study, channel gates on every branch conv.
+- ``googlenet``: the CIFAR-10 GoogleNet of the UvA Deep Learning tutorial 4, channel gates on every branch conv.
 - ``torchvision:NAME``: any torchvision classification model, channel gates on every conv.
 - ``package.module:factory``: a user's own model, called with the spec's kwargs (and ``num_classes`` and
   ``input_shape`` from the data, where its signature takes them and the kwargs do not set them), gated with
@@ -48,7 +48,7 @@ class LeNet5(nn.Sequential):
 
 
 class InceptionBlock(nn.Module):
-    """The inception block of the GoogleNet study (UvA DL tutorial 4): 1x1, 3x3, 5x5 and pool branches."""
+    """The inception block of the UvA Deep Learning tutorial 4 GoogleNet: 1x1, 3x3, 5x5 and pool branches."""
 
     def __init__(self, c_in: int, c_red: dict[str, int], c_out: dict[str, int]) -> None:
         super().__init__()
@@ -66,7 +66,7 @@ class InceptionBlock(nn.Module):
 
 
 class GoogleNet(nn.Module):
-    """The CIFAR-10 GoogleNet of the GoogleNet study (about 0.26 M parameters)."""
+    """The CIFAR-10 GoogleNet of the UvA Deep Learning tutorial 4 (about 0.26 M parameters)."""
 
     def __init__(self, num_classes: int = 10, in_channels: int = 3) -> None:
         super().__init__()
