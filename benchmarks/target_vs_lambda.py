@@ -3,7 +3,8 @@
 For each sampler seed this runs ``studies/default.yaml`` (lambda searched) and ``studies/default-target.yaml``
 (target sparsity searched, exact at export) through ``l0sweep run``, with the same budget of complete trials.
 Per sweep: the largest gap along the sparsity axis of the front (between neighbouring front trials, which are
-above the accuracy floor), its hypervolume, the collapsed trials (validation accuracy no better than chance), and
+above the accuracy floor, and from sparsity 0 to the first and from the last to 1: a front bunched at one end has
+a large gap), its hypervolume, the collapsed trials (validation accuracy no better than chance), and
 the best validation accuracy at sparsity >= 0.8.
 
     python -m benchmarks.target_vs_lambda [--seeds 1 2 3 4] [--trials 20] [--workers 2] [--epochs N]
@@ -26,12 +27,15 @@ STUDIES = {"lambda": Path("studies/default.yaml"), "target": Path("studies/defau
 
 
 def largest_gap(sparsities: list[float]) -> float:
-    """The largest step between neighbouring front trials along the sparsity axis (0 with fewer than two).
+    """The largest step along the sparsity axis between neighbouring front trials, counting the ends 0 and 1
+    (an empty front: 1).
 
     >>> largest_gap([0.2, 0.9, 0.5])
     0.4
+    >>> largest_gap([0.85, 0.9])  # bunched at the sparse end: the gap is from 0
+    0.85
     """
-    ordered = sorted(sparsities)
+    ordered = [0.0, *sorted(sparsities), 1.0]
     return round(max((b - a for a, b in zip(ordered, ordered[1:])), default=0.0), 12)
 
 

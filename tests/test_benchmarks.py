@@ -223,4 +223,5 @@ def test_target_vs_lambda_measures_the_largest_step_between_neighbouring_front_t
     from benchmarks.target_vs_lambda import largest_gap
 
     assert largest_gap([0.9, 0.1, 0.3]) == pytest.approx(0.6)
-    assert largest_gap([0.5]) == 0.0
+    assert largest_gap([0.5]) == 0.5 and largest_gap([]) == 1.0  # the ends 0 and 1 count
+    assert largest_gap([0.05, 0.5, 0.97]) == pytest.approx(0.47)
