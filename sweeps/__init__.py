@@ -5,6 +5,8 @@ its trials and front back. Importing ``sweeps`` alone stays light: the API loads
 """
 from typing import Any
 
+__all__ = ["run", "load"]
+
 
 def __getattr__(name: str) -> Any:
     # Workers and the CLI import sweeps.* submodules; the API pulls in the launcher, MLflow and plotly,

@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+import sweeps
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 CLI = [sys.executable, "-m", "sweeps.cli"]
@@ -183,7 +185,13 @@ def test_a_command_naming_what_does_not_exist_fails(command, problem):
 
 
 def test_the_readme_python_example_runs():
-    [example] = blocks((ROOT / "README.md").read_text(), "python")
+    """The first example runs (in seconds); the others, whole sweeps, must at least compile and name what the
+    package exports (sweeps.run and sweeps.load run end to end in tests/test_your_model.py)."""
+    example, *sweeping = blocks((ROOT / "README.md").read_text(), "python")
+    for block in sweeping:
+        compile(block, "README.md", "exec")
+        for name in re.findall(r"\bsweeps\.(\w+)\(", block):
+            assert name in sweeps.__all__, name
     proc = subprocess.run([sys.executable, "-c", example], cwd=ROOT, capture_output=True, text=True, timeout=300,
                           stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stderr[-3000:]
