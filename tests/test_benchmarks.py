@@ -195,7 +195,8 @@ def test_early_stopping_compares_methods_at_an_equal_epoch_budget(tmp_path):
                   "--seeds", "1", "--methods", "none", "asha-3")
     rows = [r for r in _rows(text) if r[0] in ("none", "asha-3")]
     assert [r[:2] for r in rows] == [["none", "1"], ["asha-3", "1"]]
-    assert all(int(r[4]) >= 3 for r in rows)  # both reached the budget: one trial's worth of TINY's 3 epochs
+    assert all(int(r[5]) >= 3 for r in rows)  # both reached the budget: one trial's worth of TINY's 3 epochs
+    assert all(0 <= int(r[4]) <= int(r[3]) for r in rows)  # stopped trials that would have reached the front
     assert "same budget of 3 epochs" in text and "asha-3: epochs ratio" in text
 
 
