@@ -28,6 +28,7 @@ from optuna.trial import TrialState
 
 from benchmarks.results import append, timed_sweep
 from dashboards import hypervolume_history
+from sweeps.deploy import trial_values
 from sweeps.records import TrialRecord, dominated
 from sweeps.search import trial_config
 from sweeps.spec import load_spec
@@ -71,7 +72,8 @@ def would_reach_front(study, study_file: Path, out: Path) -> int:
     reached = 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)):
         record = TrialRecord.read(t, spec.metric)
-        cfg = trial_config(spec, record.values).model_copy(update={"baseline_dir": str(out / "baselines")})
+        searched = trial_values(t, spec.model_dump_json())  # the dotted paths too, as export rebuilds a trial
+        cfg = trial_config(spec, searched).model_copy(update={"baseline_dir": str(out / "baselines")})
         result = train_trial(cfg)
         point = {spec.metric_column: result.val_metric, "sparsity": result.sparsity,
                  "flops_reduction": 1.0 - result.flops_ratio}

@@ -110,7 +110,8 @@ def test_the_example_fine_tunes_from_the_users_checkpoint_from_python(tmp_path, 
     assert len([t for t in study.trials if t.state.name == "COMPLETE"]) >= 4
     assert (tmp_path / "out" / "studies" / "your-model.yaml").is_file()
     baseline = study.user_attrs["dense_baseline"]
-    assert baseline["source"] == "checkpoint" and baseline["epochs_trained"] == 0 and baseline["seconds"] >= 0
+    assert baseline["source"] == "checkpoint" and baseline["epochs_trained"] == 0  # measured, not trained
+    assert isinstance(baseline["seconds"], float)  # how long measuring it took is recorded
     logs = "".join(log.read_text() for log in (tmp_path / "out" / "logs").glob("*/worker-*.log"))
     assert "l0sweep worker: dense baseline measured from" in logs and "dense baseline trained" not in logs
     # The baseline is the checkpoint itself, unchanged: nothing trained it further.
