@@ -21,21 +21,22 @@ from torch import nn
 
 import l0core
 
+from .baseline import dense_baseline
 from .config import TrialConfig
 from .early_stopping import TrialHistory, stopper_for
+from .loop import EpochMetrics, StopTrial
 from .models import build_model
+from .preflight import check_fits
 from .records import StudyRecord, TrialRecord, dominated, record_shortfall
+from .runtime import resolve_device
 from .search import first_point, make_sampler, suggest, trial_config
 from .settings import CONFIG_ERROR, ERROR_PREFIX, Settings, check_stop, stop_on_signals
 from .spec import SpecError, StudySpec
 from .study import (budget_reached, check_same_study, counts, load_existing, recover_orphaned_trials, retry_trial,
                     storage_for)
 from .tracking import TrialRun, end_study_run, log_alpha_by_gate, log_alpha_histogram, pid_space, worker_tag
-from .baseline import dense_baseline
-from .loop import EpochMetrics, StopTrial
-from .preflight import check_fits
-from .runtime import resolve_device
 from .training import TrialResult, train_trial
+
 
 def latency_batch(spec: StudySpec, cfg) -> int:
     """The batch size the latency objective and the report's speed-up use: the study's, else the training batch."""
