@@ -33,6 +33,7 @@ from sweeps.records import TrialRecord, dominated
 from sweeps.search import trial_config
 from sweeps.spec import load_spec
 from sweeps.training import train_trial
+from sweeps.worker import objective_points
 
 METHODS = ("none", "dominance", "asha-3", "asha-4")
 
@@ -75,8 +76,7 @@ def would_reach_front(study, study_file: Path, out: Path) -> int:
         searched = trial_values(t, spec.model_dump_json())  # the dotted paths too, as export rebuilds a trial
         cfg = trial_config(spec, searched).model_copy(update={"baseline_dir": str(out / "baselines")})
         result = train_trial(cfg)
-        point = {spec.metric_column: result.val_metric, "sparsity": result.sparsity,
-                 "flops_reduction": 1.0 - result.flops_ratio}
+        point = objective_points(spec, result)
         values = [point[name] for name in spec.metric_names]
         floor = record.metric_floor
         above = floor is None or spec.metric.sign * (result.val_metric - floor) >= 0

@@ -91,9 +91,9 @@ def _study_file(model: str, data: Path, trials: int, tmp: Path, second: str = "s
     return path
 
 
-def _speedup(trial) -> float:
-    """The trial's measured speed-up over dense at the latency batch size (torch)."""
-    return float(TrialRecord.read(trial).latency["torch"][str(LATENCY_BATCH)]["speedup"])
+def _speedup(record: TrialRecord) -> float:
+    """A trial's measured speed-up over dense at the latency batch size (torch)."""
+    return float(record.latency["torch"][str(LATENCY_BATCH)]["speedup"])
 
 
 def _arch(kept: dict) -> str:
@@ -122,28 +122,29 @@ def main() -> None:
             complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
             front = {t.number for t in study.best_trials}
             within = [t for t in complete if t.values[0] >= dense["val_accuracy"] - 0.01]
-            sparsity = {t.number: TrialRecord.read(t).sparsity for t in complete}
+            records = {t.number: TrialRecord.read(t) for t in complete}
+            sparsity = {n: r.sparsity for n, r in records.items()}
             best = max(within, key=lambda t: sparsity[t.number]) if within else None
-            timed = [t for t in within if TrialRecord.read(t).latency]
-            fastest = max(timed, key=lambda t: _speedup(t)) if timed else None
+            timed = [t for t in within if records[t.number].latency]
+            fastest = max(timed, key=lambda t: _speedup(records[t.number])) if timed else None
             label = model if second == "sparsity" else f"{model} (latency)"
             rows.append([label, "dense", "", "", f"{dense['val_accuracy']:.4f}", f"{dense['test_accuracy']:.4f}",
                          0.0, 1.0, 1.0, "", ""])
             for t in sorted(complete, key=lambda t: sparsity[t.number]):
                 if t.number not in front and t is not best and t is not fastest:
                     continue
-                a = TrialRecord.read(t)
+                a = records[t.number]
                 role = ", ".join(r for r, chosen in (("most removed within 1 pt (val)", t is best),
                                                      ("fastest within 1 pt (val)", t is fastest)) if chosen)
                 rows.append([label, t.number, a.mode, f"{a.lam:.3g}", f"{t.values[0]:.4f}",
                              f"{a.test_metric:.4f}", sparsity[t.number], a.flops_ratio,
-                             f"{_speedup(t):.2f}" if a.latency else "", _arch(a.kept_units), role or "front"])
-            best_record = TrialRecord.read(best) if best else None
+                             f"{_speedup(a):.2f}" if a.latency else "", _arch(a.kept_units), role or "front"])
+            best_record = records[best.number] if best else None
             if fastest is not None:
                 notes.append(f"**{label}**: fastest within 1 point of the dense validation accuracy: trial "
-                             f"{fastest.number}, {_speedup(fastest):.2f}x the dense model's speed (torch, batch "
-                             f"{LATENCY_BATCH}), {sparsity[fastest.number]:.1%} of the parameters removed, test "
-                             f"accuracy {TrialRecord.read(fastest).test_metric:.2%}.")
+                             f"{fastest.number}, {_speedup(records[fastest.number]):.2f}x the dense model's speed "
+                             f"(torch, batch {LATENCY_BATCH}), {sparsity[fastest.number]:.1%} of the parameters removed, test "
+                             f"accuracy {records[fastest.number].test_metric:.2%}.")
             notes.append(f"**{label}**: {len(complete)} trials in {wall:.0f} s. " + (
                 f"Most removed within 1 point of the dense validation accuracy: trial {best.number}, "
                 f"{sparsity[best.number]:.1%} of the parameters removed, test accuracy {best_record.test_metric:.2%} "

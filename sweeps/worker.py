@@ -69,6 +69,12 @@ def shortfall(value: float, floor: float | None, direction: str) -> float:
     return floor - value if direction == "maximize" else value - floor
 
 
+def objective_points(spec: StudySpec, result: TrialResult) -> dict[str, float]:
+    """A trained trial's objectives that need no timing, by Optuna metric name (``spec.metric_names``)."""
+    return {spec.metric_column: result.val_metric, "sparsity": result.sparsity,
+            "flops_reduction": 1.0 - result.flops_ratio}
+
+
 class Scored(NamedTuple):
     """What a trained trial's objectives came to, and what was measured on the way."""
 
@@ -167,8 +173,7 @@ class Objective:
         """The trial's objectives, and whether it enters the front. Latency costs time: it is measured (and
         recorded) where it is an objective, else only for a trial entering the front."""
         spec = self.spec
-        metrics = {spec.metric_column: result.val_metric, "sparsity": result.sparsity,
-                   "flops_reduction": 1.0 - result.flops_ratio}
+        metrics = objective_points(spec, result)
         front = trial.study.best_trials
         timed = "latency" in spec.objectives
         if not timed:
