@@ -21,6 +21,7 @@ import optuna
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
+from .mlflow_store import prepare_store
 from .records import StudyRecord, TrialRecord
 
 if TYPE_CHECKING:  # torch stays out of the launcher, which creates the study's run while its workers import it
@@ -81,6 +82,7 @@ def ensure_study_run(study: optuna.Study, tracking_uri: str, experiment: str, ar
     Call it from one launcher (``l0sweep run`` or ``l0sweep create``): workers only read the id.
     """
     stored = StudyRecord.read(study)
+    prepare_store(tracking_uri)
     client = MlflowClient(tracking_uri)
     if stored.mlflow_parent_run_id is not None:
         if stored.mlflow_experiment_id is not None:

@@ -5,8 +5,17 @@ import pytest
 import torch
 
 # A user's shell may point l0sweep at shared stores; the tests make their own, in temp dirs.
-for _var in ("L0SWEEP_STORAGE", "L0SWEEP_OUT", "L0SWEEP_DATA_DIR", "MLFLOW_TRACKING_URI"):
+for _var in ("L0SWEEP_STORAGE", "L0SWEEP_OUT", "L0SWEEP_DATA_DIR", "L0SWEEP_CACHE_DIR", "MLFLOW_TRACKING_URI"):
     os.environ.pop(_var, None)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache_dir(tmp_path_factory):
+    """What l0sweep makes once per machine (the migrated empty MLflow store) made once per test run, in a temp dir
+    rather than the user's ~/.cache; every l0sweep subprocess inherits it."""
+    os.environ["L0SWEEP_CACHE_DIR"] = str(tmp_path_factory.mktemp("l0sweep-cache"))
+    yield
+    os.environ.pop("L0SWEEP_CACHE_DIR", None)
 
 
 @pytest.fixture(autouse=True)

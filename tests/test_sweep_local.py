@@ -227,7 +227,9 @@ def test_a_trial_that_removed_everything_stays_off_the_front(tmp_path):
     study_file = write_study(tmp_path / "tiny.yaml", trial=trial, search=search, trials=2,
                              enqueue=[{"lam": 100.0}, {"lam": 0.001}])
     out = tmp_path / "out"
-    result = l0sweep("run", study_file, "--workers", "1", "--out", out, "--verbose")
+    # A cache of its own: MLflow migrates the empty store there, and says so.
+    result = l0sweep("run", study_file, "--workers", "1", "--out", out, "--verbose",
+                     env={"L0SWEEP_CACHE_DIR": str(tmp_path / "cache")})
     assert result.returncode == 0, result.stderr[-3000:]
     # --verbose shows what the default hides (tests/test_cli.py): Optuna's and MLflow's INFO lines.
     assert "A new study created in Journal with name: tiny" in result.stderr

@@ -69,6 +69,16 @@ def test_chance_accuracy_reads_labels_however_the_dataset_keeps_them(tmp_path):
     assert result.chance_accuracy == chance_accuracy(val) == pytest.approx(26 / 216)
 
 
+def test_digits_are_scikit_learns_read_without_importing_it():
+    from sklearn.datasets import load_digits
+
+    from sweeps.data import digits_arrays
+
+    x, y = digits_arrays()
+    expected_x, expected_y = load_digits(return_X_y=True)
+    assert x.dtype == expected_x.dtype and (x == expected_x).all() and (y == expected_y).all()
+
+
 def test_trial_is_deterministic_for_a_seed(tmp_path):
     a = train_trial(_cfg(tmp_path, lam=0.1, optim={**FAST, "epochs": 2}))
     b = train_trial(_cfg(tmp_path, lam=0.1, optim={**FAST, "epochs": 2}))
