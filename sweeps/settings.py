@@ -61,12 +61,17 @@ def stop_on_signals(once: bool = False) -> None:
         signal.signal(sig, handler)
 
 
+def stop_requested() -> bool:
+    """Whether a stop signal came (:func:`stop_on_signals`), whatever became of its KeyboardInterrupt."""
+    return _stop_requested
+
+
 def check_stop() -> None:
     """Raise KeyboardInterrupt if a stop signal came and its interrupt was swallowed on the way. A bare
     ``except:`` in a library does that: torch-pruning retries its tracing forward pass under one, and the
     per-epoch sparsity report traces the model, so a Ctrl-C landing there was lost and (the later signals
     being ignored) the worker trained on. Call it where stopping is safe: between epochs, between trials."""
-    if _stop_requested:
+    if stop_requested():
         raise KeyboardInterrupt
 
 

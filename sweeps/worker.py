@@ -30,7 +30,7 @@ from .preflight import check_fits
 from .records import StudyRecord, TrialRecord, dominated, record_shortfall
 from .runtime import resolve_device
 from .search import first_point, make_sampler, suggest, trial_config
-from .settings import CONFIG_ERROR, ERROR_PREFIX, Settings, check_stop, stop_on_signals
+from .settings import CONFIG_ERROR, ERROR_PREFIX, Settings, check_stop, stop_on_signals, stop_requested
 from .spec import SpecError, StudySpec
 from .study import (budget_reached, check_same_study, counts, load_existing, recover_orphaned_trials, retry_trial,
                     storage_for)
@@ -91,11 +91,25 @@ class Objective:
         self.spec = spec
         self.settings = settings
         self.failed = False  # whether the last trial raised (stopped-early trials did not fail)
-        self.interrupted: int | None = None  # the trial a Ctrl-C or SIGTERM stopped (its Optuna trial id)
+        self.current: int | None = None  # the Optuna trial id of the trial in hand, None between trials
         self._dense: tuple | None = None  # (what it is, the dense model) timed against each trial's compacted one
 
     def __call__(self, trial: optuna.Trial) -> list[float]:
-        self.failed = False
+        self.failed, self.current = False, trial._trial_id  # until it ends, a stop interrupts this trial
+        try:
+            objectives = self._run(trial)
+        except optuna.TrialPruned:
+            self.current = None
+            raise
+        except BaseException as exc:
+            self.failed = True
+            if not _is_stop(exc):
+                self.current = None  # it failed of itself: retried only as max_retry allows
+            raise
+        self.current = None
+        return objectives
+
+    def _run(self, trial: optuna.Trial) -> list[float]:
         cfg, values = self._suggest(trial)
         run = TrialRun(trial, self.settings.tracking_uri, values, cfg)
         try:
@@ -109,10 +123,7 @@ class Objective:
             raise optuna.TrialPruned(f"stopped early at epoch {stop.metrics.epoch} "
                                      f"({self.spec.early_stopping.method})") from None
         except BaseException as exc:
-            self.failed = True
-            if isinstance(exc, KeyboardInterrupt):
-                self.interrupted = trial._trial_id
-            run.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            run.end("KILLED" if _is_stop(exc) else "FAILED")
             raise
         return scored.objectives
 
@@ -254,6 +265,13 @@ class Objective:
         return took
 
 
+def _is_stop(exc: BaseException) -> bool:
+    """Whether ``exc`` ended a trial because the worker was told to stop. A stop can surface as another error:
+    Optuna's journal lock, interrupted in its release before the rename, raises FileNotFoundError in its place
+    (seen under load as a Ctrl-C'd trial left FAIL and not queued again)."""
+    return isinstance(exc, KeyboardInterrupt) or stop_requested()
+
+
 def retry_interrupted(study: optuna.Study, trial_id: int) -> None:
     """Queue an interrupted trial again (same values, first in line), as a dead worker's trial is: it never
     finished, and a starting point the study file asked for would otherwise be lost to the resumed sweep.
@@ -326,7 +344,7 @@ def run_worker(spec: StudySpec, settings: Settings, poll: float = 1.0,
                       file=sys.stderr)
                 return 1
     except KeyboardInterrupt:
-        if objective.interrupted is not None:
-            retry_interrupted(study, objective.interrupted)
+        if objective.current is not None:
+            retry_interrupted(study, objective.current)
         return 130
 

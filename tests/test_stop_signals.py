@@ -70,3 +70,67 @@ def test_a_stop_swallowed_by_torch_pruning_still_stops_the_trial(check):
     else:
         # Without the check the same signal is lost: the trial trains every epoch (what the worker used to do).
         assert lines[:2] == ["trained 5 epochs; trace returned", "alive"]
+
+
+# A library can also turn the stop into another error: Optuna's journal-file lock, interrupted in its release
+# before its rename, runs its cleanup's unlink of the file it never renamed and raises FileNotFoundError instead.
+# Emulated here at the first lock release after training began (the real one also leaves its lock behind, which
+# costs the next writer the lock's 30 s grace period).
+STOP_AS_ANOTHER_ERROR = textwrap.dedent("""
+    import os, signal, sys, time
+    from pathlib import Path
+    import optuna
+    from optuna.storages.journal import _file
+    from sweeps import worker
+    from sweeps.settings import default_tracking_uri, settings_from
+    from sweeps.spec import load_spec
+    from sweeps.study import create_or_resume
+
+    out = Path(sys.argv[2])
+    spec = load_spec(sys.argv[1])
+    settings = settings_from(str(out / "optuna.journal"), default_tracking_uri(out), out, threads=1)
+    create_or_resume(spec, settings)
+    armed, fired = [], []
+    original_train, original_release = worker.Objective._train, _file.JournalFileSymlinkLock.release
+
+    def train(self, *args, **kwargs):
+        armed.append(True)
+        return original_train(self, *args, **kwargs)
+
+    def release(self):
+        if armed and not fired:
+            fired.append(True)
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)
+            except KeyboardInterrupt:
+                original_release(self)
+                raise FileNotFoundError("optuna.journal.lock...rename")
+        return original_release(self)
+
+    worker.Objective._train, _file.JournalFileSymlinkLock.release = train, release
+    print("exit", worker.run_worker(spec, settings, poll=0.1))
+""")
+
+
+def test_a_stop_that_a_library_turns_into_another_error_still_queues_the_trial_again(tmp_path):
+    from mlflow.tracking import MlflowClient
+    from optuna.trial import TrialState
+
+    from sweeps.storage import open_storage
+    from tests.sweep_helpers import TINY, write_study
+
+    study_file = write_study(tmp_path / "tiny.yaml", enqueue=[], trials=1,
+                             trial={**TINY["trial"], "optim": {**TINY["trial"]["optim"], "epochs": 50}})
+    proc = subprocess.run([sys.executable, "-c", STOP_AS_ANOTHER_ERROR, str(study_file), str(tmp_path / "out")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert proc.stdout.splitlines()[-1:] == ["exit 130"], proc.stderr[-3000:]
+    assert "FileNotFoundError" in proc.stderr  # the stop did reach the trial as the other error
+    import optuna
+
+    study = optuna.load_study(study_name="tiny", storage=open_storage(str(tmp_path / "out" / "optuna.journal")))
+    [failed] = study.get_trials(states=(TrialState.FAIL,))
+    [queued] = study.get_trials(states=(TrialState.WAITING,))
+    assert queued.params == failed.params and queued.system_attrs["failed_trial"] == failed.number
+    run = MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}").get_run(failed.user_attrs["mlflow_run_id"])
+    assert run.info.status == "KILLED"
