@@ -14,7 +14,6 @@ import tempfile
 from pathlib import Path
 
 import mlflow
-from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
 
 def cache_dir() -> Path:
@@ -57,6 +56,9 @@ def _migrated_empty_store() -> Path:
     template = cache_dir() / "mlflow-store" / f"mlflow-{mlflow.__version__}.db"
     if template.exists():
         return template
+    # Imported only here: 1.5 s of CPU that a worker logging to an MLflow server never needs.
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
     template.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=template.parent) as scratch:
         made = Path(scratch) / "mlflow.db"
