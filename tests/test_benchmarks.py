@@ -192,11 +192,12 @@ def test_accuracy_floor_counts_collapsed_trials_with_and_without_the_floor(tmp_p
 def test_early_stopping_compares_methods_at_an_equal_epoch_budget(tmp_path):
     study = write_study(tmp_path / "study.yaml")
     text = _bench("early_stopping", tmp_path / "history", "--study", str(study), "--trials", "1",
-                  "--seeds", "1", "--methods", "none", "asha-3")
+                  "--seeds", "1", "--methods", "none", "asha-3", "--rerun", "2")
     rows = [r for r in _rows(text) if r[0] in ("none", "asha-3")]
     assert [r[:2] for r in rows] == [["none", "1"], ["asha-3", "1"]]
-    assert all(int(r[5]) >= 3 for r in rows)  # both reached the budget: one trial's worth of TINY's 3 epochs
-    assert all(0 <= int(r[4]) <= int(r[3]) for r in rows)  # stopped trials that would have reached the front
+    assert all(int(r[6]) >= 3 for r in rows)  # both reached the budget: one trial's worth of TINY's 3 epochs
+    # Stopped trials rerun to the end (at most --rerun of them), and those of them that would have reached the front.
+    assert all(0 <= int(r[5]) <= int(r[4]) == min(int(r[3]), 2) for r in rows)
     assert "same budget of 3 epochs" in text and "asha-3: epochs ratio" in text
 
 
