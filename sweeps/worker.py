@@ -96,18 +96,16 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> list[float]:
         self.failed, self.current = False, trial._trial_id  # until it ends, a stop interrupts this trial
+        stopped = False
         try:
-            objectives = self._run(trial)
-        except optuna.TrialPruned:
-            self.current = None
-            raise
+            return self._run(trial)
         except BaseException as exc:
-            self.failed = True
-            if not _is_stop(exc):
-                self.current = None  # it failed of itself: retried only as max_retry allows
+            self.failed = not isinstance(exc, optuna.TrialPruned)
+            stopped = _is_stop(exc)
             raise
-        self.current = None
-        return objectives
+        finally:
+            if not stopped:  # it ended, or failed of itself (then retried only as max_retry allows)
+                self.current = None
 
     def _run(self, trial: optuna.Trial) -> list[float]:
         cfg, values = self._suggest(trial)
