@@ -171,7 +171,10 @@ class AshaStopper:
     def __init__(self, study: optuna.Study, spec: EarlyStoppingSpec, epochs: int, trial_number: int,
                  sign: float = 1.0) -> None:
         self.study, self.spec, self.trial_number, self.sign = study, spec, trial_number, sign
-        self.rungs = set(rungs(spec.min_epochs, spec.eta, epochs)) if spec.enabled else set()
+        # A rung inside the warm-up decides nothing: the study's warmup_epochs hold for every method (ignored, the
+        # default study's trials were stopped at epoch 1, and most of those rerun would have reached the front).
+        self.rungs = {r for r in rungs(spec.min_epochs, spec.eta, epochs) if r >= spec.warmup_epochs} \
+            if spec.enabled else set()
 
     def at_rung(self, epoch: int) -> bool:
         """Whether ``epoch`` is a rung: the trial's history must be in the storage then, for the others."""

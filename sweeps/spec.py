@@ -141,7 +141,7 @@ class EarlyStoppingSpec(_Strict):
 
     enabled: bool = False
     method: Literal["dominance", "asha"] = "dominance"
-    min_epochs: int = Field(1, ge=1)  # asha: the first rung
+    min_epochs: int = Field(1, ge=1)  # asha: the first rung (rungs inside the warm-up are skipped)
     eta: int = Field(3, ge=2)  # asha: a rung keeps the top 1/eta
     warmup_epochs: int = Field(2, ge=1)  # never stop before this epoch
     min_completed: int = Field(3, ge=1)  # completed trials needed before anything is stopped

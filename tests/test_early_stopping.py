@@ -77,11 +77,14 @@ def test_mo_asha_keeps_the_top_third_of_a_rung_by_pareto_rank_then_crowding():
     assert goes_on((0.1, 0.1), [], eta=3)  # alone at a rung: nothing to lose to (the first trials always go on)
     assert not goes_on((0.1, 0.1), [(0.9, 0.9), (0.8, 0.95)], eta=3)  # fewer than eta: only the best goes on
 
-    spec = EarlyStoppingSpec(enabled=True, method="asha", min_epochs=1, eta=2)
+    spec = EarlyStoppingSpec(enabled=True, method="asha", min_epochs=1, eta=2, warmup_epochs=1)
     study = _study([[[1, 0.9, 0.5], [2, 0.95, 0.6]], [[1, 0.5, 0.1], [2, 0.6, 0.2]]])
     stop = AshaStopper(study, spec, epochs=4, trial_number=99)
     assert stop.rungs == {1, 2} and stop.at_rung(2) and not stop.at_rung(3)
     assert stop(1, 0.4, 0.05) and not stop(1, 0.96, 0.7) and not stop(3, 0.1, 0.0)  # epoch 3 is no rung
+    # A rung inside the warm-up decides nothing: with warmup_epochs 2 the same trial goes on at epoch 1.
+    warm = AshaStopper(study, spec.model_copy(update={"warmup_epochs": 2}), epochs=4, trial_number=99)
+    assert warm.rungs == {2} and not warm(1, 0.4, 0.05) and warm(2, 0.4, 0.05)
     collapsed = _study([])
     trial = collapsed.ask()
     trial.set_user_attr("history", [[1, 0.9, 0.9]])
@@ -100,7 +103,8 @@ def test_a_two_worker_sweep_stops_trials_at_rungs_within_an_epoch_budget(tmp_pat
 
     # TINY's trials train 3 epochs: with eta 2 the rungs are epochs 1 and 2, each keeping the top half.
     path = write_study(tmp_path / "study.yaml", trials=40, budget={"epochs": 30},
-                       early_stopping={"enabled": True, "method": "asha", "min_epochs": 1, "eta": 2})
+                       early_stopping={"enabled": True, "method": "asha", "min_epochs": 1, "eta": 2,
+                                       "warmup_epochs": 1})
     result = l0sweep("run", path, "--out", tmp_path / "out", "--workers", "2", timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     study = optuna.load_study(study_name="tiny", storage=open_storage(str(tmp_path / "out" / "optuna.journal")))
