@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from .config import check_dataset
 from .imports import import_object
-from .settings import file_lock
+from .settings import file_lock, user_cache
 
 
 @dataclass
@@ -175,7 +175,7 @@ def _torchvision(name: str, data_dir: str | None, seed: int, val_fraction: float
 
     cls_name, mean, std, shape, augment = _TORCHVISION[name]
     cls = getattr(datasets, cls_name)
-    root = Path(data_dir or os.environ.get("L0SWEEP_DATA_DIR") or Path.home() / ".cache" / "l0sweep" / "data")
+    root = Path(data_dir or os.environ.get("L0SWEEP_DATA_DIR") or user_cache() / "data")
     root = root.expanduser()
     # What a failed download must not leave behind: the folders up to root it makes, the ones it makes inside.
     made = [p for p in (root, *root.parents) if not p.exists()]

@@ -15,10 +15,12 @@ from pathlib import Path
 
 import mlflow
 
+from .settings import user_cache
+
 
 def cache_dir() -> Path:
     """Where l0sweep keeps what it makes once per machine."""
-    return Path(os.environ.get("L0SWEEP_CACHE_DIR") or Path.home() / ".cache" / "l0sweep").expanduser()
+    return Path(os.environ.get("L0SWEEP_CACHE_DIR") or user_cache()).expanduser()
 
 
 def sqlite_path(tracking_uri: str) -> Path | None:

@@ -32,6 +32,11 @@ def default_tracking_uri(out: str | Path) -> str:
     return f"sqlite:///{Path(out).resolve() / 'mlflow.db'}"
 
 
+def user_cache() -> Path:
+    """``~/.cache/l0sweep``: where l0sweep keeps, by default, what it makes or downloads once per machine."""
+    return Path.home() / ".cache" / "l0sweep"
+
+
 def settings_from(storage: str, tracking_uri: str, out: str | os.PathLike, **kw: Any) -> Settings:
     return Settings(storage=storage, tracking_uri=tracking_uri, out=Path(out).resolve(), **kw)
 
