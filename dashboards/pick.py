@@ -151,6 +151,11 @@ def describe_pick(study: optuna.Study, row: pd.Series, tracking_uri: str | None 
               f"  {'test ' + metric.name:<14} {row[metric.test]:.4f}   (reported only)",
               f"  sparsity       {row.sparsity:.4f}   ({int(row.removed_params)} of {int(row.total_params)} parameters removed)",
               f"  FLOPs ratio    {row.flops_ratio:.4f}"]
+    if record.gates_decided:
+        d = record.gates_decided
+        lines.append(f"  gates decided  after epoch {d['after_epoch']}: the top-k of log_alpha closed {d['closed']} and opened "
+                     f"{d['opened']} units against the deterministic gates (sparsity {d['sparsity_before']:.4f} -> "
+                     f"{d['sparsity_after']:.4f}); the epochs after it trained the weights alone")
     if record.exact_target:
         e = record.exact_target
         lines.append(f"  exact target   the top-k of log_alpha closed {e['closed']} and opened {e['opened']} units against "

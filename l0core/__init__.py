@@ -17,7 +17,7 @@ from .costs import KeptCounter, count_parameters, expected_fraction_kept, expect
 from .export import compact
 from .fold import GateSite, fold
 from .hard_concrete import HardConcrete
-from .kinds import ChannelGate, NeuronGate, ParameterGate, UnitGate, gates
+from .kinds import ChannelGate, NeuronGate, ParameterGate, UnitGate, freeze_gates, gates
 from .placement import Gated, attach, gate_parameters, select
 from .regularizer import param_groups, penalty
 from .target import ExactKeep, SparsityTarget, expected_sparsity, keep_exactly
@@ -25,7 +25,7 @@ from .report import LayerReport, SparsityReport, count_flops, sparsity
 
 __all__ = [
     "HardConcrete", "ChannelGate", "NeuronGate", "ParameterGate", "UnitGate",
-    "attach", "gate_parameters", "select", "gates", "Gated",
+    "attach", "gate_parameters", "select", "gates", "freeze_gates", "Gated",
     "penalty", "param_groups", "count_parameters", "expected_kept", "expected_fraction_kept", "measure_couplings", "KeptCounter",
     "sparsity", "SparsityReport", "LayerReport", "count_flops",
     "compact", "fold", "GateSite",

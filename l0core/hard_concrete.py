@@ -24,8 +24,8 @@ _EPS = 1e-6
 class HardConcrete(nn.Module):
     """``n`` hard-concrete gates with learnable location ``log_alpha`` (shape ``(n,)``).
 
-    Training draws stretched, clamped concrete samples; evaluation uses the deterministic gate.
-    ``log_alpha`` is never clamped, so P(z != 0) can go as low as the data asks (the paper code's
+    Training draws stretched, clamped concrete samples; evaluation uses the deterministic gate, and so does a
+    gate after :meth:`freeze`, in either mode. ``log_alpha`` is never clamped, so P(z != 0) can go as low as the data asks (the paper code's
     clamp to [ln 0.01, ln 100] pinned it above ~0.047).
 
     >>> gate = HardConcrete(4, droprate_init=0.5)
@@ -59,6 +59,7 @@ class HardConcrete(nn.Module):
         # The last draw made for a whole model's pass, kept for activation checkpointing: a checkpointed block
         # recomputed during backward must see the z its forward saw, which was drawn outside the block.
         self.drawn_for_pass: torch.Tensor | None = None
+        self.frozen = False
         self.reset_parameters()
 
     def __getstate__(self) -> dict:
@@ -67,7 +68,25 @@ class HardConcrete(nn.Module):
         return {**self.__dict__, "current": None, "drawn_for_pass": None}
 
     def __setstate__(self, state: dict) -> None:
-        super().__setstate__({"current": None, "drawn_for_pass": None, **state})  # pickles from before either existed
+        # pickles from before these existed
+        super().__setstate__({"current": None, "drawn_for_pass": None, "frozen": False, **state})
+
+    def train(self, mode: bool = True) -> HardConcrete:
+        # A frozen gate stays in evaluation mode when its model trains: model.train() reaches every submodule.
+        return super().train(mode and not self.frozen)
+
+    def freeze(self) -> HardConcrete:
+        """Fix the gate at its deterministic value for good: no draws in training either, and ``log_alpha`` no
+        longer trained (its ``requires_grad`` off). What is left to train is the network's weights under fixed
+        gates, as after pruning.
+
+        >>> gate = HardConcrete(3).freeze()
+        >>> gate.train().training, torch.equal(gate.gate(), gate.deterministic())
+        (False, True)
+        """
+        self.frozen = True
+        self.log_alpha.requires_grad_(False)
+        return self.train(False)
 
     def reset_parameters(self) -> None:
         d = self.droprate_init

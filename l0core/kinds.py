@@ -149,3 +149,19 @@ def gates(model: nn.Module) -> list[tuple[str, HardConcrete]]:
 def gate_modules(model: nn.Module) -> list[HardConcrete]:
     """Every gate in ``model``, without names: for what runs every step (building the names costs more)."""
     return [m for m in model.modules() if isinstance(m, HardConcrete)]
+
+
+def freeze_gates(model: nn.Module) -> int:
+    """Freeze every gate of ``model`` (:meth:`HardConcrete.freeze`): from now on the model trains its weights under
+    its deterministic gates. Returns how many gates were frozen.
+
+    >>> from l0core import attach
+    >>> net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    >>> _ = attach(net, "neuron", example_inputs=torch.randn(1, 4))
+    >>> freeze_gates(net), any(p.requires_grad for n, p in net.named_parameters() if "log_alpha" in n)
+    (2, False)
+    """
+    found = gate_modules(model)
+    for gate in found:
+        gate.freeze()
+    return len(found)

@@ -14,7 +14,9 @@ costs (:attr:`SparsityTarget.effective_lambda`, on the scale of docs/lambda-and-
 ``-(l1 + 2 * l2 * (s_hat - t))``.
 
 :func:`keep_exactly` makes the deterministic gates keep exactly a share of the parameters (to one unit), by the
-top-k of ``log_alpha`` over all gates.
+top-k of ``log_alpha`` over all gates. :meth:`SparsityTarget.decide` does that at the target and freezes the gates,
+so that the training left fine-tunes the weights of a model that already has the target's size (the Lagrangian
+steers the *expected* sparsity, which the deterministic gates can miss by points while many gates are undecided).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import torch
 from torch import nn
 
 from .costs import expected_fraction_kept, gates_and_size, kept_counter, require_gates
+from .kinds import freeze_gates
 
 # log_alpha written into gates keep_exactly decides: far below the closing point (-2.398), and just above it
 # (the smallest positive deterministic gate, about 0.01: a unit opened only to reach the target barely acts).
@@ -41,6 +44,17 @@ def expected_sparsity(model: nn.Module) -> torch.Tensor:
     0.0
     """
     return 1.0 - expected_fraction_kept(model)
+
+
+@dataclass
+class ExactKeep:
+    """What :func:`keep_exactly` changed: units it closed that the deterministic gates kept, units it opened
+    that they closed, and the sparsity before and after."""
+
+    closed: int
+    opened: int
+    sparsity_before: float
+    sparsity_after: float
 
 
 class SparsityTarget(nn.Module):
@@ -78,6 +92,7 @@ class SparsityTarget(nn.Module):
         self.l2 = nn.Parameter(torch.zeros(()))
         # The last expected sparsity seen (detached, left on its device: reading it every step would sync a GPU).
         self.last_sparsity: torch.Tensor | None = None
+        self.decided: ExactKeep | None = None  # what decide() changed, once called
 
     @property
     def current_target(self) -> float:
@@ -91,7 +106,9 @@ class SparsityTarget(nn.Module):
         self.steps += 1
 
     def forward(self, model: nn.Module) -> torch.Tensor:
-        """``l1 * (s_hat - t) + l2 * (s_hat - t)^2`` for ``model`` now (add it to the task loss)."""
+        """``l1 * (s_hat - t) + l2 * (s_hat - t)^2`` for ``model`` now (add it to the task loss); 0 once decided."""
+        if self.decided is not None:
+            return torch.zeros((), device=self.l1.device)
         s_hat = expected_sparsity(model)
         self.last_sparsity = s_hat.detach()
         gap = s_hat - self.current_target
@@ -109,16 +126,22 @@ class SparsityTarget(nn.Module):
         """Adam over ``l1`` and ``l2`` with ``maximize=True``: gradient ascent, with a positive learning rate."""
         return torch.optim.Adam(self.parameters(), lr=lr, maximize=True)
 
+    def decide(self, model: nn.Module) -> ExactKeep:
+        """End the steering: ``model``'s gates keep exactly the target's share of the parameters
+        (:func:`keep_exactly`) and are frozen (:func:`l0core.freeze_gates`). From then on the term is 0, the
+        model trains its weights alone, and :attr:`effective_lambda` stays what it was.
 
-@dataclass
-class ExactKeep:
-    """What :func:`keep_exactly` changed: units it closed that the deterministic gates kept, units it opened
-    that they closed, and the sparsity before and after."""
-
-    closed: int
-    opened: int
-    sparsity_before: float
-    sparsity_after: float
+        >>> from l0core import attach, sparsity as report
+        >>> net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+        >>> x = torch.randn(1, 8)
+        >>> _ = attach(net, "neuron", example_inputs=x)
+        >>> change = SparsityTarget(0.5).decide(net)
+        >>> abs(report(net, x).sparsity - 0.5) <= 11 / 178, net.train()[0].l0_gate.training
+        (True, False)
+        """
+        self.decided = keep_exactly(model, self.target)
+        freeze_gates(model)
+        return self.decided
 
 
 def _sparsity_of(counter, keep: torch.Tensor, size: int) -> float:

@@ -93,6 +93,9 @@ class OptimConfig(_Strict):
     # steps, and the Lagrange multipliers climb at this learning rate (Adam, gradient ascent).
     target_warmup: float = Field(0.3, ge=0, le=1)
     multiplier_lr: float = Field(0.05, gt=0)
+    # ... and after this fraction of the epochs the gates are decided, exactly at the target (the top-k of
+    # log_alpha), and frozen: the epochs left fine-tune the weights of a model of the target's size. 1: never.
+    decide_gates_at: float = Field(0.8, gt=0, le=1)
 
 
 class ExportConfig(_Strict):

@@ -204,12 +204,24 @@ def _to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> to
     return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
 
 
+def decide_after(optim: OptimConfig, epochs: int) -> int | None:
+    """The epoch after which a target trial's gates are decided and frozen (``optim.decide_gates_at`` of the
+    epochs, at least one), or None when that leaves no epoch to train after it.
+
+    >>> decide_after(OptimConfig(), 10), decide_after(OptimConfig(), 4), decide_after(OptimConfig(), 1)
+    (8, 3, None)
+    """
+    after = max(1, round(optim.decide_gates_at * epochs))
+    return after if after < epochs else None
+
+
 def run_epochs(model: nn.Module, cfg: TrialConfig, splits: Splits, device: torch.device, lam: float | None,
                 example: torch.Tensor | None, on_epoch: Callable[[EpochMetrics], bool] | None, epochs: int,
                 target: l0core.SparsityTarget | None = None,
                 ) -> tuple[list[EpochMetrics], l0core.SparsityReport | None]:
     """Train for ``epochs``; returns the per-epoch metrics and the last epoch's sparsity report (gated models:
-    ``lam`` or ``target`` given, and ``example``, one input on ``device``, to measure the report on)."""
+    ``lam`` or ``target`` given, and ``example``, one input on ``device``, to measure the report on). A
+    ``target`` decides the gates after :func:`decide_after` epochs (``target.decided`` then says what changed)."""
     if device.type == "cpu":
         keep_freed_memory()
     train, val, _ = loaders(splits, cfg, device)
@@ -229,7 +241,10 @@ def run_epochs(model: nn.Module, cfg: TrialConfig, splits: Splits, device: torch
     # so eval mode and the evaluation batch sizes cost no compilations of their own.
     forward = compiled(model) if cfg.compile else model
     history, report = [], None
+    decide = decide_after(cfg.optim, epochs) if target is not None else None
     for epoch in range(1, epochs + 1):
+        if decide is not None and epoch == decide + 1:
+            target.decide(model)
         model.train()
         # Summed on the device and read once per epoch: a float() per step would sync the GPU every batch.
         task_sum = torch.zeros((), device=device)

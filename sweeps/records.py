@@ -152,7 +152,9 @@ class TrialRecord:
     removed_params: int | None = None
     kept_units: dict[str, list[int]] | None = None  # gate -> [kept, units]
     effective_lambda: float | None = None  # a target trial: the lambda its target cost
-    exact_target: dict[str, Any] | None = None  # a target trial with trial.target.exact: what the top-k changed
+    exact_target: dict[str, Any] | None = None  # a target trial with trial.export.exact_target: what the top-k changed
+    # A target trial whose gates were decided (trial.optim.decide_gates_at): what that changed, and after which epoch.
+    gates_decided: dict[str, Any] | None = None
     # The validation metric it had to reach (study file: min_accuracy / min_metric; None: no floor).
     metric_floor: float | None = _stored_as("accuracy_floor", default=None)
     log_alpha_hist: dict[str, Any] | None = None  # sweeps.tracking.log_alpha_histogram

@@ -224,6 +224,8 @@ class TrialRun:
                          target_miss=result.sparsity - result.target_sparsity)
             if result.exact_target is not None:
                 final.update({f"exact_{k}": v for k, v in result.exact_target.items()})
+            if result.gates_decided is not None:
+                final.update({f"decided_{k}": v for k, v in result.gates_decided.items()})
         for runtime, by_batch in (latency or {}).items():
             for batch, f in by_batch.items():
                 final.update({f"latency_{runtime}_b{batch}_{k}": f[k] for k in ("compact_ms", "dense_ms", "speedup")})

@@ -24,7 +24,7 @@ import l0core
 from .baseline import dense_baseline
 from .config import TrialConfig
 from .data import chance_accuracy, data_loader
-from .loop import EpochMetrics, evaluate, load_splits, loaders, metric_function, run_epochs
+from .loop import EpochMetrics, decide_after, evaluate, load_splits, loaders, metric_function, run_epochs
 from .models import build_model
 from .runtime import resolve_device
 
@@ -49,6 +49,9 @@ class TrialResult:
     # With export.exact_target: what the top-k changed against the deterministic gates (l0core.ExactKeep's
     # fields, and the validation metric before it).
     exact_target: dict | None = None
+    # With a target, once optim.decide_gates_at came: what deciding the gates changed (l0core.ExactKeep's fields,
+    # and the epoch after which it ran).
+    gates_decided: dict | None = None
     # The trained gated model and one example input, for logging and export; not part of the figures.
     model: nn.Module | None = field(default=None, repr=False, compare=False)
     example_inputs: torch.Tensor | None = field(default=None, repr=False, compare=False)
@@ -104,4 +107,6 @@ def train_trial(cfg: TrialConfig, on_epoch: Callable[[EpochMetrics], bool] | Non
         chance_accuracy=chance_accuracy(splits.val) if cfg.task.is_accuracy else None, val_examples=len(splits.val),
         epochs=history,
         target_sparsity=cfg.target_sparsity, effective_lambda=target.effective_lambda if target is not None else None,
-        exact_target=exact, model=model, example_inputs=example)
+        exact_target=exact, model=model, example_inputs=example,
+        gates_decided={**asdict(target.decided), "after_epoch": decide_after(cfg.optim, cfg.optim.epochs)}
+        if target is not None and target.decided is not None else None)

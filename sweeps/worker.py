@@ -168,10 +168,12 @@ class Objective:
         TrialRecord.write(trial, spec.metric, test_metric=result.test_metric, flops_ratio=result.flops_ratio,
                           total_params=result.total_params, removed_params=result.removed_params,
                           kept_units=result.kept_units, sparsity=result.sparsity)
-        if result.target_sparsity is not None:  # what the target cost, in lambda's units, and what exact changed
+        if result.target_sparsity is not None:  # what the target cost, in lambda's units, and what the top-k changed
             TrialRecord.write(trial, effective_lambda=result.effective_lambda)
             if result.exact_target is not None:
                 TrialRecord.write(trial, exact_target=result.exact_target)
+            if result.gates_decided is not None:
+                TrialRecord.write(trial, gates_decided=result.gates_decided)
         floor = metric_floor(spec.min_accuracy, result.chance_accuracy, result.val_examples)
         TrialRecord.write(trial, metric_floor=floor)
         short = shortfall(result.val_metric, floor, spec.trial.task.direction)

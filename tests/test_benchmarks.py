@@ -227,3 +227,15 @@ def test_target_vs_lambda_measures_the_largest_step_between_neighbouring_front_t
     assert largest_gap([0.9, 0.1, 0.3]) == pytest.approx(0.6)
     assert largest_gap([0.5]) == 0.5 and largest_gap([]) == 1.0  # the ends 0 and 1 count
     assert largest_gap([0.05, 0.5, 0.97]) == pytest.approx(0.47)
+
+
+def test_target_landing_reports_each_trial_decided_and_left_to_the_lagrangian(tmp_path):
+    text = _bench("target_landing", tmp_path / "history", "--targets", "0.8", "--modes", "scratch", "--epochs", "3")
+    rows = _rows(text)
+    assert [row[3] for row in rows] == ["decided", "Lagrangian alone + exact_target"]
+    for row in rows:
+        # model, mode, target, variant, sparsity before the cut, final sparsity, miss, val acc, test acc, seconds
+        assert row[:2] == ["digits-mlp", "scratch"] and float(row[2]) == 0.8 and 0 <= float(row[4]) <= 1
+        assert float(row[6]) == pytest.approx(100 * (float(row[5]) - 0.8), abs=0.06)  # the table shows 3 decimals
+        assert abs(float(row[6])) <= 1  # both cut to the target by the top-k: one unit of the MLP is 0.3 points
+    assert re.search(r"Decided trials: the largest miss is \d+\.\d\d points \(goal <= 1\.0: (met|not met)\)", text)

@@ -103,7 +103,7 @@ def test_keys_are_those_stored_studies_have():
     assert set(TRIAL_KEYS.values()) == {
         "lam", "target_sparsity", "droprate_init", "mode", "worker", "worker_pid_space", "mlflow_run_id", "history",
         "sparsity", "flops_ratio", "total_params", "removed_params", "kept_units", "effective_lambda",
-        "exact_target", "accuracy_floor", "log_alpha_hist", "latency", "latency_seconds", "model_logged",
+        "exact_target", "gates_decided", "accuracy_floor", "log_alpha_hist", "latency", "latency_seconds", "model_logged",
         "train_seconds", "stopped_at_epoch"}
 
 

@@ -3,6 +3,8 @@ multipliers climb by gradient ascent, its effective lambda is the penalty's lamb
 exact top-k lands the deterministic sparsity on the target to one unit."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -110,3 +112,39 @@ def test_keep_exactly_keeps_the_units_with_the_largest_log_alpha_over_all_gates_
     assert len(closed) and kept.min() >= closed.max()
     report = sparsity(net, x)
     assert abs(report.sparsity - 0.6) < 0.05  # a channel of TinyInception holds up to 5% of its parameters
+
+
+@pytest.mark.parametrize("kind", ["neuron", "parameter"])
+def test_a_frozen_gate_is_its_deterministic_value_in_training_and_no_longer_trains(kind):
+    net = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 4))
+    x = torch.randn(8, 20)
+    attach(net, kind, example_inputs=x[:1])
+    set_gate_states(net, p_off=0.3, p_frac=0.4, seed=4)
+    assert l0core.freeze_gates(net) == len(l0core.gates(net))
+    net.train()  # a model's train() reaches every submodule: the gates stay as evaluated
+    assert all(not g.training and g.frozen for _, g in l0core.gates(net))
+    torch.testing.assert_close(net(x), net.eval()(x))  # no draws: training sees what evaluation sees
+    before = {n: g.log_alpha.clone() for n, g in l0core.gates(net)}
+    opt = torch.optim.Adam(net.parameters(), lr=0.1)
+    net.train()(x).pow(2).mean().backward()
+    opt.step()
+    for name, gate in l0core.gates(net):
+        assert torch.equal(gate.log_alpha, before[name]) and gate.log_alpha.grad is None
+    # A deep copy (what MLflow's model logging pickles) stays frozen.
+    assert all(g.frozen and not g.train().training for _, g in l0core.gates(copy.deepcopy(net)))
+
+
+def test_deciding_lands_the_deterministic_gates_on_the_target_and_ends_the_lagrangian():
+    net, x = _mlp()
+    set_gate_states(net, p_off=0.1, p_frac=0.6, seed=5)
+    target = SparsityTarget(0.7)
+    with torch.no_grad():
+        target.l1.fill_(-0.5)
+    target(net)
+    lam = target.effective_lambda
+    change = target.decide(net)
+    assert target.decided is change and change.sparsity_after == pytest.approx(sparsity(net, x).sparsity)
+    assert abs(change.sparsity_after - 0.7) <= 37 / sparsity(net, x).total_params  # one unit, as keep_exactly
+    term = target(net)
+    assert float(term) == 0.0 and not term.requires_grad  # nothing left to steer: the weights train alone
+    assert target.effective_lambda == lam  # what the target cost is what it cost when decided

@@ -12,12 +12,12 @@ from tests.sweep_helpers import TINY, l0sweep, runs_of, write_study
 LARGEST_UNIT = 300
 
 
-def _trial(mode: str, target: float) -> TrialConfig:
+def _trial(mode: str, target: float, exact_target: bool = False, **optim) -> TrialConfig:
     return TrialConfig.model_validate({
         "data": {"name": "digits", "batch_size": 64}, "model": {"name": "mlp"},
-        "optim": {"name": "adam", "lr": 0.003, "gate_lr": 0.05, "epochs": 6},
-        "export": {"exact_target": True}, "mode": mode, "target_sparsity": target,
-        "droprate_init": 0.5 if mode == "scratch" else 0.05, "threads": 1})
+        "optim": {"name": "adam", "lr": 0.003, "gate_lr": 0.05, "epochs": 6, **optim}, "mode": mode,
+        "export": {"exact_target": exact_target},
+        "target_sparsity": target, "droprate_init": 0.5 if mode == "scratch" else 0.05, "threads": 1})
 
 
 @pytest.mark.slow
@@ -27,21 +27,35 @@ def test_digits_trials_land_on_their_targets_exactly_and_the_lagrangian_orders_t
     for target in (0.5, 0.8, 0.9, 0.95):
         cfg = _trial(mode, target).model_copy(update={"baseline_dir": str(tmp_path)})
         results[target] = r = train_trial(cfg)
-        # Exact to one unit: the top-k's cut falls inside one unit's parameters.
+        # Decided after epoch 5 of 6 (decide_gates_at 0.8), exact to one unit: the top-k's cut falls inside one unit.
+        decided = r.gates_decided
+        assert decided["after_epoch"] == 5 and r.exact_target is None
         assert abs(r.sparsity - target) * r.total_params <= LARGEST_UNIT, (mode, target, r.sparsity)
-        assert r.exact_target["sparsity_after"] == pytest.approx(r.sparsity)
-        assert r.exact_target["closed"] >= 0 and r.exact_target["opened"] >= 0
-        assert r.val_metric > 0.5  # the exported model still classifies
+        assert decided["sparsity_after"] == pytest.approx(r.sparsity)
+        # Frozen: the epoch trained after the decision left the gates as decided.
+        assert [e.sparsity for e in r.epochs[5:]] == [pytest.approx(r.sparsity)]
+        assert r.val_metric > 0.5  # the decided model still classifies
         assert r.effective_lambda is not None and r.epochs[-1].target_sparsity == target
-    # Before the top-k, the Lagrangian alone: a higher target trained a sparser model at a higher price.
-    before = [results[t].exact_target["sparsity_before"] for t in (0.5, 0.8, 0.95)]
+    # Before the decision, the Lagrangian alone: a higher target trained a sparser model at a higher price.
+    before = [results[t].gates_decided["sparsity_before"] for t in (0.5, 0.8, 0.95)]
     assert before == sorted(before) and before[-1] - before[0] > 0.1
     assert results[0.95].effective_lambda > results[0.5].effective_lambda
 
 
 @pytest.mark.slow
+def test_never_deciding_leaves_the_lagrangian_to_the_end_and_exact_target_cuts_at_export(tmp_path):
+    cfg = _trial("scratch", 0.9, exact_target=True, decide_gates_at=1.0).model_copy(
+        update={"baseline_dir": str(tmp_path)})
+    r = train_trial(cfg)
+    assert r.gates_decided is None
+    assert abs(r.sparsity - 0.9) * r.total_params <= LARGEST_UNIT
+    assert r.exact_target["sparsity_after"] == pytest.approx(r.sparsity)
+    assert r.exact_target["sparsity_before"] == pytest.approx(r.epochs[-1].sparsity)  # what the last epoch trained
+
+
+@pytest.mark.slow
 def test_a_target_study_runs_reports_and_picks_through_the_cli(tmp_path):
-    trial = {**TINY["trial"], "optim": {**TINY["trial"]["optim"], "epochs": 4}, "export": {"exact_target": True}}
+    trial = {**TINY["trial"], "optim": {**TINY["trial"]["optim"], "epochs": 4}}
     search = {"target_sparsity": {"low": 0.3, "high": 0.9}, "droprate_init": 0.5, "mode": ["scratch"]}
     study_file = write_study(tmp_path / "tiny.yaml", trial=trial, search=search, trials=3,
                              enqueue=[{"target_sparsity": 0.4}, {"target_sparsity": 0.8}])
@@ -58,11 +72,11 @@ def test_a_target_study_runs_reports_and_picks_through_the_cli(tmp_path):
     assert len(complete) == 3
     for t in complete:
         assert "lam" not in t.user_attrs and 0.3 <= t.user_attrs["target_sparsity"] <= 0.9
-        assert isinstance(t.user_attrs["effective_lambda"], float) and "exact_target" in t.user_attrs
+        assert isinstance(t.user_attrs["effective_lambda"], float) and t.user_attrs["gates_decided"]["after_epoch"] == 3
     runs = [r for r in runs_of(f"sqlite:///{out / 'mlflow.db'}", "tiny") if r.data.tags.get("l0sweep.trial")]
     for run in runs:
         m = run.data.metrics
-        assert {"target_sparsity", "effective_lambda", "target_miss", "exact_sparsity_before"} <= set(m)
+        assert {"target_sparsity", "effective_lambda", "target_miss", "decided_sparsity_before"} <= set(m)
         assert m["target_miss"] == pytest.approx(m["sparsity"] - m["target_sparsity"])
     from mlflow.tracking import MlflowClient
 
@@ -74,7 +88,7 @@ def test_a_target_study_runs_reports_and_picks_through_the_cli(tmp_path):
     picked = l0sweep("pick", "tiny", "--out", out, "--target", "0.8")
     assert picked.returncode == 0, picked.stderr
     assert "target         0.8" in picked.stdout and "what the target cost" in picked.stdout
-    assert "exact target   the top-k of log_alpha closed" in picked.stdout
+    assert "gates decided  after epoch 3: the top-k of log_alpha closed" in picked.stdout
     bad = l0sweep("pick", "tiny", "--out", out, "--target", "1.5")
     assert bad.returncode != 0 and bad.stderr.strip() == "l0sweep pick: error: --target must lie in (0, 1), got 1.5"
 
