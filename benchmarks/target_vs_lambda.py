@@ -1,7 +1,7 @@
 """A lambda study against a target study at equal budgets: does asking for a size fill the front's gaps?
 
 For each sampler seed this runs ``studies/default.yaml`` (lambda searched) and ``studies/default-target.yaml``
-(target sparsity searched, exact at export) through ``l0sweep run``, with the same budget of complete trials.
+(target sparsity searched, gates decided at the target) through ``l0sweep run``, with the same budget of complete trials.
 Per sweep: the largest gap along the sparsity axis of the front (between neighbouring front trials, which are
 above the accuracy floor, and from sparsity 0 to the first and from the last to 1: a front bunched at one end has
 a large gap), its hypervolume, the collapsed trials (validation accuracy no better than chance), and
