@@ -214,11 +214,14 @@ def test_target_vs_lambda_reports_both_sweeps_per_seed(tmp_path):
     rows = {row[0]: row for row in _rows(text) if row[0] in ("lambda", "target")}
     assert set(rows) == {"lambda", "target"}
     for row in rows.values():
-        # searched, seed, complete, front size, largest gap, hypervolume, collapsed, best at >= 0.8, wall
+        # searched, seed, complete, front size, largest gap (front, feasible), hypervolume, collapsed, best at >= 0.8,
+        # wall
         assert row[1] == "1" and row[2] == "2" and 1 <= int(row[3]) <= 2
-        assert 0 <= float(row[4]) <= 1 and 0 <= float(row[5]) <= 1 and 0 <= int(row[6]) <= 2
+        assert 0 <= float(row[4]) <= 1 and 0 <= float(row[5]) <= 1 and 0 <= float(row[6]) <= 1
+        assert 0 <= int(row[7]) <= 2
     assert re.search(r"Goal \(target gap at most half the lambda gap, at equal or better hypervolume\): (met|not met)\.",
                      text)
+    assert re.search(r"Over all feasible trials .* the largest gap is [\d.]+ \(lambda\) against [\d.]+ \(target\)", text)
 
 
 def test_target_vs_lambda_measures_the_largest_step_between_neighbouring_front_trials():
