@@ -25,8 +25,8 @@ class HardConcrete(nn.Module):
     """``n`` hard-concrete gates with learnable location ``log_alpha`` (shape ``(n,)``).
 
     Training draws stretched, clamped concrete samples; evaluation uses the deterministic gate, and so does a
-    gate after :meth:`freeze`, in either mode. ``log_alpha`` is never clamped, so P(z != 0) can go as low as the data asks (the paper code's
-    clamp to [ln 0.01, ln 100] pinned it above ~0.047).
+    gate after :meth:`freeze`, in either mode. ``log_alpha`` is never clamped, so P(z != 0) can go as low as the
+    data asks (the paper code's clamp to [ln 0.01, ln 100] pinned it above ~0.047).
 
     >>> gate = HardConcrete(4, droprate_init=0.5)
     >>> gate.sample((8,)).shape
