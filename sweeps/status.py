@@ -5,6 +5,7 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
+from .early_stopping import epochs_trained
 from .records import StudyRecord, TrialRecord, feasible, final_point, task_metric
 from .study import counts, worker_gone
 
@@ -31,9 +32,12 @@ def front_rows(study: optuna.Study) -> pd.DataFrame:
 
 def print_status(study: optuna.Study) -> None:
     n = counts(study)
-    budget = StudyRecord.read(study).budget
+    record = StudyRecord.read(study)
+    budget, epoch_budget = record.budget, (record.spec.get("budget") or {}).get("epochs")
     others = ", ".join(f"{n[state]} {word}" for state, word in _OTHER_STATES.items() if n[state])
-    print(f"study {study.study_name}: {n['COMPLETE']}/{'?' if budget is None else budget} complete trials"
+    # With an epoch budget, the epochs trained (stopped trials' included) are what ends the sweep.
+    epochs = f", {epochs_trained(study)}/{epoch_budget} epochs trained" if epoch_budget else ""
+    print(f"study {study.study_name}: {n['COMPLETE']}/{'?' if budget is None else budget} complete trials{epochs}"
           + (f"; {others}" if others else "" if sum(n.values()) else "; no trials yet"))
     gone = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if worker_gone(t, None)]
     if gone:

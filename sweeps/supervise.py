@@ -15,6 +15,7 @@ import optuna
 from optuna.trial import TrialState
 from tqdm import tqdm
 
+from .early_stopping import epochs_trained
 from .pool import WorkerPool
 from .records import StudyRecord
 from .settings import CONFIG_ERROR, ERROR_PREFIX, Settings, check_stop
@@ -52,22 +53,36 @@ class Supervisor:
                  settings: Settings) -> None:
         self.study, self.created, self.pool, self.spec, self.settings = study, created, pool, spec, settings
         self.budget = int(StudyRecord.read(study).budget)
+        self.epoch_budget = spec.budget.epochs  # or None: with it, the sweep speaks in epochs trained
 
     def announce(self) -> None:
         """One line: the study, its budget, the workers (and their GPUs), where the trials, runs and logs go."""
         workers, gpus, settings = self.pool.workers, self.pool.gpus, self.settings
         on_gpus = (f" on GPU {', '.join(gpus[:workers])}" + (" (in turn)" if workers > len(gpus) else "")) \
             if gpus else ""
-        print(f"l0sweep: study {self.spec.name!r}: {self.budget} complete trials wanted, {workers} workers{on_gpus}; "
+        wanted = f"{self.budget} complete trials" + (
+            f" or {self.epoch_budget} epochs trained (stopped trials' too), whichever comes first," if self.epoch_budget
+            else "")
+        print(f"l0sweep: study {self.spec.name!r}: {wanted} wanted, {workers} workers{on_gpus}; "
               f"storage {redact(settings.storage)}; runs in {redact(settings.tracking_uri)}; logs in "
               f"{self.pool.log_dir}", file=sys.stderr)
 
+    def progress(self) -> int:
+        """What the progress bar counts, at most its total: complete trials, or with an epoch budget the epochs
+        trained (which early stopping saves, and which the budget then counts)."""
+        if self.epoch_budget:
+            return min(epochs_trained(self.study), self.epoch_budget)
+        return min(counts(self.study)["COMPLETE"], self.budget)
+
     def watch(self) -> str:
-        """Show complete trials on a progress bar until every worker has exited; handle each exit as it comes.
-        Returns the study run's status so far: FINISHED, or KILLED on Ctrl-C (the workers stopped, their trials
-        queued again)."""
-        study, budget, pool = self.study, self.budget, self.pool
-        bar = tqdm(total=budget, desc="complete trials", unit="trial", disable=None, file=sys.stderr)
+        """Show complete trials (or epochs trained, with an epoch budget) on a progress bar until every worker has
+        exited; handle each exit as it comes. Returns the study run's status so far: FINISHED, or KILLED on Ctrl-C
+        (the workers stopped, their trials queued again)."""
+        study, pool = self.study, self.pool
+        if self.epoch_budget:
+            bar = tqdm(total=self.epoch_budget, desc="epochs trained", unit="epoch", disable=None, file=sys.stderr)
+        else:
+            bar = tqdm(total=self.budget, desc="complete trials", unit="trial", disable=None, file=sys.stderr)
         done_before = 0
         last_count = 0.0
         try:
@@ -77,15 +92,16 @@ class Supervisor:
                 check_stop()
                 if time.monotonic() - last_count >= 1.0:
                     last_count = time.monotonic()
-                    n = counts(study)
-                    bar.update(max(0, min(n["COMPLETE"], budget) - done_before))
-                    done_before = min(n["COMPLETE"], budget)
-                    bar.set_postfix(running=n["RUNNING"], pruned=n["PRUNED"], failed=n["FAIL"], refresh=False)
+                    n, done = counts(study), self.progress()
+                    bar.update(max(0, done - done_before))
+                    done_before = done
+                    bar.set_postfix(**({"complete": n["COMPLETE"]} if self.epoch_budget else {}), running=n["RUNNING"],
+                                    pruned=n["PRUNED"], failed=n["FAIL"], refresh=False)
                 for slot, proc, code in pool.exited():
                     self.on_exit(slot, proc.pid, code)
             # The last trials may complete after the bar's last read (it reads the study once a second): end it on
             # the count the summary gives, not a few short of the budget.
-            bar.update(max(0, min(counts(study)["COMPLETE"], budget) - done_before))
+            bar.update(max(0, self.progress() - done_before))
         except KeyboardInterrupt:
             pool.stop()
             # Anything still RUNNING belongs to a worker that did not get to close it.
@@ -126,8 +142,11 @@ class Supervisor:
         if status == "FINISHED" and not reached:
             status = "FAILED"
         end_study_run(study, settings.tracking_uri, status)
+        budget = f"{self.budget} trials or {self.epoch_budget} epochs; {epochs_trained(study)} epochs trained" \
+            if self.epoch_budget else self.budget
         print(f"l0sweep: {n['COMPLETE']} complete, {n['PRUNED']} stopped early, {n['FAIL']} failed or interrupted "
-              f"(budget {self.budget})" + runs_link(study, settings.tracking_uri, "; runs: "), file=sys.stderr)
+              f"(budget {budget})"
+              + runs_link(study, settings.tracking_uri, "; runs: "), file=sys.stderr)
         if report is not None and n["COMPLETE"]:
             path = report(study, settings.out / "reports" / self.spec.name, settings.tracking_uri)
             print(f"l0sweep: report {path}", file=sys.stderr)

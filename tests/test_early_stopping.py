@@ -1,6 +1,8 @@
 """Pareto-aware early stopping against completed trials' per-epoch history."""
 from __future__ import annotations
 
+import re
+
 import optuna
 import pytest
 
@@ -99,14 +101,14 @@ def test_a_two_worker_sweep_stops_trials_at_rungs_within_an_epoch_budget(tmp_pat
     trial starts once the study has trained its epoch budget, however many complete trials the file asks for."""
     from sweeps.early_stopping import epochs_trained
     from sweeps.storage import open_storage
-    from tests.sweep_helpers import TINY, l0sweep, write_study
+    from tests.sweep_helpers import TINY, l0sweep, l0sweep_in_terminal, write_study
 
     # TINY's trials train 3 epochs: with eta 2 the rungs are epochs 1 and 2, each keeping the top half.
     path = write_study(tmp_path / "study.yaml", trials=40, budget={"epochs": 30},
                        early_stopping={"enabled": True, "method": "asha", "min_epochs": 1, "eta": 2,
                                        "warmup_epochs": 1})
-    result = l0sweep("run", path, "--out", tmp_path / "out", "--workers", "2", timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
+    code, shown = l0sweep_in_terminal("run", path, "--out", tmp_path / "out", "--workers", "2", timeout=300)
+    assert code == 0, shown[-2000:]
     study = optuna.load_study(study_name="tiny", storage=open_storage(str(tmp_path / "out" / "optuna.journal")))
     pruned = [t for t in study.trials if t.state.name == "PRUNED"]
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
@@ -115,3 +117,13 @@ def test_a_two_worker_sweep_stops_trials_at_rungs_within_an_epoch_budget(tmp_pat
     trained = epochs_trained(study)
     # The budget holds: reached, and overshot by at most what the two workers had in flight.
     assert 30 <= trained < 30 + 2 * 3 and len(complete) < 40
+    # The sweep speaks in what ended it, the epochs trained, from its first line through its bar to its summary.
+    shown = " ".join(shown.split())  # the terminal wraps long lines
+    assert "40 complete trials or 30 epochs trained (stopped trials' too), whichever comes first, wanted" in shown
+    assert re.search(r"epochs trained: +100%\|.*\| *30/30 \[", shown), shown[-2000:]
+    assert (f"{len(complete)} complete, {len(pruned)} stopped early, 0 failed or interrupted (budget 40 trials or 30 "
+            f"epochs; {trained} epochs trained)") in shown
+    status = l0sweep("status", "tiny", "--out", tmp_path / "out")
+    assert status.returncode == 0, status.stderr
+    assert status.stdout.startswith(f"study tiny: {len(complete)}/40 complete trials, {trained}/30 epochs trained; "
+                                    f"{len(pruned)} stopped early")
