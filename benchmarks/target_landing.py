@@ -21,7 +21,7 @@ import yaml
 
 from benchmarks.mnist_quality import STUDIES as MNIST_STUDIES
 from benchmarks.results import append
-from sweeps.config import TrialConfig
+from sweeps.config import ExportConfig, TrialConfig
 from sweeps.training import train_trial
 
 GOAL_POINTS = 1.0  # issue 27: within 1 point of the target, tighter than CoFiPruning's 1.5
@@ -40,7 +40,7 @@ def trial_settings(model: str, data: Path | None) -> dict:
 
 def one(model: str, settings: dict, mode: str, target: float, variant: str, epochs: int | None, baselines: Path) -> list:
     trial = {**settings, "optim": {**settings["optim"], **VARIANTS[variant], **({"epochs": epochs} if epochs else {})},
-             "export": {"exact_target": variant != "decided"}, "mode": mode, "target_sparsity": target,
+             "export": ExportConfig(exact_target=variant != "decided"), "mode": mode, "target_sparsity": target,
              "droprate_init": 0.5 if mode == "scratch" else 0.05, "threads": 2, "baseline_dir": str(baselines)}
     start = time.perf_counter()
     r = train_trial(TrialConfig.model_validate(trial))

@@ -15,7 +15,7 @@ import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
-from sweeps.records import StudyRecord, TaskMetric, TrialRecord, metric_names, task_metric
+from sweeps.records import StudyRecord, TaskMetric, TrialRecord, epochs_trained, metric_names, task_metric
 
 from .pick import recommend, trade_off
 from .table import (TARGET_TOLERANCE, failed_and_interrupted, front_table, hypervolume_history, latency_setting,
@@ -345,10 +345,14 @@ def _front_html(shown: pd.DataFrame, chosen: pd.Series | None) -> str:
 
 
 def _summary(study: optuna.Study, table: pd.DataFrame, front: pd.DataFrame, floor: tuple[str, float | None]) -> str:
-    """The trials by state, those short of the floor or off their target, and the front's size, in words."""
+    """The trials by state, the epochs they trained (against the epoch budget, if any), those short of the floor or
+    off their target, and the front's size, in words."""
     counts = table.state.value_counts().to_dict()
     failed, interrupted = failed_and_interrupted(study)
+    epoch_budget = (StudyRecord.read(study).spec.get("budget") or {}).get("epochs")
     return (f"{counts.get('COMPLETE', 0)} complete trials, {counts.get('PRUNED', 0)} stopped early"
+            + f" ({epochs_trained(study)} epochs trained" + (f" of a budget of {epoch_budget}" if epoch_budget else "")
+            + ")"
             + (f", {failed} failed (their errors are in the workers' logs and the FAILED MLflow runs)"
                if failed else "")
             + (f", {interrupted} interrupted and run again (their workers were stopped or died)"

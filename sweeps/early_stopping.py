@@ -194,9 +194,3 @@ def stopper_for(study: optuna.Study, spec: StudySpec, epochs: int, trial_number:
     if spec.early_stopping.method == "asha":
         return AshaStopper(study, spec.early_stopping, epochs, trial_number, sign)
     return ParetoStopper(study, spec.early_stopping, sign)
-
-
-def epochs_trained(study: optuna.Study) -> int:
-    """Epochs the study's trials have trained, stopped and running ones included (a running trial's as far as
-    its history was last written)."""
-    return sum(len(TrialRecord.read_history(t)) for t in study.get_trials(deepcopy=False))

@@ -231,6 +231,12 @@ def feasible(trial: FrozenTrial) -> bool:
     return all(v <= 0 for v in trial.constraints.values())
 
 
+def epochs_trained(study: optuna.Study) -> int:
+    """Epochs the study's trials have trained, stopped and running ones included (a running trial's as far as
+    its history was last written)."""
+    return sum(len(TrialRecord.read_history(t)) for t in study.get_trials(deepcopy=False))
+
+
 def dominated(values: Sequence[float], front: Sequence[FrozenTrial], directions: Sequence[str]) -> bool:
     """Whether some trial of ``front`` is at least as good as ``values`` on every objective and better on one
     (``directions``: "maximize" or "minimize" per objective).

@@ -5,8 +5,7 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
-from .early_stopping import epochs_trained
-from .records import StudyRecord, TrialRecord, feasible, final_point, task_metric
+from .records import StudyRecord, TrialRecord, epochs_trained, feasible, final_point, task_metric
 from .study import counts, worker_gone
 
 

@@ -15,10 +15,9 @@ from pathlib import Path
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from .records import StudyRecord, TrialRecord, retry_history, retry_system_attrs
+from .records import StudyRecord, TrialRecord, epochs_trained, retry_history, retry_system_attrs
 from .search import starting_point
 from .settings import Settings, file_lock
-from .early_stopping import epochs_trained
 from .spec import STUDY_PATHS, SpecError, StudySpec
 from .storage import open_storage
 from .tracking import check_tracking, delete_study_run, end_run_of, ensure_study_run, pid_space

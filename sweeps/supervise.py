@@ -15,9 +15,8 @@ import optuna
 from optuna.trial import TrialState
 from tqdm import tqdm
 
-from .early_stopping import epochs_trained
 from .pool import WorkerPool
-from .records import StudyRecord
+from .records import StudyRecord, epochs_trained
 from .settings import CONFIG_ERROR, ERROR_PREFIX, Settings, check_stop
 from .spec import SpecError, StudySpec
 from .storage import redact

@@ -99,7 +99,7 @@ def test_mo_asha_keeps_the_top_third_of_a_rung_by_pareto_rank_then_crowding():
 def test_a_two_worker_sweep_stops_trials_at_rungs_within_an_epoch_budget(tmp_path):
     """MO-ASHA across two worker processes on one journal: trials are pruned at rungs (and only there), and no
     trial starts once the study has trained its epoch budget, however many complete trials the file asks for."""
-    from sweeps.early_stopping import epochs_trained
+    from sweeps.records import epochs_trained
     from sweeps.storage import open_storage
     from tests.sweep_helpers import TINY, l0sweep, l0sweep_in_terminal, write_study
 
@@ -123,6 +123,8 @@ def test_a_two_worker_sweep_stops_trials_at_rungs_within_an_epoch_budget(tmp_pat
     assert re.search(r"epochs trained: +100%\|.*\| *30/30 \[", shown), shown[-2000:]
     assert (f"{len(complete)} complete, {len(pruned)} stopped early, 0 failed or interrupted (budget 40 trials or 30 "
             f"epochs; {trained} epochs trained)") in shown
+    page = (tmp_path / "out" / "reports" / "tiny" / "report.html").read_text()
+    assert f"{len(complete)} complete trials, {len(pruned)} stopped early ({trained} epochs trained of a budget of 30)" in page
     status = l0sweep("status", "tiny", "--out", tmp_path / "out")
     assert status.returncode == 0, status.stderr
     assert status.stdout.startswith(f"study tiny: {len(complete)}/40 complete trials, {trained}/30 epochs trained; "

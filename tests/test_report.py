@@ -129,7 +129,7 @@ def test_a_study_whose_trials_all_failed_still_reports(tmp_path, capsys):
     print_status(study)
     assert "study broken: 0/? complete trials; 3 failed\n" in capsys.readouterr().out
     page = write_report(study, tmp_path).read_text()
-    assert "0 complete trials, 0 stopped early, 3 failed" in page and "No complete trial yet." in page
+    assert "0 complete trials, 0 stopped early (0 epochs trained), 3 failed" in page and "No complete trial yet." in page
     with pytest.raises(PickError, match="no complete trial"):
         pick(study)
 
