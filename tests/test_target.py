@@ -50,13 +50,18 @@ def test_multipliers_climb_by_gradient_ascent_with_a_positive_learning_rate():
     assert target.effective_lambda > 0  # denser than the target: it pays for removing parameters
 
 
+def _multipliers_at(target: SparsityTarget, l1: float, l2: float = 0.0) -> SparsityTarget:
+    """``target`` as if its multipliers had climbed to ``l1`` and ``l2``."""
+    with torch.no_grad():
+        target.l1.fill_(l1)
+        target.l2.fill_(l2)
+    return target
+
+
 def test_the_effective_lambda_is_the_penalty_lambda_with_the_same_gradient_on_the_gates():
     net, _ = _mlp()
     set_gate_states(net, p_off=0.2, p_frac=0.5, seed=1)
-    target = SparsityTarget(0.7)
-    with torch.no_grad():
-        target.l1.fill_(-0.8)
-        target.l2.fill_(2.5)
+    target = _multipliers_at(SparsityTarget(0.7), -0.8, 2.5)
     gates = [g.log_alpha for _, g in l0core.gates(net)]
     term_grads = torch.autograd.grad(target(net), gates)
     lam = target.effective_lambda
@@ -137,9 +142,7 @@ def test_a_frozen_gate_is_its_deterministic_value_in_training_and_no_longer_trai
 def test_deciding_lands_the_deterministic_gates_on_the_target_and_ends_the_lagrangian():
     net, x = _mlp()
     set_gate_states(net, p_off=0.1, p_frac=0.6, seed=5)
-    target = SparsityTarget(0.7)
-    with torch.no_grad():
-        target.l1.fill_(-0.5)
+    target = _multipliers_at(SparsityTarget(0.7), -0.5)
     target(net)
     lam = target.effective_lambda
     change = target.decide(net)
