@@ -119,11 +119,11 @@ def test_keep_exactly_keeps_the_units_with_the_largest_log_alpha_over_all_gates_
     assert abs(report.sparsity - 0.6) < 0.05  # a channel of TinyInception holds up to 5% of its parameters
 
 
-@pytest.mark.parametrize("kind", ["neuron", "parameter"])
-def test_a_frozen_gate_is_its_deterministic_value_in_training_and_no_longer_trains(kind):
+@pytest.mark.parametrize("kind, per_sample", [("neuron", False), ("neuron", True), ("parameter", False)])
+def test_a_frozen_gate_is_its_deterministic_value_in_training_and_no_longer_trains(kind, per_sample):
     net = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 4))
     x = torch.randn(8, 20)
-    attach(net, kind, example_inputs=x[:1])
+    attach(net, kind, per_sample=per_sample, example_inputs=x[:1])
     set_gate_states(net, p_off=0.3, p_frac=0.4, seed=4)
     assert l0core.freeze_gates(net) == len(l0core.gates(net))
     net.train()  # a model's train() reaches every submodule: the gates stay as evaluated
