@@ -172,6 +172,10 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y:
         else:
             pen = l0core.penalty(model, lam, **penalty_kw)
             total = task + pen
+    if target is None or target.decided is not None:
+        # Decided: nothing left for the multipliers to learn (and a GradScaler refuses to step an optimizer whose
+        # parameters got no gradient).
+        multipliers = None
     opt.zero_grad(set_to_none=True)
     if multipliers is not None:
         multipliers.zero_grad(set_to_none=True)

@@ -6,7 +6,9 @@ import textwrap
 import pytest
 import torch
 from pydantic import ValidationError
+from torch import nn
 
+import l0core
 from sweeps.config import ModelConfig, OptimConfig
 from sweeps.data import load_data
 from sweeps.models import build_model
@@ -379,3 +381,19 @@ def test_a_trial_on_the_cpu_keeps_freed_memory_for_the_next_step(tmp_path):
         faults[case] = json.loads(out.strip().splitlines()[-1])
     assert faults["glibc defaults"] > 10_000
     assert faults["after a trial"] < 100
+
+
+def test_a_decided_target_steps_no_multipliers_so_mixed_precision_training_goes_on():
+    """With float16 on CUDA a GradScaler steps the optimizers, and it raises on one whose parameters got no
+    gradient: after the decision the multipliers get none. (GradScaler("cpu") runs the same checks.)"""
+    net = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 4))
+    l0core.attach(net, "neuron", example_inputs=torch.randn(1, 20))
+    target = l0core.SparsityTarget(0.5)
+    with torch.no_grad():
+        target.l1.fill_(-0.3)
+    target.decide(net)
+    opt, multipliers = torch.optim.Adam(net.parameters(), lr=0.01), target.optimizer(lr=0.05)
+    task, term = train_step(net, opt, torch.randn(4, 20), torch.tensor([0, 1, 2, 3]),
+                            scaler=torch.amp.GradScaler("cpu"), target=target, multipliers=multipliers)
+    assert float(term) == 0.0 and torch.isfinite(task)
+    assert target.l1.item() == pytest.approx(-0.3) and target.l1.grad is None
