@@ -97,6 +97,19 @@ class OptimConfig(_Strict):
     # log_alpha), and frozen: the epochs left fine-tune the weights of a model of the target's size. 1: never.
     decide_gates_at: float = Field(0.8, gt=0, le=1)
 
+    def target_problem(self) -> str | None:
+        """Why these settings cannot steer a target trial, in one line (None: they can). A decision needs an epoch
+        before it and one after it, and must come after the target's warm-up."""
+        if self.decide_gates_at >= 1:
+            return None
+        if self.epochs < 2:
+            return (f"optim.decide_gates_at {self.decide_gates_at} needs optim.epochs >= 2 (an epoch after the "
+                    f"decision), got {self.epochs}; decide_gates_at: 1 leaves the Lagrangian to the end")
+        if self.target_warmup >= self.decide_gates_at:
+            return (f"optim.target_warmup {self.target_warmup} must end before optim.decide_gates_at "
+                    f"{self.decide_gates_at}: the gates are decided at the full target")
+        return None
+
 
 class ExportConfig(_Strict):
     # With a target_sparsity: close or open units by the top-k of log_alpha so that the deterministic gates (and
@@ -183,4 +196,6 @@ class TrialConfig(_Strict):
             raise ValueError(f"optim.milestones {bad} must lie between 0 and optim.epochs={self.optim.epochs}")
         if self.target_sparsity is not None and self.penalty_scale != "model":
             raise ValueError("a target_sparsity is a share of the model's parameters: penalty_scale must be 'model'")
+        if self.target_sparsity is not None and self.optim.target_problem():
+            raise ValueError(self.optim.target_problem())
         return self

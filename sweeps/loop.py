@@ -209,14 +209,18 @@ def _to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> to
 
 
 def decide_after(optim: OptimConfig, epochs: int) -> int | None:
-    """The epoch after which a target trial's gates are decided and frozen (``optim.decide_gates_at`` of the
-    epochs, at least one), or None when that leaves no epoch to train after it.
+    """The epoch after which a target trial's gates are decided and frozen: ``optim.decide_gates_at`` of the
+    epochs, rounded, but at least one epoch before it and one after it; None when ``decide_gates_at`` is 1 (never)
+    or there are not two epochs.
 
-    >>> decide_after(OptimConfig(), 10), decide_after(OptimConfig(), 4), decide_after(OptimConfig(), 1)
-    (8, 3, None)
+    >>> decide_after(OptimConfig(), 10), decide_after(OptimConfig(), 4), decide_after(OptimConfig(), 2)
+    (8, 3, 1)
+    >>> decide_after(OptimConfig(decide_gates_at=0.95), 10), decide_after(OptimConfig(decide_gates_at=1), 10)
+    (9, None)
     """
-    after = max(1, round(optim.decide_gates_at * epochs))
-    return after if after < epochs else None
+    if optim.decide_gates_at >= 1 or epochs < 2:
+        return None
+    return min(max(1, round(optim.decide_gates_at * epochs)), epochs - 1)
 
 
 def run_epochs(model: nn.Module, cfg: TrialConfig, splits: Splits, device: torch.device, lam: float | None,

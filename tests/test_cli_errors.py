@@ -44,6 +44,14 @@ CASES = {
                        "parameters to remove), not both"),
     "target-outside": ({"search": {"lam": None, "target_sparsity": {"low": 0.5, "high": 1.2}}}, [],
                        "search.target_sparsity must be in (0, 1), got 1.2"),
+    "decided-in-one-epoch": ({"search": {"lam": None, "target_sparsity": 0.8},
+                              "trial": {"optim": {"epochs": 1}}}, [],
+                             "trial.optim.decide_gates_at 0.8 needs optim.epochs >= 2 (an epoch after the decision), "
+                             "got 1; decide_gates_at: 1 leaves the Lagrangian to the end"),
+    "decided-in-the-warm-up": ({"search": {"lam": None, "target_sparsity": 0.8},
+                                "trial": {"optim": {"target_warmup": 0.8, "decide_gates_at": 0.6}}}, [],
+                               "trial.optim.target_warmup 0.8 must end before optim.decide_gates_at 0.6: the gates "
+                               "are decided at the full target"),
     "unknown-loss": ({"trial": {"task": {"loss": "hinge"}}}, [],
                      "trial.task.loss: 'hinge' is unknown: use cross_entropy, mse or 'package.module:function'"),
     "unknown-metric": ({"trial": {"task": {"metric": "f1"}}}, [],
