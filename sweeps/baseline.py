@@ -28,7 +28,7 @@ def baseline_key(cfg: TrialConfig) -> str:
     # baselines keep their keys.
     ident = {"data": cfg.data.model_dump(exclude={"data_dir", "download"}),
              "model": cfg.model.model_dump(exclude={"checkpoint"}),
-             "optim": cfg.optim.model_dump(exclude={"target_warmup", "multiplier_lr"}), "seed": cfg.seed}
+             "optim": cfg.optim.model_dump(exclude={"target_warmup", "multiplier_lr", "decide_gates_at"}), "seed": cfg.seed}
     if cfg.model.checkpoint:
         stat = Path(cfg.model.checkpoint).stat()
         ident["checkpoint"] = [str(cfg.model.checkpoint), stat.st_size, stat.st_mtime_ns]

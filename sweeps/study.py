@@ -118,11 +118,16 @@ def storage_for(spec: StudySpec, settings: Settings) -> optuna.storages.BaseStor
 
 def check_same_study(spec: StudySpec, stored_json: str) -> None:
     """Raise SpecError if ``spec`` differs from the study's stored spec in what defines a trial."""
-    # Both through today's schema: a field added since the study was made counts with its default.
+    # Both through today's schema: a field added since the study was made counts with its default, or with the
+    # value that does what the study did (target studies made before decide_gates_at never decided their gates).
+    raw = json.loads(stored_json)
+    optim = raw.get("trial", {}).get("optim", {}) if isinstance(raw.get("trial"), dict) else {}
+    if (raw.get("search") or {}).get("target_sparsity") is not None and "decide_gates_at" not in optim:
+        raw["trial"]["optim"] = {**optim, "decide_gates_at": 1.0}
     try:
-        stored = json.loads(StudySpec.model_validate_json(stored_json).model_dump_json())
+        stored = json.loads(StudySpec.model_validate(raw).model_dump_json())
     except ValueError:
-        stored = json.loads(stored_json)
+        stored = raw
     mine = json.loads(spec.model_dump_json())
     for spec_dict in (stored, mine):  # where a file lies on this machine is not what the trial is
         for *parents, leaf in STUDY_PATHS:

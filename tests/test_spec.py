@@ -139,7 +139,8 @@ def test_the_target_settings_leave_the_dense_baselines_key_alone():
     from sweeps.baseline import baseline_key
 
     plain = TrialConfig()
-    tuned = TrialConfig.model_validate({"optim": {"target_warmup": 0.9, "multiplier_lr": 1.0}, "target_sparsity": 0.5})
+    tuned = TrialConfig.model_validate({"optim": {"target_warmup": 0.5, "multiplier_lr": 1.0, "decide_gates_at": 0.9},
+                                        "target_sparsity": 0.5})
     assert baseline_key(plain) == baseline_key(tuned)
 
 
@@ -159,6 +160,22 @@ def test_a_study_made_before_a_new_setting_existed_still_resumes():
     older["trial"]["seed"] = 99
     with pytest.raises(SpecError, match="different 'trial';"):
         check_same_study(spec, json.dumps(older))
+
+
+def test_a_target_study_made_before_gates_were_decided_resumes_only_as_it_ran():
+    """Its trials left the Lagrangian to the end: new ones must not decide their gates in the same study."""
+    import json
+
+    from sweeps.study import check_same_study
+
+    spec = load_spec(Path(__file__).parents[1] / "studies" / "default-target.yaml")
+    older = json.loads(spec.model_dump_json())
+    del older["trial"]["optim"]["decide_gates_at"]
+    with pytest.raises(SpecError, match="different 'trial';"):
+        check_same_study(spec, json.dumps(older))  # the file decides at 0.8
+    as_it_ran = spec.model_copy(update={"trial": spec.trial.model_copy(
+        update={"optim": spec.trial.optim.model_copy(update={"decide_gates_at": 1.0})})})
+    check_same_study(as_it_ran, json.dumps(older))
 
 
 def test_study_files_validate_without_importing_torch():
