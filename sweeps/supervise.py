@@ -59,10 +59,10 @@ class Supervisor:
         workers, gpus, settings = self.pool.workers, self.pool.gpus, self.settings
         on_gpus = (f" on GPU {', '.join(gpus[:workers])}" + (" (in turn)" if workers > len(gpus) else "")) \
             if gpus else ""
-        wanted = f"{self.budget} complete trials" + (
-            f" or {self.epoch_budget} epochs trained (stopped trials' too), whichever comes first," if self.epoch_budget
+        wanted = f"{self.budget} complete trials wanted" + (
+            f", or {self.epoch_budget} epochs trained (stopped trials' too) if that comes first" if self.epoch_budget
             else "")
-        print(f"l0sweep: study {self.spec.name!r}: {wanted} wanted, {workers} workers{on_gpus}; "
+        print(f"l0sweep: study {self.spec.name!r}: {wanted}, {workers} workers{on_gpus}; "
               f"storage {redact(settings.storage)}; runs in {redact(settings.tracking_uri)}; logs in "
               f"{self.pool.log_dir}", file=sys.stderr)
 

@@ -119,7 +119,7 @@ def test_a_two_worker_sweep_stops_trials_at_rungs_within_an_epoch_budget(tmp_pat
     assert 30 <= trained < 30 + 2 * 3 and len(complete) < 40
     # The sweep speaks in what ended it, the epochs trained, from its first line through its bar to its summary.
     shown = " ".join(shown.split())  # the terminal wraps long lines
-    assert "40 complete trials or 30 epochs trained (stopped trials' too), whichever comes first, wanted" in shown
+    assert "40 complete trials wanted, or 30 epochs trained (stopped trials' too) if that comes first, 2 workers" in shown
     assert re.search(r"epochs trained: +100%\|.*\| *30/30 \[", shown), shown[-2000:]
     assert (f"{len(complete)} complete, {len(pruned)} stopped early, 0 failed or interrupted (budget 40 trials or 30 "
             f"epochs; {trained} epochs trained)") in shown

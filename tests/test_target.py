@@ -151,4 +151,3 @@ def test_deciding_lands_the_deterministic_gates_on_the_target_and_ends_the_lagra
     term = target(net)
     assert float(term) == 0.0 and not term.requires_grad  # nothing left to steer: the weights train alone
     assert target.effective_lambda == lam  # what the target cost is what it cost when decided
-
