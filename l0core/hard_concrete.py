@@ -101,7 +101,10 @@ class HardConcrete(nn.Module):
         return _stretch(torch.sigmoid(self.log_alpha), self.gamma, self.zeta)
 
     def prob_nonzero(self) -> torch.Tensor:
-        """Closed-form P(z != 0) per gate: the differentiable expected L0 norm."""
+        """Closed-form P(z != 0) per gate: the differentiable expected L0 norm. A frozen gate is no longer random:
+        its probability is 1 where its deterministic gate is open, else 0."""
+        if self.frozen:
+            return (self.deterministic() > 0).to(self.log_alpha.dtype)
         return _prob_nonzero(self.log_alpha, self.beta, self.gamma, self.zeta)
 
     def gate(self, batch_shape: tuple[int, ...] | torch.Size = ()) -> torch.Tensor:
@@ -190,7 +193,7 @@ def prob_nonzero_together(gates: Sequence[HardConcrete]) -> torch.Tensor:
     """
     if not gates:
         raise ValueError("no gates given")
-    log_alpha = _concatenated(gates)
+    log_alpha = None if any(g.frozen for g in gates) else _concatenated(gates)
     if log_alpha is None:
         return torch.cat([g.prob_nonzero() for g in gates])
     first = gates[0]

@@ -151,3 +151,5 @@ def test_deciding_lands_the_deterministic_gates_on_the_target_and_ends_the_lagra
     term = target(net)
     assert float(term) == 0.0 and not term.requires_grad  # nothing left to steer: the weights train alone
     assert target.effective_lambda == lam  # what the target cost is what it cost when decided
+    # Frozen gates are no longer random: the expected sparsity (MLflow's expected_density) is the decided one.
+    assert expected_sparsity(net).item() == pytest.approx(change.sparsity_after)
