@@ -349,7 +349,7 @@ def _summary(study: optuna.Study, table: pd.DataFrame, front: pd.DataFrame, floo
     off their target, and the front's size, in words."""
     counts = table.state.value_counts().to_dict()
     failed, interrupted = failed_and_interrupted(study)
-    epoch_budget = (StudyRecord.read(study).spec.get("budget") or {}).get("epochs")
+    epoch_budget = StudyRecord.read(study).epoch_budget
     return (f"{counts.get('COMPLETE', 0)} complete trials, {counts.get('PRUNED', 0)} stopped early"
             + f" ({epochs_trained(study)} epochs trained" + (f" of a budget of {epoch_budget}" if epoch_budget else "")
             + ")"

@@ -196,6 +196,6 @@ class TrialConfig(_Strict):
             raise ValueError(f"optim.milestones {bad} must lie between 0 and optim.epochs={self.optim.epochs}")
         if self.target_sparsity is not None and self.penalty_scale != "model":
             raise ValueError("a target_sparsity is a share of the model's parameters: penalty_scale must be 'model'")
-        if self.target_sparsity is not None and self.optim.target_problem():
-            raise ValueError(self.optim.target_problem())
+        if self.target_sparsity is not None and (problem := self.optim.target_problem()):
+            raise ValueError(problem)
         return self

@@ -125,6 +125,11 @@ class StudyRecord:
     def metric(self) -> TaskMetric:
         return task_metric(self.spec)
 
+    @property
+    def epoch_budget(self) -> int | None:
+        """The study file's ``budget.epochs`` (None: no epoch budget)."""
+        return (self.spec.get("budget") or {}).get("epochs")
+
 
 STUDY_KEYS: Mapping[str, str] = _keys(StudyRecord)
 

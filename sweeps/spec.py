@@ -267,8 +267,8 @@ class StudySpec(_Strict):
         if len(given) != 1:
             raise ValueError(f"search: give either lam (a price on the parameters kept) or target_sparsity (the share "
                              f"of parameters to remove), {'not both' if given else 'one of them'}")
-        if self.search.target_sparsity is not None and self.trial.optim.target_problem():
-            raise ValueError(f"trial.{self.trial.optim.target_problem()}")
+        if self.search.target_sparsity is not None and (problem := self.trial.optim.target_problem()):
+            raise ValueError(f"trial.{problem}")
         if self.trial.export.exact_target and self.search.target_sparsity is None:
             raise ValueError("trial.export.exact_target needs search.target_sparsity: with lam there is no target "
                              "to keep exactly")

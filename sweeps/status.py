@@ -32,7 +32,7 @@ def front_rows(study: optuna.Study) -> pd.DataFrame:
 def print_status(study: optuna.Study) -> None:
     n = counts(study)
     record = StudyRecord.read(study)
-    budget, epoch_budget = record.budget, (record.spec.get("budget") or {}).get("epochs")
+    budget, epoch_budget = record.budget, record.epoch_budget
     others = ", ".join(f"{n[state]} {word}" for state, word in _OTHER_STATES.items() if n[state])
     # With an epoch budget, the epochs trained (stopped trials' included) are what ends the sweep.
     epochs = f", {epochs_trained(study)}/{epoch_budget} epochs trained" if epoch_budget else ""

@@ -66,12 +66,12 @@ class Supervisor:
               f"storage {redact(settings.storage)}; runs in {redact(settings.tracking_uri)}; logs in "
               f"{self.pool.log_dir}", file=sys.stderr)
 
-    def progress(self) -> int:
-        """What the progress bar counts, at most its total: complete trials, or with an epoch budget the epochs
-        trained (which early stopping saves, and which the budget then counts)."""
+    def progress(self, n: dict[str, int]) -> int:
+        """What the progress bar counts, at most its total: complete trials (``n``: the study's counts), or with an
+        epoch budget the epochs trained (which early stopping saves, and which the budget then counts)."""
         if self.epoch_budget:
             return min(epochs_trained(self.study), self.epoch_budget)
-        return min(counts(self.study)["COMPLETE"], self.budget)
+        return min(n["COMPLETE"], self.budget)
 
     def watch(self) -> str:
         """Show complete trials (or epochs trained, with an epoch budget) on a progress bar until every worker has
@@ -91,7 +91,8 @@ class Supervisor:
                 check_stop()
                 if time.monotonic() - last_count >= 1.0:
                     last_count = time.monotonic()
-                    n, done = counts(study), self.progress()
+                    n = counts(study)
+                    done = self.progress(n)
                     bar.update(max(0, done - done_before))
                     done_before = done
                     bar.set_postfix(**({"complete": n["COMPLETE"]} if self.epoch_budget else {}), running=n["RUNNING"],
@@ -100,7 +101,7 @@ class Supervisor:
                     self.on_exit(slot, proc.pid, code)
             # The last trials may complete after the bar's last read (it reads the study once a second): end it on
             # the count the summary gives, not a few short of the budget.
-            bar.update(max(0, self.progress() - done_before))
+            bar.update(max(0, self.progress(counts(study)) - done_before))
         except KeyboardInterrupt:
             pool.stop()
             # Anything still RUNNING belongs to a worker that did not get to close it.
