@@ -17,6 +17,7 @@ from plotly.subplots import make_subplots
 
 from sweeps.records import StudyRecord, TaskMetric, TrialRecord, epochs_trained, metric_names, task_metric
 
+from .budget import at_equal_epochs, describe
 from .pick import recommend, trade_off
 from .table import (TARGET_TOLERANCE, failed_and_interrupted, front_table, hypervolume_history, latency_setting,
                     missed_target, spec_of, trials_table)
@@ -271,10 +272,13 @@ Selection uses {label}; test {metric} is reported only.</p>
 """
 
 
-def write_report(study: optuna.Study, out_dir: str | Path) -> Path:
+def write_report(study: optuna.Study, out_dir: str | Path, against: optuna.Study | None = None) -> Path:
     """Write ``report.html``, ``front.md`` and ``front.csv`` into ``out_dir`` (the sweep logs them to the study's
-    MLflow run: sweeps.tracking.log_report). Returns the HTML page's path.
+    MLflow run: sweeps.tracking.log_report). Returns the HTML page's path. With ``against`` (another study of the
+    same objectives: the same search without early stopping, say), the summary also gives the front that study had
+    bought within the epochs this one trained (:func:`dashboards.budget.at_equal_epochs`).
     """
+    budget = None if against is None else at_equal_epochs(study, against)  # before writing: it may refuse
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     table = trials_table(study)
@@ -295,7 +299,7 @@ def write_report(study: optuna.Study, out_dir: str | Path) -> Path:
     model, data = ((spec.get("trial", {}).get(part, {}).get("name", "?")) for part in ("model", "data"))
     page = _PAGE.format(
         name=html.escape(study.study_name), plotly=get_plotlyjs(), description=html.escape(spec.get("description", "")),
-        model=html.escape(str(model)), data=html.escape(str(data)), summary=_summary(study, table, front, floor),
+        model=html.escape(str(model)), data=html.escape(str(data)), summary=_summary(study, table, front, floor) + ("" if budget is None else " " + html.escape(describe(budget))),
         label=html.escape(metric.label()), metric=html.escape(metric.name),
         base=_baseline_note(baseline, metric) + _latency_note(study, *latency_setting(spec)),
         rec=_recommendation(study.study_name, chosen, how, metric), table=_front_html(shown, chosen), plots=plots)

@@ -72,10 +72,12 @@ def load(name: str, out: str | Path = "l0sweep-out", storage: str | None = None)
     return trials_table(study), front_table(study)
 
 
-def report(study: optuna.Study, out_dir: str | Path, tracking_uri: str | None = None) -> Path:
-    """Write the study's report into ``out_dir`` (``dashboards.write_report``) and, given ``tracking_uri``, log it
-    to the study's MLflow run; returns the HTML page's path."""
-    path = write_report(study, out_dir)
+def report(study: optuna.Study, out_dir: str | Path, tracking_uri: str | None = None,
+           against: optuna.Study | None = None) -> Path:
+    """Write the study's report into ``out_dir`` (``dashboards.write_report``; ``against``: another study whose
+    front at an equal budget in epochs it states) and, given ``tracking_uri``, log it to the study's MLflow run;
+    returns the HTML page's path."""
+    path = write_report(study, out_dir, against)
     if tracking_uri:
         log_report(study, tracking_uri, Path(out_dir))
     return path

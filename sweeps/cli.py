@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="write the Pareto report (HTML, Markdown, CSV)")
     p.add_argument("study", help="a study file or a study name")
     p.add_argument("--report-dir", type=Path, metavar="DIR", help="default: OUT/reports/NAME")
+    p.add_argument("--against", metavar="STUDY",
+                   help="another study in the same storage (a study file or name; the same search without early "
+                        "stopping, say): also state the front it had bought within the epochs this study trained")
     _common(p)
 
     p = sub.add_parser("pick", help="choose a trial (a lambda) from the front")
@@ -132,14 +135,15 @@ def _study_name(ref: str) -> str:
     return load_spec(path).name if path.suffix in (".yaml", ".yml") or path.is_file() else ref
 
 
-def _open_study(args: argparse.Namespace):
+def _open_study(args: argparse.Namespace, study: str | None = None):
+    """The study ``args.study`` names (or ``study``: another in the same storage), and the settings."""
     from .storage import open_storage
     from .study import load_existing
 
     settings = _settings(args)
     if not args.storage and not Path(settings.storage).exists():
         raise FileNotFoundError(f"no study storage at {settings.storage}: give --storage or the sweep's --out")
-    return load_existing(_study_name(args.study), open_storage(settings.storage)), settings
+    return load_existing(_study_name(study or args.study), open_storage(settings.storage)), settings
 
 
 def _positive(name: str, value: int | None) -> None:
@@ -205,7 +209,14 @@ def dispatch(args: argparse.Namespace) -> int:
         from .api import report
 
         study, settings = _open_study(args)
-        path = report(study, args.report_dir or settings.out / "reports" / study.study_name, settings.tracking_uri)
+        against = None
+        if args.against is not None:
+            try:
+                against = _open_study(args, args.against)[0]
+            except ValueError as exc:  # no such study (SpecError), or a study file that does not load
+                raise ValueError(f"--against {args.against}: {exc}") from None
+        path = report(study, args.report_dir or settings.out / "reports" / study.study_name, settings.tracking_uri,
+                      against)
         print(path)
         return 0
     if args.command == "pick":

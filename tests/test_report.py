@@ -186,3 +186,69 @@ def test_report_in_headless_chromium(tmp_path):
     hover_lams = {row[1] for trace in found["customdata"] for row in trace}
     assert {t[2] for t in TRIALS} <= hover_lams  # every trial's lambda is in the hover data
     assert 7.5 in hover_lams and found["names"].count("no better than chance") == 2  # the collapsed trial, both plots
+
+
+def _budget_study(name: str, trials: list[tuple[str, list[float] | None, int, bool]],
+                  storage: optuna.storages.BaseStorage | None = None) -> optuna.Study:
+    """A study of (state, values, epochs trained, feasible) trials, in that order; each epoch in its history."""
+    study = optuna.create_study(study_name=name, directions=["maximize", "maximize"], storage=storage)
+    study.set_metric_names(["val_accuracy", "sparsity"])
+    study.set_user_attr("spec", json.dumps({"name": name, "description": "hand-built",
+                                            "trial": {"model": {"name": "mlp"}, "data": {"name": "digits"}}}))
+    for state, values, epochs, ok in trials:
+        history = [[e + 1, 0.5, 0.1] for e in range(epochs)]
+        study.add_trial(optuna.trial.create_trial(
+            state=getattr(optuna.trial.TrialState, state), values=values,
+            user_attrs={"history": history, "lam": 0.1, "droprate_init": 0.5, "mode": "scratch",
+                        "total_params": 1000, "removed_params": int((values or [0, 0])[1] * 1000)},
+            system_attrs={"constraints": [-0.1 if ok else 0.2]}))
+    return study
+
+
+# With early stopping: 9 epochs, 2 complete trials. Front (0.9, 0.5), (0.8, 0.8): hypervolume 0.45 + 0.8 x 0.3.
+STOPPED = [("COMPLETE", [0.9, 0.5], 4, True), ("PRUNED", None, 1, True), ("COMPLETE", [0.8, 0.8], 4, True)]
+# Without: its first 9 epochs buy trials 0-2 (one short of the floor, on no front); trial 3 would pass 9.
+FULL = [("COMPLETE", [0.85, 0.5], 4, True), ("COMPLETE", [0.1, 0.99], 1, False), ("COMPLETE", [0.7, 0.9], 4, True),
+        ("COMPLETE", [0.95, 0.95], 4, True)]
+
+
+def test_two_studies_compared_at_the_epochs_the_first_trained():
+    from dashboards import at_equal_epochs
+
+    budget = at_equal_epochs(_budget_study("stopped", STOPPED), _budget_study("full", FULL))
+    assert (budget.epochs, budget.complete, budget.front) == (9, 2, 2)
+    assert budget.hypervolume == pytest.approx(0.45 + 0.8 * 0.3)
+    assert (budget.against_epochs, budget.against_complete, budget.against_front) == (9, 3, 2)
+    assert budget.against_hypervolume == pytest.approx(0.85 * 0.5 + 0.7 * 0.4)
+    # The other way round: the full study trained 13 epochs; all of the stopped study's 9 fit in them.
+    reverse = at_equal_epochs(_budget_study("full", FULL), _budget_study("stopped", STOPPED))
+    assert (reverse.epochs, reverse.against_epochs, reverse.against_complete) == (13, 9, 2)
+    assert reverse.hypervolume == pytest.approx(0.95 * 0.95)
+    other = optuna.create_study(study_name="latency", directions=["maximize", "minimize"])
+    other.set_metric_names(["val_accuracy", "latency_ms"])
+    with pytest.raises(ValueError, match=r"--against latency: its objectives \['val_accuracy', 'latency_ms'\]"):
+        at_equal_epochs(_budget_study("stopped", STOPPED), other)
+
+
+def test_report_against_another_study_through_the_cli(tmp_path):
+    """``l0sweep report STUDY --against OTHER`` states both fronts at the equal budget; an unknown study is one
+    line and writes no report."""
+    from sweeps.storage import open_storage
+    from tests.sweep_helpers import l0sweep
+
+    out = tmp_path / "out"
+    out.mkdir()
+    storage = open_storage(str(out / "optuna.journal"))
+    _budget_study("stopped", STOPPED, storage)
+    _budget_study("full", FULL, storage)
+    result = l0sweep("report", "stopped", "--against", "full", "--out", out)
+    assert result.returncode == 0, result.stderr
+    page = (out / "reports" / "stopped" / "report.html").read_text()
+    assert ("At an equal budget: stopped trained 9 epochs for 2 complete trials, front hypervolume 0.6900 (2 on the "
+            "front); within as many epochs full trained 9 for 3 complete trials, front hypervolume 0.7050 (2 on the "
+            "front).") in page
+    missing = l0sweep("report", "full", "--against", "nowhere", "--out", out)
+    assert missing.returncode == 1
+    assert missing.stderr.strip() == ("l0sweep report: error: --against nowhere: study 'nowhere' does not exist in "
+                                      "this storage: create it with 'l0sweep create' or 'l0sweep run'")
+    assert not (out / "reports" / "full").exists()
