@@ -5,10 +5,10 @@
 ``at_equal_epochs(study, against)`` compares two studies' fronts at an equal budget in epochs.
 Nothing here trains: it reads what the sweep stored on the study and its trials, through sweeps.records.
 """
-from .budget import EqualBudget, at_equal_epochs
+from .budget import EqualBudget, Within, at_equal_epochs
 from .pick import PickError, describe_pick, knee, pick, recommend
 from .report import write_report
 from .table import front_table, hypervolume_history, trials_table
 
-__all__ = ["EqualBudget", "PickError", "at_equal_epochs", "describe_pick", "front_table", "hypervolume_history", "knee", "pick", "recommend",
-           "trials_table", "write_report"]
+__all__ = ["EqualBudget", "PickError", "Within", "at_equal_epochs", "describe_pick", "front_table",
+           "hypervolume_history", "knee", "pick", "recommend", "trials_table", "write_report"]

@@ -299,7 +299,8 @@ def write_report(study: optuna.Study, out_dir: str | Path, against: optuna.Study
     model, data = ((spec.get("trial", {}).get(part, {}).get("name", "?")) for part in ("model", "data"))
     page = _PAGE.format(
         name=html.escape(study.study_name), plotly=get_plotlyjs(), description=html.escape(spec.get("description", "")),
-        model=html.escape(str(model)), data=html.escape(str(data)), summary=_summary(study, table, front, floor) + ("" if budget is None else " " + html.escape(describe(budget))),
+        model=html.escape(str(model)), data=html.escape(str(data)), summary=_summary(study, table, front, floor)
+        + ("" if budget is None else " " + html.escape(describe(budget, study))),
         label=html.escape(metric.label()), metric=html.escape(metric.name),
         base=_baseline_note(baseline, metric) + _latency_note(study, *latency_setting(spec)),
         rec=_recommendation(study.study_name, chosen, how, metric), table=_front_html(shown, chosen), plots=plots)

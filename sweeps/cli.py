@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="write the Pareto report (HTML, Markdown, CSV)")
     p.add_argument("study", help="a study file or a study name")
     p.add_argument("--report-dir", type=Path, metavar="DIR", help="default: OUT/reports/NAME")
-    p.add_argument("--against", metavar="STUDY",
+    p.add_argument("--against", metavar="OTHER",
                    help="another study in the same storage (a study file or name; the same search without early "
                         "stopping, say): also state the front it had bought within the epochs this study trained")
     _common(p)
@@ -143,7 +143,24 @@ def _open_study(args: argparse.Namespace, study: str | None = None):
     settings = _settings(args)
     if not args.storage and not Path(settings.storage).exists():
         raise FileNotFoundError(f"no study storage at {settings.storage}: give --storage or the sweep's --out")
-    return load_existing(_study_name(study or args.study), open_storage(settings.storage)), settings
+    return load_existing(_study_name(args.study if study is None else study), open_storage(settings.storage)), settings
+
+
+def _against(args: argparse.Namespace, study: optuna.Study) -> optuna.Study:
+    """The study ``report --against`` names, in the storage of ``study``; one line naming the others there if none."""
+    import optuna
+
+    from .storage import open_storage
+
+    try:
+        return _open_study(args, args.against)[0]
+    except ValueError as exc:  # no such study, one l0sweep did not make (SpecError), a study file that does not load
+        names = optuna.get_all_study_names(open_storage(_settings(args).storage))
+        if args.against in names or Path(args.against).suffix in (".yaml", ".yml") or Path(args.against).is_file():
+            raise ValueError(f"--against {args.against}: {exc}") from None
+        others = sorted(set(names) - {study.study_name})
+        raise ValueError(f"--against {args.against!r}: no such study in this storage; its other studies: "
+                         f"{', '.join(others) or 'none'}") from None
 
 
 def _positive(name: str, value: int | None) -> None:
@@ -209,14 +226,14 @@ def dispatch(args: argparse.Namespace) -> int:
         from .api import report
 
         study, settings = _open_study(args)
-        against = None
-        if args.against is not None:
-            try:
-                against = _open_study(args, args.against)[0]
-            except ValueError as exc:  # no such study (SpecError), or a study file that does not load
-                raise ValueError(f"--against {args.against}: {exc}") from None
-        path = report(study, args.report_dir or settings.out / "reports" / study.study_name, settings.tracking_uri,
-                      against)
+        against = None if args.against is None else _against(args, study)
+        try:
+            path = report(study, args.report_dir or settings.out / "reports" / study.study_name,
+                          settings.tracking_uri, against)
+        except ValueError as exc:  # dashboards.at_equal_epochs refuses the pair before anything is written
+            if against is None:
+                raise
+            raise ValueError(f"--against {args.against}: {exc}") from None
         print(path)
         return 0
     if args.command == "pick":

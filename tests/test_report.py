@@ -207,32 +207,58 @@ def _budget_study(name: str, trials: list[tuple[str, list[float] | None, int, bo
 
 # With early stopping: 9 epochs, 2 complete trials. Front (0.9, 0.5), (0.8, 0.8): hypervolume 0.45 + 0.8 x 0.3.
 STOPPED = [("COMPLETE", [0.9, 0.5], 4, True), ("PRUNED", None, 1, True), ("COMPLETE", [0.8, 0.8], 4, True)]
-# Without: its first 9 epochs buy trials 0-2 (one short of the floor, on no front); trial 3 would pass 9.
-FULL = [("COMPLETE", [0.85, 0.5], 4, True), ("COMPLETE", [0.1, 0.99], 1, False), ("COMPLETE", [0.7, 0.9], 4, True),
-        ("COMPLETE", [0.95, 0.95], 4, True)]
+# Without, 13 epochs: within 9 it has trials 0-2 (8 epochs; trial 1 short of the floor, on no front). Trial 3 would
+# pass 9, so it and every later trial are left out, trial 4 too though 8 + 1 would fit.
+FULL = [("COMPLETE", [0.85, 0.5], 4, True), ("COMPLETE", [0.1, 0.99], 1, False), ("COMPLETE", [0.7, 0.9], 3, True),
+        ("COMPLETE", [0.95, 0.95], 4, True), ("COMPLETE", [0.99, 0.99], 1, True)]
 
 
-def test_two_studies_compared_at_the_epochs_the_first_trained():
+def test_two_studies_compared_within_the_smaller_of_their_epochs():
+    from dashboards import at_equal_epochs
+    from dashboards.budget import describe
+
+    stopped, full = _budget_study("stopped", STOPPED), _budget_study("full", FULL)
+    budget = at_equal_epochs(stopped, full)
+    assert budget.budget == 9 and budget.reference == 0
+    ours, theirs = budget.study, budget.against
+    assert (ours.epochs_in_all, ours.epochs, ours.complete, ours.front) == (9, 9, 2, 2)
+    assert ours.hypervolume == pytest.approx(0.45 + 0.8 * 0.3)
+    assert (theirs.epochs_in_all, theirs.epochs, theirs.complete, theirs.front) == (13, 8, 3, 2)
+    assert theirs.hypervolume == pytest.approx(0.85 * 0.5 + 0.7 * 0.4)
+    assert budget.against_epochs_to_match == 8  # 0.705 >= 0.69 once its trial 2 ended
+    assert describe(budget, stopped) == (
+        "At an equal budget of 9 epochs (full's trials counted in the order they started until the next would pass "
+        "it; it trained 13 in all): stopped trained 9 epochs for 2 complete trials, (val_accuracy, sparsity) front "
+        "hypervolume 0.69 (2 on that front); full trained 8 epochs for 3 complete trials, (val_accuracy, sparsity) "
+        "front hypervolume 0.705 (2 on that front). full reached stopped's front hypervolume after 8 epochs.")
+    # The other way round: the same budget, and the stopped study never reaches the full one's 0.705.
+    reverse = at_equal_epochs(full, stopped)
+    assert (reverse.budget, reverse.study.epochs, reverse.against.epochs) == (9, 8, 9)
+    assert reverse.against_epochs_to_match is None
+    assert describe(reverse, full).endswith("stopped did not reach full's front hypervolume in the 9 epochs it trained.")
+
+
+def test_a_pair_that_cannot_be_compared_is_refused():
     from dashboards import at_equal_epochs
 
-    budget = at_equal_epochs(_budget_study("stopped", STOPPED), _budget_study("full", FULL))
-    assert (budget.epochs, budget.complete, budget.front) == (9, 2, 2)
-    assert budget.hypervolume == pytest.approx(0.45 + 0.8 * 0.3)
-    assert (budget.against_epochs, budget.against_complete, budget.against_front) == (9, 3, 2)
-    assert budget.against_hypervolume == pytest.approx(0.85 * 0.5 + 0.7 * 0.4)
-    # The other way round: the full study trained 13 epochs; all of the stopped study's 9 fit in them.
-    reverse = at_equal_epochs(_budget_study("full", FULL), _budget_study("stopped", STOPPED))
-    assert (reverse.epochs, reverse.against_epochs, reverse.against_complete) == (13, 9, 2)
-    assert reverse.hypervolume == pytest.approx(0.95 * 0.95)
+    stopped = _budget_study("stopped", STOPPED)
+    with pytest.raises(ValueError, match="stopped is the study itself"):
+        at_equal_epochs(stopped, _budget_study("stopped", FULL))
     other = optuna.create_study(study_name="latency", directions=["maximize", "minimize"])
     other.set_metric_names(["val_accuracy", "latency_ms"])
-    with pytest.raises(ValueError, match=r"--against latency: its objectives \['val_accuracy', 'latency_ms'\]"):
-        at_equal_epochs(_budget_study("stopped", STOPPED), other)
+    with pytest.raises(ValueError, match=r"^latency has the objectives val_accuracy \(maximize\), latency_ms "
+                                         r"\(minimize\); give a study of the objectives of stopped: val_accuracy "
+                                         r"\(maximize\), sparsity \(maximize\)$"):
+        at_equal_epochs(stopped, other)
+    old = _budget_study("old", FULL)
+    old.add_trial(optuna.trial.create_trial(values=[0.9, 0.9]))  # no history: made before histories were kept
+    with pytest.raises(ValueError, match="1 complete trial.s. of old have no epoch history"):
+        at_equal_epochs(stopped, old)
 
 
 def test_report_against_another_study_through_the_cli(tmp_path):
-    """``l0sweep report STUDY --against OTHER`` states both fronts at the equal budget; an unknown study is one
-    line and writes no report."""
+    """``l0sweep report STUDY --against OTHER`` states both fronts at the equal budget; a study it cannot compare
+    with, or none of that name, is one line and writes no report."""
     from sweeps.storage import open_storage
     from tests.sweep_helpers import l0sweep
 
@@ -241,14 +267,20 @@ def test_report_against_another_study_through_the_cli(tmp_path):
     storage = open_storage(str(out / "optuna.journal"))
     _budget_study("stopped", STOPPED, storage)
     _budget_study("full", FULL, storage)
+    other = optuna.create_study(study_name="latency", directions=["maximize", "minimize"], storage=storage)
+    other.set_metric_names(["val_accuracy", "latency_ms"])
+    other.set_user_attr("spec", json.dumps({"name": "latency"}))
     result = l0sweep("report", "stopped", "--against", "full", "--out", out)
     assert result.returncode == 0, result.stderr
     page = (out / "reports" / "stopped" / "report.html").read_text()
-    assert ("At an equal budget: stopped trained 9 epochs for 2 complete trials, front hypervolume 0.6900 (2 on the "
-            "front); within as many epochs full trained 9 for 3 complete trials, front hypervolume 0.7050 (2 on the "
-            "front).") in page
+    assert "At an equal budget of 9 epochs (full&#x27;s trials counted" in page
+    assert "full reached stopped&#x27;s front hypervolume after 8 epochs." in page
     missing = l0sweep("report", "full", "--against", "nowhere", "--out", out)
-    assert missing.returncode == 1
-    assert missing.stderr.strip() == ("l0sweep report: error: --against nowhere: study 'nowhere' does not exist in "
-                                      "this storage: create it with 'l0sweep create' or 'l0sweep run'")
+    assert (missing.returncode, missing.stderr.strip()) == (1, (
+        "l0sweep report: error: --against 'nowhere': no such study in this storage; its other studies: latency, "
+        "stopped"))
+    mismatched = l0sweep("report", "full", "--against", "latency", "--out", out)
+    assert mismatched.returncode == 1
+    assert mismatched.stderr.strip().startswith("l0sweep report: error: --against latency: latency has the objectives")
+    assert len(mismatched.stderr.strip().splitlines()) == 1
     assert not (out / "reports" / "full").exists()
