@@ -15,10 +15,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import optuna
-from optuna._hypervolume import compute_hypervolume  # as dashboards.table: Optuna's exact hypervolume
 from optuna.trial import FrozenTrial, TrialState
 
-from sweeps.records import TrialRecord, epochs_trained, feasible, metric_names, task_metric
+from sweeps.records import TrialRecord, epochs_trained, metric_names, task_metric
+
+from .table import front_points, hypervolume
 
 
 @dataclass(frozen=True)
@@ -58,12 +59,6 @@ def _counted(study: optuna.Study, budget: int) -> list[FrozenTrial]:
     return counted
 
 
-def _points(trials: list[FrozenTrial], sign: int) -> np.ndarray:
-    """The complete, feasible trials' first two objectives as Optuna's hypervolume takes them (minimised)."""
-    return np.array([[-sign * t.values[0], -t.values[1]] for t in trials
-                     if t.state == TrialState.COMPLETE and feasible(t)]).reshape(-1, 2)
-
-
 def _front_size(points: np.ndarray) -> int:
     """How many rows of ``points`` (every column minimised) no other row dominates."""
     if not len(points):
@@ -71,10 +66,6 @@ def _front_size(points: np.ndarray) -> int:
     no_worse = (points[None, :, :] <= points[:, None, :]).all(axis=2)
     better = (points[None, :, :] < points[:, None, :]).any(axis=2)
     return int((~(no_worse & better).any(axis=1)).sum())
-
-
-def _hypervolume(points: np.ndarray, worst: float) -> float:
-    return float(compute_hypervolume(points, np.array([worst, 0.0]))) if len(points) else 0.0
 
 
 def at_equal_epochs(study: optuna.Study, against: optuna.Study) -> EqualBudget:
@@ -102,22 +93,22 @@ def at_equal_epochs(study: optuna.Study, against: optuna.Study) -> EqualBudget:
     totals = {s.study_name: epochs_trained(s) for s in (study, against)}
     budget = min(totals.values())
     counted = {s.study_name: _counted(s, budget) for s in (study, against)}
-    points = {name: _points(trials, sign) for name, trials in counted.items()}
+    points = {name: front_points(trials, sign) for name, trials in counted.items()}
     worst = max([0.0, *(p for pts in points.values() for p in pts[:, 0])])
     within = {name: Within(name=name, epochs_in_all=totals[name],
                            epochs=sum(len(TrialRecord.read_history(t)) for t in trials),
                            complete=sum(t.state == TrialState.COMPLETE for t in trials),
-                           front=_front_size(points[name]), hypervolume=_hypervolume(points[name], worst))
+                           front=_front_size(points[name]), hypervolume=hypervolume(points[name], worst))
               for name, trials in counted.items()}
     goal = within[study.study_name].hypervolume
     # What stopping saved, read the other way: the epochs `against` spent until its front first matched this one.
     spent, points_so_far, matched = 0, [], None
     for t in sorted(against.get_trials(deepcopy=False), key=lambda t: t.number) if goal > 0 else []:
         spent += len(TrialRecord.read_history(t))
-        point = _points([t], sign)
+        point = front_points([t], sign)
         if len(point) and point[0, 0] <= worst:  # a metric worse than the reference adds nothing
             points_so_far.append(point[0])
-            if _hypervolume(np.array(points_so_far), worst) >= goal:
+            if hypervolume(np.array(points_so_far), worst) >= goal:
                 matched = spent
                 break
     return EqualBudget(study=within[study.study_name], against=within[against.study_name], budget=budget,

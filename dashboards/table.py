@@ -7,7 +7,8 @@ from __future__ import annotations
 import numpy as np
 import optuna
 import pandas as pd
-from optuna.trial import TrialState
+from optuna._hypervolume import compute_hypervolume  # Optuna's exact hypervolume (no public name for it)
+from optuna.trial import FrozenTrial, TrialState
 
 from sweeps.records import (StudyRecord, TaskMetric, TrialRecord, feasible, final_point, retry_history,
                             task_metric)
@@ -98,18 +99,26 @@ def hypervolume_history(study: optuna.Study) -> pd.DataFrame:
     front (a network with every unit removed would otherwise add a strip of its chance accuracy's height up to
     sparsity 1).
     """
-    from optuna._hypervolume import compute_hypervolume
-
     sign = task_metric(study).sign
     complete = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.number)
     worst = max([0.0, *(-sign * t.values[0] for t in complete if feasible(t))])  # optuna's hypervolume minimises
-    points, rows = [], []
+    points, rows = np.empty((0, 2)), []
     for t in complete:
-        if feasible(t):
-            points.append([-sign * t.values[0], -t.values[1]])
-        hv = compute_hypervolume(np.array(points), np.array([worst, 0.0])) if points else 0.0
-        rows.append({"trial": t.number, "hypervolume": float(hv)})
+        points = np.vstack([points, front_points([t], sign)])
+        rows.append({"trial": t.number, "hypervolume": hypervolume(points, worst)})
     return pd.DataFrame(rows, columns=["trial", "hypervolume"])
+
+
+def front_points(trials: list[FrozenTrial], sign: int) -> np.ndarray:
+    """The complete trials' first two objectives as Optuna's hypervolume takes them (both minimised: the metric
+    times ``-sign``, the second objective negated); trials short of the floor left out, as they are on no front."""
+    return np.array([[-sign * t.values[0], -t.values[1]] for t in trials
+                     if t.state == TrialState.COMPLETE and feasible(t)]).reshape(-1, 2)
+
+
+def hypervolume(points: np.ndarray, worst: float) -> float:
+    """The hypervolume of :func:`front_points` against the reference point (``worst``, 0); 0 without points."""
+    return float(compute_hypervolume(points, np.array([worst, 0.0]))) if len(points) else 0.0
 
 
 def failed_and_interrupted(study: optuna.Study) -> tuple[int, int]:
