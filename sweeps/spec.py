@@ -20,7 +20,7 @@ import yaml
 from pydantic import (AliasChoices, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
                       model_validator)
 
-from .config import TaskConfig, TrialConfig, check_dataset, check_model, check_task_function
+from .config import OptimConfig, TaskConfig, TrialConfig, check_dataset, check_model, check_task_function
 from .records import TaskMetric
 
 MODES = ("scratch", "finetune")
@@ -345,6 +345,10 @@ def format_validation_error(exc: ValidationError) -> str:
     return f"{where}: {message}" if where else message
 
 
+# The optim settings that only a target study uses (trial.optim: the warm-up, the multipliers, the decision).
+TARGET_ONLY_OPTIM = ("target_warmup", "multiplier_lr", "decide_gates_at")
+
+
 def parse_spec(data: object, source: str = "study") -> StudySpec:
     """Validate already-parsed data (a dict) into a StudySpec, or raise one-line SpecError."""
     if not isinstance(data, dict):
@@ -353,6 +357,14 @@ def parse_spec(data: object, source: str = "study") -> StudySpec:
         spec = StudySpec.model_validate(data)
     except ValidationError as exc:
         raise SpecError(f"{source}: {format_validation_error(exc)}") from None
+    if spec.search.target_sparsity is None:
+        # Checked on what a user gives (a file, a dict), not on stored specs: a lambda study stored with such a
+        # setting before this check must still resume and export.
+        for field in TARGET_ONLY_OPTIM:
+            value = getattr(spec.trial.optim, field)
+            if value != OptimConfig.model_fields[field].default:
+                raise SpecError(f"{source}: trial.optim.{field} {value} steers a sparsity target, and this study "
+                                f"searches lam (no target): remove it, or search target_sparsity")
     try:
         check_model(spec.trial.model.name)
         check_dataset(spec.trial.data.name)

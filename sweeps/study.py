@@ -18,7 +18,7 @@ from optuna.trial import FrozenTrial, TrialState
 from .records import StudyRecord, TrialRecord, epochs_trained, retry_history, retry_system_attrs
 from .search import starting_point
 from .settings import Settings, file_lock
-from .spec import STUDY_PATHS, SpecError, StudySpec
+from .spec import STUDY_PATHS, TARGET_ONLY_OPTIM, SpecError, StudySpec
 from .storage import open_storage
 from .tracking import check_tracking, delete_study_run, end_run_of, ensure_study_run, pid_space
 
@@ -129,6 +129,12 @@ def check_same_study(spec: StudySpec, stored_json: str) -> None:
     except ValueError:
         stored = raw
     mine = json.loads(spec.model_dump_json())
+    for spec_dict in (stored, mine):
+        # A lambda study never read the target's settings (files may no longer set them): they define none of it.
+        optim = (spec_dict.get("trial") or {}).get("optim")
+        if isinstance(optim, dict) and (spec_dict.get("search") or {}).get("target_sparsity") is None:
+            for field in TARGET_ONLY_OPTIM:
+                optim.pop(field, None)
     for spec_dict in (stored, mine):  # where a file lies on this machine is not what the trial is
         for *parents, leaf in STUDY_PATHS:
             node = spec_dict

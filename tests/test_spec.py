@@ -61,6 +61,11 @@ BAD = [
                                                                      "but none for ['finetune']"),
     ({"name": "s", "search": {"lam": 0.1}, "trial": {"export": {"exact_target": True}}},
      "trial.export.exact_target needs search.target_sparsity"),
+    ({"name": "s", "search": {"lam": 0.1}, "trial": {"optim": {"decide_gates_at": 0.6}}},
+     "trial.optim.decide_gates_at 0.6 steers a sparsity target, and this study searches lam (no target): remove it, "
+     "or search target_sparsity"),
+    ({"name": "s", "search": {"lam": 0.1}, "trial": {"optim": {"target_warmup": 0.5}}},
+     "trial.optim.target_warmup 0.5 steers a sparsity target"),
     ({"name": "s", "search": {"target_sparsity": 0.8}, "enqueue": [{"lam": 1.0}]},
      "enqueue[0] has ['lam']: starting points may set target_sparsity"),
 ]
@@ -261,3 +266,19 @@ def test_latency_objective_and_its_settings():
                        ({"export": {"round_to": 0}}, "export.round_to")):
         with pytest.raises(SpecError, match=where):
             parse_spec({"name": "s", "search": {"lam": 0.1}, **bad})
+
+
+def test_a_lambda_study_stored_with_target_settings_resumes_from_a_file_without_them():
+    """A lambda study never read trial.optim's target settings; files may no longer set them (a one-line error), so
+    one made with them resumes from its file once they are removed, and a changed setting that matters still counts."""
+    import json
+
+    from sweeps.study import check_same_study
+
+    spec = load_spec(Path(__file__).parents[1] / "studies" / "default.yaml")
+    stored = json.loads(spec.model_dump_json())
+    stored["trial"]["optim"].update(target_warmup=0.5, decide_gates_at=0.6)
+    check_same_study(spec, json.dumps(stored))
+    stored["trial"]["optim"]["lr"] = 0.123
+    with pytest.raises(SpecError, match="different 'trial';"):
+        check_same_study(spec, json.dumps(stored))
