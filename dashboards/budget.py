@@ -48,15 +48,16 @@ class EqualBudget:
     against_epochs_to_match: int | None
 
 
-def _counted(study: optuna.Study, budget: int) -> list[FrozenTrial]:
-    """``study``'s trials in number order while their epochs, added up, stay within ``budget``."""
+def _counted(study: optuna.Study, budget: int) -> tuple[int, list[FrozenTrial]]:
+    """(their epochs, ``study``'s trials in number order while their epochs, added up, stay within ``budget``)."""
     spent, counted = 0, []
     for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
-        spent += len(TrialRecord.read_history(t))
-        if spent > budget:
+        cost = len(TrialRecord.read_history(t))
+        if spent + cost > budget:
             break
+        spent += cost
         counted.append(t)
-    return counted
+    return spent, counted
 
 
 def _front_size(points: np.ndarray) -> int:
@@ -93,13 +94,12 @@ def at_equal_epochs(study: optuna.Study, against: optuna.Study) -> EqualBudget:
     totals = {s.study_name: epochs_trained(s) for s in (study, against)}
     budget = min(totals.values())
     counted = {s.study_name: _counted(s, budget) for s in (study, against)}
-    points = {name: front_points(trials, sign) for name, trials in counted.items()}
+    points = {name: front_points(trials, sign) for name, (_, trials) in counted.items()}
     worst = max([0.0, *(p for pts in points.values() for p in pts[:, 0])])
-    within = {name: Within(name=name, epochs_in_all=totals[name],
-                           epochs=sum(len(TrialRecord.read_history(t)) for t in trials),
+    within = {name: Within(name=name, epochs_in_all=totals[name], epochs=spent,
                            complete=sum(t.state == TrialState.COMPLETE for t in trials),
                            front=_front_size(points[name]), hypervolume=hypervolume(points[name], worst))
-              for name, trials in counted.items()}
+              for name, (spent, trials) in counted.items()}
     goal = within[study.study_name].hypervolume
     # What stopping saved, read the other way: the epochs `against` spent until its front first matched this one.
     spent, points_so_far, matched = 0, [], None

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import TaskConfig, TrialConfig
+from .config import TARGET_ONLY_OPTIM, TaskConfig, TrialConfig
 from .data import Splits
 from .loop import evaluate, load_splits, loaders, metric_function, run_epochs
 from .models import build_model
@@ -28,7 +28,7 @@ def baseline_key(cfg: TrialConfig) -> str:
     # baselines keep their keys.
     ident = {"data": cfg.data.model_dump(exclude={"data_dir", "download"}),
              "model": cfg.model.model_dump(exclude={"checkpoint"}),
-             "optim": cfg.optim.model_dump(exclude={"target_warmup", "multiplier_lr", "decide_gates_at"}), "seed": cfg.seed}
+             "optim": cfg.optim.model_dump(exclude=set(TARGET_ONLY_OPTIM)), "seed": cfg.seed}
     if cfg.model.checkpoint:
         stat = Path(cfg.model.checkpoint).stat()
         ident["checkpoint"] = [str(cfg.model.checkpoint), stat.st_size, stat.st_mtime_ns]

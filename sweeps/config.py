@@ -111,6 +111,11 @@ class OptimConfig(_Strict):
         return None
 
 
+# The optim settings only a target study reads (the warm-up, the multipliers, the decision): outside the dense
+# baseline's identity, and refused in a lambda study.
+TARGET_ONLY_OPTIM = ("target_warmup", "multiplier_lr", "decide_gates_at")
+
+
 class ExportConfig(_Strict):
     # With a target_sparsity: close or open units by the top-k of log_alpha so that the deterministic gates (and
     # the exported model) remove exactly the target's share of the parameters, to one unit.

@@ -20,7 +20,8 @@ import yaml
 from pydantic import (AliasChoices, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
                       model_validator)
 
-from .config import OptimConfig, TaskConfig, TrialConfig, check_dataset, check_model, check_task_function
+from .config import (TARGET_ONLY_OPTIM, OptimConfig, TaskConfig, TrialConfig, check_dataset, check_model,
+                     check_task_function)
 from .records import TaskMetric
 
 MODES = ("scratch", "finetune")
@@ -343,10 +344,6 @@ def format_validation_error(exc: ValidationError) -> str:
         message = f"{message}, got {error.get('input')!r}"
     where = _where(error)
     return f"{where}: {message}" if where else message
-
-
-# The optim settings that only a target study uses (trial.optim: the warm-up, the multipliers, the decision).
-TARGET_ONLY_OPTIM = ("target_warmup", "multiplier_lr", "decide_gates_at")
 
 
 def parse_spec(data: object, source: str = "study") -> StudySpec:

@@ -18,7 +18,8 @@ from optuna.trial import FrozenTrial, TrialState
 from .records import StudyRecord, TrialRecord, epochs_trained, retry_history, retry_system_attrs
 from .search import starting_point
 from .settings import Settings, file_lock
-from .spec import STUDY_PATHS, TARGET_ONLY_OPTIM, SpecError, StudySpec
+from .config import TARGET_ONLY_OPTIM
+from .spec import STUDY_PATHS, SpecError, StudySpec
 from .storage import open_storage
 from .tracking import check_tracking, delete_study_run, end_run_of, ensure_study_run, pid_space
 
