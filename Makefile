@@ -10,8 +10,9 @@ sweep: python-deps
 	$(PYTHON) -m sweeps.cli run studies/default.yaml --workers 2
 	@echo "browse it: $(PYTHON) -m sweeps.cli ui   (MLflow UI http://127.0.0.1:5000, optuna-dashboard http://127.0.0.1:8080)"
 
+# One test process per core (at most 4), a file per process at a time: a file's shared fixtures are made once.
 test: install
-	$(PYTHON) -m pytest
+	$(PYTHON) -m pytest -n auto --maxprocesses 4 --dist loadfile
 
 install: system-deps python-deps
 

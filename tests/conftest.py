@@ -9,6 +9,29 @@ for _var in ("L0SWEEP_STORAGE", "L0SWEEP_OUT", "L0SWEEP_DATA_DIR", "L0SWEEP_CACH
     os.environ.pop(_var, None)
 
 
+def _share_the_cores() -> None:
+    """Under ``pytest -n N`` (``make test``), each test process and what it starts gets its share of the cores:
+    two processes each running torch on every core spin against each other."""
+    processes = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if processes > 1:
+        threads = max(1, (os.cpu_count() or 1) // processes)
+        torch.set_num_threads(threads)
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+
+
+_share_the_cores()
+
+
+def pytest_collection_modifyitems(items):
+    """Files whose tests are all slow (``pytestmark = pytest.mark.slow``) first: ``make test`` hands whole files to
+    its test processes in this order, and a long file handed out last keeps one process busy after the other ends."""
+    def whole_file_slow(item) -> bool:
+        marks = getattr(getattr(item, "module", None), "pytestmark", [])
+        return any(mark.name == "slow" for mark in (marks if isinstance(marks, list) else [marks]))
+
+    items.sort(key=lambda item: not whole_file_slow(item))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _cache_dir(tmp_path_factory):
     """What l0sweep makes once per machine (the migrated empty MLflow store) made once per test run, in a temp dir
