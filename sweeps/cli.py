@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("study_file", type=Path)
     p.add_argument("--threads", type=int, metavar="T",
                    help="torch threads for this worker's trials (default: the file's trial.threads, else torch's)")
-    # Set by `l0sweep run` for its workers: wait for this file while the launcher (this pid) lives.
+    # Set by `l0sweep run` for its workers: wait for this file while this parent (the launcher, or its zygote) lives.
     p.add_argument("--start-after", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--launcher-pid", type=int, help=argparse.SUPPRESS)
     _common(p)
@@ -321,8 +321,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def entry() -> None:
-    """The ``l0sweep`` program: :func:`main`, then a quick exit.
+def entry(argv: list[str] | None = None) -> None:
+    """The ``l0sweep`` program (``argv``: its arguments, else the command line's): :func:`main`, then a quick exit.
 
     With torch and MLflow loaded, the interpreter's own teardown (a last garbage collection over the whole
     heap) took 1.3-1.5 s per process, paid by every worker (the launcher waits for them) and by the launcher.
@@ -330,7 +330,7 @@ def entry() -> None:
     """
     import atexit
 
-    status = main()
+    status = main(argv)
     atexit._run_exitfuncs()  # log handlers, MLflow, tqdm, torch: what a normal exit would run
     sys.stdout.flush()
     sys.stderr.flush()

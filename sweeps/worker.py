@@ -282,9 +282,9 @@ def retry_interrupted(study: optuna.Study, trial_id: int) -> None:
 
 
 def wait_for_launcher(ready: Path, launcher: int, poll: float = 0.05) -> bool:
-    """Block until the launcher (this process's parent, pid ``launcher``) says the study is ready by creating
-    ``ready``; False if the launcher is gone first. Workers start before the study exists so that their
-    imports overlap the launcher's own start-up and study creation."""
+    """Block until the launcher says the study is ready by creating ``ready``; False if this process's parent, pid
+    ``launcher`` (the launcher, or its zygote, which exits with it), is gone first. Workers start before the study
+    exists so that their imports overlap the launcher's own start-up and study creation."""
     while not ready.exists():
         if os.getppid() != launcher:
             return False
