@@ -1,10 +1,10 @@
 """``l0sweep run``: create or resume a study, run K local worker processes to its budget, then the report.
 
-Workers are separate processes (``l0sweep worker``, forked from the run's zygote: sweeps.zygote), each with its
-own log in this run's folder under ``OUT/logs``. They start first and wait for the study, so their imports (torch,
-MLflow: seconds, made once in the zygote) overlap the launcher's own and the study's creation. A worker that dies (killed, out of memory) has its running trial
-failed, its MLflow run closed KILLED and the trial retried here, since a journal file has no heartbeats; on
-PostgreSQL the heartbeats do the same for remote workers.
+Workers are separate processes (``l0sweep worker``, on Linux forked from the run's zygote: sweeps.zygote), each
+with its own log in this run's folder under ``OUT/logs``. They start first and wait for the study, so their
+imports (torch, MLflow: seconds, made once in the zygote) overlap the launcher's own and the study's creation. A
+worker that dies (killed, out of memory) has its running trial failed, its MLflow run closed KILLED and the trial
+retried here, since a journal file has no heartbeats; on PostgreSQL the heartbeats do the same for remote workers.
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""`l0sweep run` end to end on the embedded stores: journal file + SQLite MLflow, two worker processes."""
+"""`l0sweep run` end to end on the embedded stores: journal file + SQLite MLflow, two worker processes. The README's
+first command's sweep (the `default_sweep` fixture) is read only by this file's tests: made once per test process."""
 from __future__ import annotations
 
 import re
@@ -20,7 +21,7 @@ def _study(out):
 
 
 def test_a_finished_sweep_has_every_trial_its_run_and_the_front_its_models(default_sweep):
-    """The README's first command's sweep (2 workers; shared with tests/test_cli.py, read only)."""
+    """The README's first command's sweep (2 workers; read only)."""
     code, _, out = default_sweep
     assert code == 0
     study = optuna.load_study(study_name="digits-mlp", storage=open_storage(str(out / "optuna.journal")))
@@ -76,6 +77,58 @@ def test_a_finished_sweep_has_every_trial_its_run_and_the_front_its_models(defau
     assert "Pareto front" in status.stdout
     pick = l0sweep("pick", "digits-mlp", "--out", out)
     assert pick.returncode == 0 and "lambda" in pick.stdout and "MLflow run" in pick.stdout
+
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def _shown_lines(shown: str) -> list[str]:
+    """What a terminal shows, line by line: a progress bar redraws itself after ``\\r``, each frame a line here."""
+    return [frame.strip() for line in ANSI.sub("", shown).split("\n") for frame in line.split("\r") if frame.strip()]
+
+
+def test_the_default_sweep_shows_its_progress_bar_and_summary_and_nothing_of_other_libraries(default_sweep):
+    code, shown, out = default_sweep
+    assert code == 0, shown[-3000:]
+    lines = _shown_lines(shown)
+    expected = {
+        "start": r"l0sweep: study 'digits-mlp': 12 complete trials wanted, 2 workers; storage \S+optuna\.journal; "
+                 r"runs in sqlite:///\S+mlflow\.db; logs in \S+/logs/\d{8}-\d{6}-\d+",
+        "bar": r"complete trials: +\d+%\|.*\| *\d+/12 \[.*\]",
+        "summary": r"l0sweep: 1[23] complete, \d+ stopped early, 0 failed or interrupted \(budget 12\)",
+        "report": rf"l0sweep: report {re.escape(str(out.resolve()))}/reports/digits-mlp/report\.html",
+    }
+    kinds = [next((k for k, pattern in expected.items() if re.fullmatch(pattern, line)), line) for line in lines]
+    # Every line is one of ours (no "[I ...] A new study created", no MLflow "INFO ... database tables"), in order.
+    assert [k for k in kinds if k != "bar"] == ["start", "summary", "report"], [
+        line for line, k in zip(lines, kinds) if k not in expected] or kinds
+    assert any(re.search(r"\| 1[23]/12 \[", line) for line in lines)  # the bar reached the budget
+    assert (out / "reports" / "digits-mlp" / "report.html").is_file()
+
+
+def test_every_metric_history_has_one_point_per_step(default_sweep):
+    """val_accuracy read steps [1 ... 10, 10]: the final figures were logged again at the last epoch's step."""
+    code, _, out = default_sweep
+    assert code == 0
+    client = MlflowClient(f"sqlite:///{out.resolve() / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("digits-mlp")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    trials = [r for r in client.search_runs([experiment.experiment_id], max_results=1000)
+              if "mlflow.parentRunId" in r.data.tags]
+    finished = [r for r in trials if r.info.status == "FINISHED"]
+    assert len(finished) >= 12
+    for run in trials:  # stopped-early (KILLED) ones too: their epochs so far
+        histories = {m: [p.step for p in client.get_metric_history(run.info.run_id, m)] for m in run.data.metrics}
+        epochs = histories["val_accuracy"]
+        assert epochs == list(range(1, len(epochs) + 1)), (run.info.run_name, histories)
+        # Every metric: each epoch's (val_accuracy, sparsity, train losses...) or the final figures' (test_accuracy,
+        # parameter counts...) at the last epoch, once.
+        for metric, steps in histories.items():
+            assert steps in (epochs, epochs[-1:]), (run.info.run_name, metric, steps)
+        if run.info.status == "FINISHED":
+            assert epochs[-1] == 10
+            assert histories["sparsity"] == histories["train_penalty"] == epochs
+            assert histories["test_accuracy"] == histories["chance_accuracy"] == [10]
 
 
 def test_a_resumed_sweep_continues_its_study_with_new_proposals_one_gpu_per_worker(tmp_path):
@@ -234,7 +287,7 @@ def test_a_trial_that_removed_everything_stays_off_the_front(tmp_path):
     result = l0sweep("run", study_file, "--workers", "1", "--out", out, "--verbose",
                      env={"L0SWEEP_CACHE_DIR": str(tmp_path / "cache")})
     assert result.returncode == 0, result.stderr[-3000:]
-    # --verbose shows what the default hides (tests/test_cli.py): Optuna's and MLflow's INFO lines.
+    # --verbose shows what the default hides (the default sweep's test above): Optuna's and MLflow's INFO lines.
     assert "A new study created in Journal with name: tiny" in result.stderr
     assert "INFO mlflow.store.db.utils: Creating initial MLflow database tables" in result.stderr
     study = _study(out)
