@@ -9,6 +9,8 @@ from pathlib import Path
 import yaml
 from mlflow.tracking import MlflowClient
 
+from tests.preloaded import run_module
+
 TINY = {
     "name": "tiny",
     "trial": {"data": {"name": "digits", "batch_size": 128}, "model": {"name": "mlp", "kwargs": {"hidden": [32, 16]}},
@@ -31,15 +33,14 @@ def write_study(path: Path, **overrides) -> Path:
 
 def l0sweep(*args: str, timeout: float = 300, cwd: Path | None = None, env: dict | None = None,
             log=None, start_new_session: bool = False) -> subprocess.CompletedProcess | subprocess.Popen:
-    """Run ``l0sweep ARGS`` to completion; with ``log`` (a file), start it and return the process instead
+    """Run ``l0sweep ARGS`` to completion, forked from a process that imported torch and MLflow already
+    (tests.preloaded); with ``log`` (a file), start it as a new process and return it instead
     (``start_new_session``: in a process group of its own, as a terminal's foreground job is)."""
-    cmd = [sys.executable, "-m", "sweeps.cli", *map(str, args)]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
     if log is not None:
-        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=start_new_session)
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env,
-                          stdin=subprocess.DEVNULL)
+        return subprocess.Popen([sys.executable, "-m", "sweeps.cli", *map(str, args)], cwd=cwd, env=env, stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=start_new_session)
+    return run_module("sweeps.cli", list(map(str, args)), cwd=cwd, env=env, timeout=timeout)
 
 
 def l0sweep_in_terminal(*args: str, timeout: float = 600, env: dict | None = None) -> tuple[int, str]:

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.preloaded import run_module
 from tests.sweep_helpers import write_study
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,8 +24,7 @@ def _bench(module: str, history: Path, *args: str) -> str:
 
     before = {p.name: p.read_bytes() for p in HISTORY.glob("*.jsonl")}
     env = {**os.environ, "L0SWEEP_BENCHMARK_HISTORY": str(history), "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *args], cwd=ROOT, env=env, text=True,
-                          capture_output=True, timeout=600, stdin=subprocess.DEVNULL)
+    proc = run_module(f"benchmarks.{module}", list(args), cwd=ROOT, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert {p.name: p.read_bytes() for p in HISTORY.glob("*.jsonl")} == before
     [entry] = load(history)[module]
