@@ -25,7 +25,9 @@ import traceback
 import warnings
 from pathlib import Path
 
-PRELOAD = ["torch", "mlflow", "optuna"]
+# What every command imports (the MLflow store and its migrations: another second each). Not torch._dynamo or
+# torch.export: importing them reads CXX, which a test sets for one command.
+PRELOAD = ["torch", "mlflow", "optuna", "mlflow.store.tracking.sqlalchemy_store", "alembic", "pandas"]
 _context: multiprocessing.context.ForkServerContext | None = None
 
 
