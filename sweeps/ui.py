@@ -5,12 +5,21 @@ A tracking URI that is already an MLflow server (http) is only printed; a second
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
 import urllib.request
 
 from .settings import Settings, stop_on_signals
+
+
+def mlflow_server_env() -> dict[str, str]:
+    """The environment ``mlflow server`` gets from l0sweep: without MLflow 3's GenAI job runner (scorers,
+    evaluations, prompt optimisation; l0sweep starts none), which is eight more Python processes and a folder left
+    in /dev/shm at every start. ``MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true`` in the caller's environment keeps it."""
+    return {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION",
+                                                                              "false")}
 
 
 def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 90.0) -> bool:
@@ -73,7 +82,8 @@ def serve(settings: Settings, port: int, dashboard_port: int) -> int:
     else:
         mlflow_cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", settings.tracking_uri,
                       "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-        procs["MLflow UI"] = (subprocess.Popen(mlflow_cmd, stdin=subprocess.DEVNULL), f"http://127.0.0.1:{port}")
+        procs["MLflow UI"] = (subprocess.Popen(mlflow_cmd, stdin=subprocess.DEVNULL, env=mlflow_server_env()),
+                              f"http://127.0.0.1:{port}")
     procs["optuna-dashboard"] = (subprocess.Popen(
         [sys.executable, "-m", "sweeps.cli", "dashboard", "--storage", settings.storage,
          "--host", "127.0.0.1", "--port", str(dashboard_port)], stdin=subprocess.DEVNULL),

@@ -184,6 +184,18 @@ def test_two_databases_and_the_names_mlflow_answers(compose, env):
     assert f"127.0.0.1:{env['MLFLOW_PORT']}" in allowed  # the published UI
 
 
+def test_the_mlflow_server_runs_without_the_genai_job_runner(compose, monkeypatch):
+    """MLflow 3's server starts a job runner of seven huey consumers for GenAI scorers and evaluations, which
+    l0sweep never asks for; compose turns it off as `l0sweep ui` does (test_sweep_local checks the processes)."""
+    from sweeps.ui import mlflow_server_env
+
+    monkeypatch.delenv("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", raising=False)
+    off = mlflow_server_env()["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"]
+    assert compose["services"]["mlflow"]["environment"]["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == off == "false"
+    monkeypatch.setenv("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "true")  # a user who wants it keeps it
+    assert mlflow_server_env()["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "true"
+
+
 def test_every_command_is_one_the_programs_accept(compose):
     from sweeps.cli import build_parser
 

@@ -2,7 +2,10 @@
 first command's sweep (the `default_sweep` fixture) is read only by this file's tests: made once per test process."""
 from __future__ import annotations
 
+import os
 import re
+import signal
+import time
 from pathlib import Path
 
 import optuna
@@ -11,6 +14,8 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from sweeps.storage import open_storage
+from sweeps.tracking import experiment_page
+from tests.servers import free_port, get_json
 from tests.sweep_helpers import TINY, l0sweep, runs_of, write_study
 
 pytestmark = pytest.mark.slow
@@ -129,6 +134,60 @@ def test_every_metric_history_has_one_point_per_step(default_sweep):
             assert epochs[-1] == 10
             assert histories["sparsity"] == histories["train_penalty"] == epochs
             assert histories["test_accuracy"] == histories["chance_accuracy"] == [10]
+
+
+def _group(pgid: int) -> list[str]:
+    """Command lines of the live processes in process group ``pgid`` (Linux /proc)."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (proc / "stat").read_text()
+            if int(stat.rsplit(")", 1)[1].split()[2]) == pgid and stat.rsplit(")", 1)[1].split()[0] != "Z":
+                found.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+def test_ui_serves_the_sweeps_runs_and_study_until_ctrl_c_and_leaves_nothing(default_sweep, tmp_path):
+    """``l0sweep ui`` (what ``make sweep`` says to run next): the MLflow UI and optuna-dashboard on the sweep's
+    stores, each study's runs linked; MLflow 3's GenAI job runner not started (eight more processes, and a folder
+    left in /dev/shm at each start); Ctrl-C to the terminal's process group stops everything."""
+    code, _, out = default_sweep
+    assert code == 0
+    shm = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+    port, dashboard_port = free_port(), free_port()
+    with open(tmp_path / "ui.log", "wb") as log:
+        ui = l0sweep("ui", "--out", out, "--port", port, "--dashboard-port", dashboard_port, log=log,
+                     start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while "Ctrl-C stops both." not in (tmp_path / "ui.log").read_text() and time.monotonic() < deadline:
+            assert ui.poll() is None, (tmp_path / "ui.log").read_text()
+            time.sleep(0.2)
+        # l0sweep's lines (the servers' own logs go to the same terminal).
+        shown = [line for line in (tmp_path / "ui.log").read_text().splitlines()
+                 if line.startswith(("MLflow UI:", "optuna-dashboard:", "  runs of", "Ctrl-C"))]
+        experiment = MlflowClient(f"sqlite:///{out.resolve() / 'mlflow.db'}").get_experiment_by_name("digits-mlp")
+        mlflow_ui = f"http://127.0.0.1:{port}"
+        assert shown[-4:] == [f"MLflow UI: {mlflow_ui}", f"optuna-dashboard: http://127.0.0.1:{dashboard_port}",
+                              f"  runs of digits-mlp: {experiment_page(mlflow_ui, experiment.experiment_id)}",
+                              "Ctrl-C stops both."], shown
+        served = get_json(f"{mlflow_ui}/api/2.0/mlflow/experiments/get?experiment_id={experiment.experiment_id}")
+        assert served["experiment"]["name"] == "digits-mlp"
+        studies = get_json(f"http://127.0.0.1:{dashboard_port}/api/studies")["study_summaries"]
+        assert [s["study_name"] for s in studies] == ["digits-mlp"]
+        assert not [c for c in _group(ui.pid) if "huey" in c or "_job_runner" in c], _group(ui.pid)
+        os.killpg(ui.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the whole foreground group
+        assert ui.wait(timeout=60) == 0
+        deadline = time.monotonic() + 30
+        while _group(ui.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _group(ui.pid) == []
+    finally:
+        if ui.poll() is None or _group(ui.pid):
+            os.killpg(ui.pid, signal.SIGKILL)
+    assert (set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()) <= shm
 
 
 def test_a_resumed_sweep_continues_its_study_with_new_proposals_one_gpu_per_worker(tmp_path):
