@@ -26,6 +26,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from sweeps.ui import mlflow_server_env
+
 ROOT = Path(__file__).resolve().parents[1]
 # Nothing outside 127.0.0.1 is needed: no component updates, QUIC, sync or first-run pages.
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -171,7 +173,7 @@ def _serve(folder: Path) -> tuple[subprocess.Popen, str]:
                                    "--artifacts-destination", str(folder / "artifacts"), "--serve-artifacts",
                                    "--workers", "1"],
                                   stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                  start_new_session=True)
+                                  start_new_session=True, env=mlflow_server_env())  # as `l0sweep ui` runs it
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         if server.poll() is not None:
