@@ -3,9 +3,9 @@
 A new interpreter spends 4-6 CPU-seconds importing those before any l0sweep code runs, and the tests start dozens
 (`l0sweep create`, `export`, `pick`, `run`'s launcher, the benchmark scripts): on a 2-core machine that was a fifth
 of ``make test``. Here one server process per test process (the standard library's ``forkserver``) imports
-them once, and each command runs in a fork of it, as ``python -m`` would run it: ``sys.path`` as a new interpreter in its folder
-has it, ``sys.argv`` as ``-m`` sets it, multiprocessing's default start method, its input from /dev/null, its
-output captured, exit handlers run, killed with the test if the test ends first.
+them once, and each command runs in a fork of it, as ``python -m`` would run it: ``sys.path`` as a new
+interpreter in its folder has it, ``sys.argv`` as ``-m`` sets it, multiprocessing's default start method, its input
+from /dev/null, its output captured, exit handlers run, killed with the test if the test ends first.
 
 Only third-party packages are preloaded, never ours, so a command that forgets an import of its own still fails
 here. What a fork cannot copy falls back to a new interpreter: an environment that changes how Python starts

@@ -82,7 +82,8 @@ class MlflowServer(_Process):
                "--port", str(self.port), "--workers", "1",  # one uvicorn process serves the tests' few clients
                "--allowed-hosts", f"127.0.0.1:{self.port},localhost:{self.port}", *extra]
         # Without the GenAI job runner, as docker-compose.yml and `l0sweep ui` run it.
-        super().__init__(cmd, f"{self.url}/health", log, env={**(env or os.environ), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+        super().__init__(cmd, f"{self.url}/health", log,
+                         env={**(env or os.environ), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
 
 
 class OptunaDashboard(_Process):

@@ -1,4 +1,5 @@
-"""A tiny study file, the l0sweep command as a subprocess, and MLflow run reads, for the sweep tests."""
+"""A tiny study file, the l0sweep command (forked from a preloaded process, or a new one), and MLflow run reads,
+for the sweep tests."""
 from __future__ import annotations
 
 import os

@@ -141,8 +141,8 @@ def _group(pgid: int) -> list[str]:
     found = []
     for proc in Path("/proc").glob("[0-9]*"):
         try:
-            stat = (proc / "stat").read_text()
-            if int(stat.rsplit(")", 1)[1].split()[2]) == pgid and stat.rsplit(")", 1)[1].split()[0] != "Z":
+            state, _, group = (proc / "stat").read_text().rsplit(")", 1)[1].split()[:3]  # after "pid (name)"
+            if int(group) == pgid and state != "Z":
                 found.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
         except (OSError, ValueError, IndexError):
             continue
