@@ -10,16 +10,18 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Mapping
 
 from .settings import Settings, stop_on_signals
 
 
-def mlflow_server_env() -> dict[str, str]:
-    """The environment ``mlflow server`` gets from l0sweep: without MLflow 3's GenAI job runner (scorers,
-    evaluations, prompt optimisation; l0sweep starts none), which is eight more Python processes and a folder left
-    in /dev/shm at every start. ``MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true`` in the caller's environment keeps it."""
-    return {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION",
-                                                                              "false")}
+def mlflow_server_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment ``mlflow server`` gets from l0sweep (``base``, else this process's): without MLflow 3's GenAI
+    job runner (scorers, evaluations, prompt optimisation; l0sweep starts none), which is eight more Python
+    processes and a folder left in /dev/shm at every start. ``MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true`` keeps it."""
+    env = dict(os.environ if base is None else base)
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    return env
 
 
 def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 90.0) -> bool:

@@ -15,6 +15,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from sweeps.ui import mlflow_server_env
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -82,8 +84,7 @@ class MlflowServer(_Process):
                "--port", str(self.port), "--workers", "1",  # one uvicorn process serves the tests' few clients
                "--allowed-hosts", f"127.0.0.1:{self.port},localhost:{self.port}", *extra]
         # Without the GenAI job runner, as docker-compose.yml and `l0sweep ui` run it.
-        super().__init__(cmd, f"{self.url}/health", log,
-                         env={**(env or os.environ), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+        super().__init__(cmd, f"{self.url}/health", log, env=mlflow_server_env(env))
 
 
 class OptunaDashboard(_Process):

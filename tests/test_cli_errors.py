@@ -10,21 +10,9 @@ import optuna
 import pytest
 
 from sweeps.storage import open_storage
+from tests.processes import processes_naming
 from tests.servers import free_port
 from tests.sweep_helpers import TINY, l0sweep, runs_of, write_study
-
-
-def _processes_naming(text: str) -> list[str]:
-    """Command lines of live processes that mention ``text`` (Linux /proc)."""
-    found = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if text in cmdline:
-            found.append(cmdline)
-    return found
 
 
 CASES = {
@@ -89,7 +77,7 @@ def test_bad_input(case, tmp_path):
     if (out / "mlflow.db").exists():
         assert runs_of(f"sqlite:///{out / 'mlflow.db'}", "tiny") == []
     # Workers start before the study is created (to overlap their imports); a failed creation stops them.
-    assert _processes_naming(str(out)) == []
+    assert processes_naming(str(out)) == []
 
 
 UNRUNNABLE = {
@@ -128,7 +116,7 @@ def test_a_study_whose_trials_cannot_run_is_one_line_and_leaves_no_study(tmp_pat
         assert "Traceback" not in result.stderr
         assert optuna.get_all_study_names(open_storage(str(out / "optuna.journal"))) == []
         assert runs_of(f"sqlite:///{out / 'mlflow.db'}", "tiny") == []  # the study's run is deleted, not left
-        assert _processes_naming(str(out)) == []
+        assert processes_naming(str(out)) == []
         logs = set((out / "logs").glob("*/worker-*.log")) - earlier
         assert len({log.parent for log in logs}) == 1  # this run's folder
         # A worker the launcher stopped before its own check ended has no error line; none has an earlier run's.
@@ -152,6 +140,6 @@ def test_workers_wait_for_the_study_and_leave_when_the_launcher_does(tmp_path):
     while not result.exists() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert result.read_text() == "False"
-    while _processes_naming(str(ready)) and time.monotonic() < deadline:  # it is on its way out
+    while processes_naming(str(ready)) and time.monotonic() < deadline:  # it is on its way out
         time.sleep(0.1)
-    assert _processes_naming(str(ready)) == []
+    assert processes_naming(str(ready)) == []

@@ -15,6 +15,7 @@ from optuna.trial import TrialState
 
 from sweeps.storage import open_storage
 from sweeps.tracking import experiment_page
+from tests.processes import process_group
 from tests.servers import free_port, get_json
 from tests.sweep_helpers import TINY, l0sweep, runs_of, write_study
 
@@ -136,19 +137,6 @@ def test_every_metric_history_has_one_point_per_step(default_sweep):
             assert histories["test_accuracy"] == histories["chance_accuracy"] == [10]
 
 
-def _group(pgid: int) -> list[str]:
-    """Command lines of the live processes in process group ``pgid`` (Linux /proc)."""
-    found = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            state, _, group = (proc / "stat").read_text().rsplit(")", 1)[1].split()[:3]  # after "pid (name)"
-            if int(group) == pgid and state != "Z":
-                found.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
-        except (OSError, ValueError, IndexError):
-            continue
-    return found
-
-
 def _shm_folders() -> set[str]:
     """The temporary folders in /dev/shm (where MLflow's job runner makes its own; PostgreSQL's segments, which a
     test beside this one may make, are files)."""
@@ -185,15 +173,15 @@ def test_ui_serves_the_sweeps_runs_and_study_until_ctrl_c_and_leaves_nothing(def
         assert served["experiment"]["name"] == "digits-mlp"
         studies = get_json(f"http://127.0.0.1:{dashboard_port}/api/studies")["study_summaries"]
         assert [s["study_name"] for s in studies] == ["digits-mlp"]
-        assert not [c for c in _group(ui.pid) if "mlflow.server.jobs." in c or "huey" in c], _group(ui.pid)
+        assert not [c for c in process_group(ui.pid) if "mlflow.server.jobs." in c or "huey" in c], process_group(ui.pid)
         os.killpg(ui.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the whole foreground group
         assert ui.wait(timeout=60) == 0
         deadline = time.monotonic() + 30
-        while _group(ui.pid) and time.monotonic() < deadline:
+        while process_group(ui.pid) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert _group(ui.pid) == []
+        assert process_group(ui.pid) == []
     finally:
-        if ui.poll() is None or _group(ui.pid):
+        if ui.poll() is None or process_group(ui.pid):
             try:
                 os.killpg(ui.pid, signal.SIGKILL)
             except ProcessLookupError:
