@@ -173,7 +173,8 @@ def test_ui_serves_the_sweeps_runs_and_study_until_ctrl_c_and_leaves_nothing(def
         assert served["experiment"]["name"] == "digits-mlp"
         studies = get_json(f"http://127.0.0.1:{dashboard_port}/api/studies")["study_summaries"]
         assert [s["study_name"] for s in studies] == ["digits-mlp"]
-        assert not [c for c in process_group(ui.pid) if "mlflow.server.jobs." in c or "huey" in c], process_group(ui.pid)
+        group = process_group(ui.pid)
+        assert not [c for c in group if "mlflow.server.jobs." in c or "huey" in c], group
         os.killpg(ui.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the whole foreground group
         assert ui.wait(timeout=60) == 0
         deadline = time.monotonic() + 30
