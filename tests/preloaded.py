@@ -33,15 +33,16 @@ import sys
 import tempfile
 import traceback
 import warnings
+from multiprocessing import forkserver, resource_tracker
 from pathlib import Path
 
 import setproctitle
 
 # What every command imports (the MLflow store and its migrations: another second each); the server also imports
-# what the zygote of `l0sweep run` imports for its workers, less our own modules (torch._dynamo: 2.3 CPU-s a sweep).
+# what the zygote of `l0sweep run` imports for its workers, less our own modules (torch._dynamo: about 2 CPU-s a sweep).
 PRELOAD = ["torch", "mlflow", "optuna", "mlflow.store.tracking.sqlalchemy_store", "alembic", "pandas"]
-# Environment variables that Python or a preloaded module reads as it starts or imports (torch's inductor reads CXX
-# into its config): a command that sets one differently gets a new interpreter.
+# Environment variables that Python or a preloaded module reads as it starts or imports, of those the tests set
+# (torch's inductor reads CXX into its config): a command that sets one differently gets a new interpreter.
 READ_AT_IMPORT = ("PYTHON", "TORCH", "CXX")
 # What a forked command starts as `python -m` that runs in a fork of the command's clean start rather than a new
 # interpreter: the zygote of `l0sweep run`, which would import torch and MLflow again in every sweep.
@@ -78,10 +79,8 @@ def _exit_code(code: object) -> int:
     return 1
 
 
-def _run_as_main(module: str, args: list[str], cwd: str, env: dict[str, str], path: list[str],
-                 standby: bool) -> None:
-    """Become ``python -m module args`` in ``cwd`` with ``env`` (fds 0-2 already in place); never returns. With
-    ``standby``, first fork the clean process that a child of it in :data:`FORKED_CHILDREN` becomes."""
+def _run_as_main(module: str, args: list[str], cwd: str, env: dict[str, str], path: list[str]) -> None:
+    """Become ``python -m module args`` in ``cwd`` with ``env`` (fds 0-2 already in place); never returns."""
     status, interrupted = 1, False
     try:
         # What /proc/PID/cmdline shows after exec: ps, and l0sweep's check that a trial's worker still lives, read it.
@@ -95,9 +94,6 @@ def _run_as_main(module: str, args: list[str], cwd: str, env: dict[str, str], pa
         multiprocessing.set_start_method(None, force=True)  # the platform's default again, not the forkserver
         sys.path[:] = [cwd, *path]  # as `python -m` in that folder has it
         sys.argv = [module, *args]
-        if standby:
-            _Popen.standby = _Standby(path)
-            subprocess.Popen = _Popen
         try:
             runpy.run_module(module, run_name="__main__", alter_sys=True)
             status = 0
@@ -109,8 +105,6 @@ def _run_as_main(module: str, args: list[str], cwd: str, env: dict[str, str], pa
         except BaseException:
             traceback.print_exc()
         atexit._run_exitfuncs()
-        if _Popen.standby is not None:
-            _Popen.standby.close()
     except BaseException:
         traceback.print_exc()
     finally:
@@ -136,7 +130,33 @@ def _child(module: str, args: list[str], cwd: str, env: dict[str, str], out: str
     except BaseException:
         traceback.print_exc()
         os._exit(1)
-    _run_as_main(module, args, cwd, env, path, standby=True)
+    try:  # forked first, while this process is as the server made it (its title too, which names no test folder)
+        _Popen.standby = _Standby(path)
+    except OSError:
+        pass  # no fork to spare: its children get new interpreters
+    else:
+        atexit.register(_Popen.standby.close)  # so the command ends after it (`l0sweep` runs its handlers, then _exit)
+        subprocess.Popen = _Popen
+    _run_as_main(module, args, cwd, env, path)
+
+
+def _forget_the_server() -> None:
+    """Close what this fork holds of the forkserver and the resource tracker, as exec with ``close_fds`` would:
+    a zygote's workers left running after their test must not keep the test process's servers alive."""
+    from_server = [getattr(forkserver._forkserver, "_forkserver_alive_fd", None),
+                   getattr(resource_tracker._resource_tracker, "_fd", None)]
+    parent = multiprocessing.process._parent_process
+    if parent is not None:
+        from_server.append(parent.sentinel)
+    for fd in from_server:
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+    forkserver._forkserver._forkserver_alive_fd = None
+    resource_tracker._resource_tracker._fd = None
+    multiprocessing.process._parent_process = None
 
 
 class _Standby:
@@ -152,7 +172,7 @@ class _Standby:
             setproctitle.setproctitle(f"{sys.executable} (a test command's standby)")  # not the command's, for ps
             self._wait(theirs, path)
         theirs.close()
-        self.started = False
+        self.spent = False  # started its child, or closed
 
     @staticmethod
     def _wait(sock: socket.socket, path: list[str]) -> None:
@@ -167,24 +187,39 @@ class _Standby:
             for fd, to in zip(fds, (0, 1, 2)):
                 os.dup2(fd, to)
                 os.close(fd)
+            _forget_the_server()
             request = json.loads(data)
         except BaseException:
             traceback.print_exc()
             os._exit(1)
-        _run_as_main(request["module"], request["args"], request["cwd"], request["env"], path, standby=False)
+        _run_as_main(request["module"], request["args"], request["cwd"], request["env"], path)
 
     def start(self, module: str, args: list[str], cwd: str, env: dict[str, str], fds: list[int]) -> int:
         """Run ``python -m module args`` in the standby, with ``fds`` as its 0, 1 and 2; its pid."""
         request = json.dumps({"module": module, "args": args, "cwd": cwd, "env": env}).encode()
-        socket.send_fds(self.socket, [request], fds)
+        try:
+            sent = socket.send_fds(self.socket, [request], fds)
+            self.socket.sendall(request[sent:])
+        except OSError:  # it died: the caller starts a new interpreter instead
+            self.close()
+            raise
+        self.spent = True
         self.socket.close()
-        self.started = True
         return self.pid
 
     def close(self) -> None:
-        if not self.started:
+        """Unused, end it and wait for it (a fork of this command may hold the socket too: shut down, not closed)."""
+        if not self.spent:
+            self.spent = True
+            try:
+                self.socket.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             self.socket.close()
-            os.waitpid(self.pid, 0)
+            try:
+                os.waitpid(self.pid, 0)
+            except ChildProcessError:
+                pass
 
 
 class _Popen(subprocess.Popen):
@@ -196,7 +231,7 @@ class _Popen(subprocess.Popen):
     def _execute_child(self, *given: object) -> None:
         call = dict(zip(_EXECUTE_CHILD, given))
         argv, standby = call["args"], type(self).standby
-        forkable = (standby is not None and not standby.started and isinstance(argv, list) and len(argv) > 2 and
+        forkable = (standby is not None and not standby.spent and isinstance(argv, list) and len(argv) > 2 and
                     argv[:2] == [sys.executable, "-m"] and argv[2] in FORKED_CHILDREN and not call["shell"] and
                     call["executable"] is None and call["preexec_fn"] is None and not call["pass_fds"] and
                     call["close_fds"] and not call["start_new_session"] and call["process_group"] in (None, -1) and
@@ -206,8 +241,12 @@ class _Popen(subprocess.Popen):
         env = os.environ if call["env"] is None else call["env"]
         fds = [call["p2cread"], call["c2pwrite"], call["errwrite"]]
         fds = [fd if fd != -1 else inherited for fd, inherited in zip(fds, (0, 1, 2))]
-        self.pid = standby.start(argv[2], [str(arg) for arg in argv[3:]], os.fsdecode(call["cwd"] or os.getcwd()),
-                                 {os.fsdecode(k): os.fsdecode(v) for k, v in env.items()}, fds)
+        try:
+            self.pid = standby.start(argv[2], [os.fsdecode(arg) for arg in argv[3:]],
+                                     os.path.abspath(os.fsdecode(call["cwd"] or os.getcwd())),
+                                     {os.fsdecode(k): os.fsdecode(v) for k, v in env.items()}, fds)
+        except OSError:
+            return super()._execute_child(*given)
         self._child_created = True
         self._close_pipe_fds(call["p2cread"], call["p2cwrite"], call["c2pread"], call["c2pwrite"], call["errread"],
                              call["errwrite"])
