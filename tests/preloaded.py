@@ -162,7 +162,7 @@ def _forget_the_server() -> None:
 class _Standby:
     """A fork of a command made as it starts, before the command has run anything: the process that its
     ``python -m`` child in :data:`FORKED_CHILDREN` becomes (:meth:`start`), in a new interpreter's stead. A child of
-    the command, so in its process group, and waited for as ``Popen`` waits; unused, it exits with the command."""
+    the command, so in its process group, and waited for as ``Popen`` waits; unused, the command ends it as it exits."""
 
     def __init__(self, path: list[str]) -> None:
         self.socket, theirs = socket.socketpair()
