@@ -239,8 +239,8 @@ class _Popen(subprocess.Popen):
         if not forkable:
             return super()._execute_child(*given)
         env = os.environ if call["env"] is None else call["env"]
-        fds = [call["p2cread"], call["c2pwrite"], call["errwrite"]]
-        fds = [fd if fd != -1 else inherited for fd, inherited in zip(fds, (0, 1, 2))]
+        fds = [fd if fd != -1 else inherited  # -1: the command's own, as an exec'd child inherits it
+               for fd, inherited in zip((call["p2cread"], call["c2pwrite"], call["errwrite"]), (0, 1, 2))]
         try:
             self.pid = standby.start(argv[2], [os.fsdecode(arg) for arg in argv[3:]],
                                      os.path.abspath(os.fsdecode(call["cwd"] or os.getcwd())),
