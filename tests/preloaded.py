@@ -5,22 +5,25 @@ A new interpreter spends 4-6 CPU-seconds importing those before any l0sweep code
 was a fifth of ``make test``. Here one server process per test process (the standard library's ``forkserver``)
 imports them once, and each command runs in a fork of it, as ``python -m`` would run it: ``sys.path`` as a new
 interpreter in its folder has it, ``sys.argv`` as ``-m`` sets it, the command line that ``ps`` shows, multiprocessing's
-default start method, its input from /dev/null, its output captured, exit handlers run, killed with the test if the
-test ends first.
+default start method, its input from /dev/null, exit handlers run. :func:`run_module` captures its output and kills it
+if the test ends first; :func:`popen` starts it as ``subprocess.Popen`` would (its output where the test says, in a
+session of its own if asked) and returns a handle with Popen's ``pid``, ``poll``, ``wait`` and signals.
 
-A command's own ``python -m`` child in :data:`FORKED_CHILDREN` (``l0sweep run``'s zygote) is not a new interpreter
-either: each command forks a standby of itself as it starts, before it has run anything, and the child runs there,
-a child of the command in its process group as an exec'd one would be.
+A command's own ``python -m`` children in :data:`FORKED_CHILDREN` (``l0sweep run``'s zygote, the benchmarks' sweeps)
+are not new interpreters either: each command forks a nursery of itself as it starts, before it has run anything,
+which forks each such child twice over; the one between exits, and the child, reparented to the command (its
+subreaper while it asks), is a child of the command in its process group, as an exec'd one would be.
 
 Only third-party packages are preloaded, never ours, so a command that forgets an import of its own still fails
 here. What a fork cannot copy falls back to a new interpreter: an environment that changes what Python or a
 preloaded module reads as it starts (:data:`READ_AT_IMPORT`; ``PYTHONWARNINGS=ignore`` is applied in the fork).
-Tests of the process itself (signals, a terminal, what a fresh interpreter imports) start it themselves.
-``L0SWEEP_TEST_FRESH=1`` starts every command as a new interpreter, as before.
+What a user sees in a terminal is checked on a new interpreter (what libraries print as they import included), and
+so is what a fresh interpreter imports. ``L0SWEEP_TEST_FRESH=1`` starts every command as a new interpreter.
 """
 from __future__ import annotations
 
 import atexit
+import ctypes
 import inspect
 import json
 import multiprocessing
@@ -28,12 +31,14 @@ import os
 import runpy
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import traceback
 import warnings
-from multiprocessing import forkserver, resource_tracker
+from multiprocessing import forkserver, reduction, resource_tracker
 from pathlib import Path
 
 import setproctitle
@@ -44,11 +49,16 @@ PRELOAD = ["torch", "mlflow", "optuna", "mlflow.store.tracking.sqlalchemy_store"
 # Environment variables that Python or a preloaded module reads as it starts or imports, of those the tests set
 # (torch's inductor reads CXX into its config): a command that sets one differently gets a new interpreter.
 READ_AT_IMPORT = ("PYTHON", "TORCH", "CXX")
-# What a forked command starts as `python -m` that runs in a fork of the command's clean start rather than a new
-# interpreter: the zygote of `l0sweep run`, which would import torch and MLflow again in every sweep.
-FORKED_CHILDREN = ("sweeps.zygote",)
+# What a forked command starts as `python -m` that is forked from the command's clean start rather than a new
+# interpreter: the zygote of `l0sweep run`, which would import torch and MLflow again in every sweep; the benchmarks'
+# sweeps and bare trainings.
+FORKED_CHILDREN = ("sweeps.zygote", "sweeps.cli", "benchmarks.sweep_overhead")
+# Commands that start none of those (the zygote forks its workers itself): no nursery for them.
+CHILDLESS = ("sweeps.zygote",)
 _EXECUTE_CHILD = list(inspect.signature(subprocess.Popen._execute_child).parameters)[1:]  # its arguments, by name
 _context: multiprocessing.context.ForkServerContext | None = None
+_libc = ctypes.CDLL(None, use_errno=True)
+_ROOT = Path(__file__).resolve().parents[1]
 _started_with: dict[str, str] = {}  # the environment the server started in
 _default_path: list[str] = []  # sys.path of a new interpreter, less its first entry (the folder)
 
@@ -119,24 +129,38 @@ def _run_as_main(module: str, args: list[str], cwd: str, env: dict[str, str], pa
         os._exit(status)
 
 
-def _child(module: str, args: list[str], cwd: str, env: dict[str, str], out: str, err: str,
-           path: list[str]) -> None:
-    """The command, in a fork of the server: input from /dev/null, output to the files ``out`` and ``err``."""
+def _child(module: str, args: list[str], cwd: str, env: dict[str, str], fds: list[int | None], new_session: bool,
+           ready: int, path: list[str], started_with: dict[str, str]) -> None:
+    """The command, in a fork of the server: ``fds`` its 0, 1 and 2 (None: /dev/null); ``new_session`` as
+    ``Popen(start_new_session=True)``; ``ready`` closed once both are in place, as exec would have begun."""
     try:
-        for fd, name, flags in ((0, os.devnull, os.O_RDONLY), (1, out, os.O_WRONLY), (2, err, os.O_WRONLY)):
-            opened = os.open(name, flags)
-            os.dup2(opened, fd)
-            os.close(opened)
+        if new_session:
+            os.setsid()
+        for to, fd in enumerate(fds):
+            opened = os.open(os.devnull, os.O_RDWR) if fd is None else fd
+            os.dup2(opened, to)
+            if opened > 2:
+                os.close(opened)
+        os.close(ready)
     except BaseException:
         traceback.print_exc()
         os._exit(1)
-    try:  # forked first, while this process is as the server made it (its title too, which names no test folder)
-        _Popen.standby = _Standby(path)
-    except OSError:
-        pass  # no fork to spare: its children get new interpreters
-    else:
-        atexit.register(_Popen.standby.close)  # so the command ends after it (`l0sweep` runs its handlers, then _exit)
-        subprocess.Popen = _Popen
+    _start(module, args, cwd, env, path, started_with)
+
+
+def _start(module: str, args: list[str], cwd: str, env: dict[str, str], path: list[str],
+           started_with: dict[str, str]) -> None:
+    """Run the command, its nursery forked first; never returns."""
+    _started_with.update(started_with)
+    _Popen.nursery = None
+    subprocess.Popen = _Popen
+    if module not in CHILDLESS:
+        try:  # forked first, while this process is as the server made it (its title too, which names no test folder)
+            _Popen.nursery = _Nursery(path)
+        except OSError:
+            pass  # no fork to spare: its children get new interpreters
+        else:
+            atexit.register(_Popen.nursery.close)  # the command ends after it (`l0sweep` runs its handlers, then _exit)
     _run_as_main(module, args, cwd, env, path)
 
 
@@ -159,58 +183,113 @@ def _forget_the_server() -> None:
     multiprocessing.process._parent_process = None
 
 
-class _Standby:
-    """A fork of a command made as it starts, before the command has run anything: the process that its
-    ``python -m`` child in :data:`FORKED_CHILDREN` becomes (:meth:`start`), in a new interpreter's stead. A child of
-    the command, so in its process group, and waited for as ``Popen`` waits; unused, the command ends it as it exits."""
+def _child_subreaper(on: bool) -> None:
+    """Make this process the one that adopts its orphaned descendants (Linux's PR_SET_CHILD_SUBREAPER), or not."""
+    if _libc.prctl(36, int(on), 0, 0, 0) != 0:  # 36: PR_SET_CHILD_SUBREAPER
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+def _send(sock: socket.socket, message: bytes, fds: list[int]) -> None:
+    framed = struct.pack("!Q", len(message)) + message
+    sent = socket.send_fds(sock, [framed], fds)
+    sock.sendall(framed[sent:])
+
+
+def _receive(sock: socket.socket) -> tuple[bytes, list[int]] | None:
+    """A message :func:`_send` sent and the fds that came with it; None at the end of the stream."""
+    data, fds, _, _ = socket.recv_fds(sock, 65536, 3)
+    if not data:
+        return None
+    while len(data) < 8 or len(data) < 8 + struct.unpack("!Q", data[:8])[0]:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise EOFError("the message ended early")
+        data += chunk
+    return data[8:], fds
+
+
+class _Nursery:
+    """A fork of a command made as it starts, before the command has run anything, that forks the command's
+    ``python -m`` children in :data:`FORKED_CHILDREN` (:meth:`start`) in a new interpreter's stead. Each is forked
+    twice over and the one between exits, so the child is reparented to the command (its subreaper while it asks):
+    a child of the command in its process group, waited for as ``Popen`` waits, as an exec'd child would be. The
+    command ends it as it exits."""
 
     def __init__(self, path: list[str]) -> None:
         self.socket, theirs = socket.socketpair()
+        self.owner = os.getpid()
+        self.lock = threading.Lock()
         self.pid = os.fork()
         if self.pid == 0:
             self.socket.close()
-            setproctitle.setproctitle(f"{sys.executable} (a test command's standby)")  # not the command's, for ps
-            self._wait(theirs, path)
+            setproctitle.setproctitle(f"{sys.executable} (a test command's nursery)")  # not the command's, for ps
+            # Ctrl-C to the command's group is the command's to handle; this process ends when the command does.
+            interrupt = signal.signal(signal.SIGINT, signal.SIG_IGN)
+            self._serve(theirs, path, interrupt)
         theirs.close()
-        self.spent = False  # started its child, or closed
+        self.closed = False
 
     @staticmethod
-    def _wait(sock: socket.socket, path: list[str]) -> None:
-        """In the standby: wait for :meth:`start`'s request, then run it; never returns."""
+    def _serve(sock: socket.socket, path: list[str], interrupt: object) -> None:
+        """In the nursery: fork each requested child, and answer with its pid (0: not forked); never returns."""
         try:
-            data, fds, _, _ = socket.recv_fds(sock, 65536, 3)
-            while chunk := sock.recv(65536):
-                data += chunk
-            sock.close()
-            if not fds:
-                os._exit(0)  # the command ended without starting a child
-            for fd, to in zip(fds, (0, 1, 2)):
-                os.dup2(fd, to)
-                os.close(fd)
-            _forget_the_server()
-            request = json.loads(data)
+            while (received := _receive(sock)) is not None:
+                request, fds = json.loads(received[0]), received[1]
+                pid_read, pid_write = os.pipe()
+                if os.fork() == 0:  # the one between
+                    os.close(pid_read)
+                    child = os.fork()
+                    if child == 0:
+                        os.close(pid_write)
+                        sock.close()
+                        for to, fd in enumerate(fds):
+                            os.dup2(fd, to)
+                        for fd in fds:
+                            if fd > 2:
+                                os.close(fd)
+                        _forget_the_server()
+                        signal.signal(signal.SIGINT, interrupt)
+                        _start(request["module"], request["args"], request["cwd"], request["env"], path,
+                               _started_with)
+                    os.write(pid_write, str(child).encode())
+                    os._exit(0)
+                os.close(pid_write)
+                for fd in fds:
+                    os.close(fd)
+                os.wait()  # the one between has exited: its child is the command's now
+                with os.fdopen(pid_read, "rb") as answer:
+                    sock.sendall(struct.pack("!q", int(answer.read() or b"0")))
         except BaseException:
             traceback.print_exc()
             os._exit(1)
-        _run_as_main(request["module"], request["args"], request["cwd"], request["env"], path)
+        os._exit(0)
 
     def start(self, module: str, args: list[str], cwd: str, env: dict[str, str], fds: list[int]) -> int:
-        """Run ``python -m module args`` in the standby, with ``fds`` as its 0, 1 and 2; its pid."""
+        """Fork ``python -m module args`` as a child of this command, with ``fds`` as its 0, 1 and 2; its pid."""
+        if self.closed or os.getpid() != self.owner:  # a fork of the command: its nursery's children are not its own
+            raise OSError("no nursery here")
         request = json.dumps({"module": module, "args": args, "cwd": cwd, "env": env}).encode()
-        try:
-            sent = socket.send_fds(self.socket, [request], fds)
-            self.socket.sendall(request[sent:])
-        except OSError:  # it died: the caller starts a new interpreter instead
-            self.close()
-            raise
-        self.spent = True
-        self.socket.close()
-        return self.pid
+        with self.lock:
+            _child_subreaper(True)
+            try:
+                _send(self.socket, request, fds)
+                answer = b""
+                while len(answer) < 8 and (chunk := self.socket.recv(8 - len(answer))):
+                    answer += chunk
+            except OSError:  # it died: the caller starts a new interpreter instead
+                self.close()
+                raise
+            finally:
+                _child_subreaper(False)
+        pid = struct.unpack("!q", answer)[0] if len(answer) == 8 else 0
+        if pid <= 0:
+            raise OSError("the nursery could not fork")
+        return pid
 
     def close(self) -> None:
-        """Unused, end it and wait for it (a fork of this command may hold the socket too: shut down, not closed)."""
-        if not self.spent:
-            self.spent = True
+        """End it and wait for it (a fork of this command may hold the socket too: shut down, not closed)."""
+        if not self.closed and os.getpid() == self.owner:
+            self.closed = True
             try:
                 self.socket.shutdown(socket.SHUT_RDWR)
             except OSError:
@@ -224,27 +303,30 @@ class _Standby:
 
 class _Popen(subprocess.Popen):
     """``subprocess.Popen`` in a forked command: ``[sys.executable, "-m", M, ...]`` for M in
-    :data:`FORKED_CHILDREN`, with no options a fork cannot take, starts in the command's :class:`_Standby`."""
+    :data:`FORKED_CHILDREN`, with no options a fork cannot take and no environment a fork cannot copy, is forked by
+    the command's :class:`_Nursery`."""
 
-    standby: _Standby | None = None
+    nursery: _Nursery | None = None
 
     def _execute_child(self, *given: object) -> None:
         call = dict(zip(_EXECUTE_CHILD, given))
-        argv, standby = call["args"], type(self).standby
-        forkable = (standby is not None and not standby.spent and isinstance(argv, list) and len(argv) > 2 and
+        argv, nursery = call["args"], type(self).nursery
+        env = os.environ if call["env"] is None else call["env"]
+        forkable = (nursery is not None and isinstance(argv, list) and len(argv) > 2 and
                     argv[:2] == [sys.executable, "-m"] and argv[2] in FORKED_CHILDREN and not call["shell"] and
                     call["executable"] is None and call["preexec_fn"] is None and not call["pass_fds"] and
                     call["close_fds"] and not call["start_new_session"] and call["process_group"] in (None, -1) and
                     call["uid"] is None and call["gid"] is None and call["gids"] is None and call["umask"] < 0)
         if not forkable:
             return super()._execute_child(*given)
-        env = os.environ if call["env"] is None else call["env"]
+        env = {os.fsdecode(k): os.fsdecode(v) for k, v in env.items()}
+        if _starts_differently(env):
+            return super()._execute_child(*given)
         fds = [fd if fd != -1 else inherited  # -1: the command's own, as an exec'd child inherits it
                for fd, inherited in zip((call["p2cread"], call["c2pwrite"], call["errwrite"]), (0, 1, 2))]
         try:
-            self.pid = standby.start(argv[2], [os.fsdecode(arg) for arg in argv[3:]],
-                                     os.path.abspath(os.fsdecode(call["cwd"] or os.getcwd())),
-                                     {os.fsdecode(k): os.fsdecode(v) for k, v in env.items()}, fds)
+            self.pid = nursery.start(argv[2], [os.fsdecode(arg) for arg in argv[3:]],
+                                     os.path.abspath(os.fsdecode(call["cwd"] or os.getcwd())), env, fds)
         except OSError:
             return super()._execute_child(*given)
         self._child_created = True
@@ -259,33 +341,124 @@ def _starts_differently(env: dict[str, str]) -> bool:
                not (key == "PYTHONWARNINGS" and env.get(key) == "ignore") for key in set(env) | set(_started_with))
 
 
+class _Fd:
+    """A file descriptor of this process, pickled as the fd itself into a fork of the server (multiprocessing sends
+    it along, as it sends a socket)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __reduce__(self):
+        return _Fd._received, (reduction.DupFd(self.fd),)
+
+    @staticmethod
+    def _received(dup) -> int:
+        return dup.detach()
+
+
+def _fileno(stream: object, default: int) -> int:
+    if stream is None:
+        return default
+    return stream if isinstance(stream, int) else stream.fileno()
+
+
+class ForkedCommand:
+    """What ``subprocess.Popen`` returns, for a command forked from the preloaded server: ``pid``, ``returncode``,
+    ``poll``, ``wait``, ``send_signal``, ``terminate``, ``kill``; exit statuses as Popen's (-N: killed by signal N)."""
+
+    running: set[ForkedCommand] = set()  # killed as the test process exits, if a test left one
+
+    def __init__(self, process: multiprocessing.process.BaseProcess, args: list[str]) -> None:
+        self.process, self.args, self.pid, self.returncode = process, args, process.pid, None
+        ForkedCommand.running.add(self)
+
+    def poll(self) -> int | None:
+        if self.returncode is None and self.process.exitcode is not None:
+            self.returncode = self.process.exitcode
+            ForkedCommand.running.discard(self)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self.process.join(timeout)
+        if self.poll() is None:
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:  # as Popen: never a pid that may have been reused
+            os.kill(self.pid, sig)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def __enter__(self) -> ForkedCommand:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wait()
+
+
+@atexit.register
+def _kill_the_left() -> None:
+    for command in list(ForkedCommand.running):  # before multiprocessing's own exit handler joins them
+        command.kill()
+        command.wait()
+
+
+def popen(cmd: list[str], *, cwd: Path | None = None, env: dict[str, str] | None = None, stdout: object = None,
+          stderr: object = None, start_new_session: bool = False) -> ForkedCommand | subprocess.Popen:
+    """``subprocess.Popen(cmd, stdin=DEVNULL, ...)``; for ``cmd = [python, "-m", MODULE, ...]`` with MODULE one of
+    ours (sweeps, benchmarks), forked from the preloaded server where it can be (see the module's docstring).
+    ``stdout``, ``stderr``: a file, an fd, None (this process's own); ``stderr`` also ``subprocess.STDOUT``."""
+    env = dict(os.environ if env is None else env)
+    folder = str(cwd or os.getcwd())
+    ours = len(cmd) > 2 and cmd[:2] == [sys.executable, "-m"] and (_ROOT / cmd[2].split(".")[0]).is_dir()
+    server = None if os.environ.get("L0SWEEP_TEST_FRESH") == "1" or not ours else _server()
+    if server is None or _starts_differently(env):
+        return subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
+                                start_new_session=start_new_session)
+    out = _fileno(stdout, 1)
+    err = out if stderr == subprocess.STDOUT else _fileno(stderr, 2)
+    ready, set_up = os.pipe()
+    try:
+        process = server.Process(target=_child, args=(cmd[2], [str(arg) for arg in cmd[3:]], folder, env,
+                                                      [None, _Fd(out), _Fd(err)], start_new_session, _Fd(set_up),
+                                                      _default_path, _started_with))
+        process.start()
+        os.close(set_up)
+        set_up = -1
+        os.read(ready, 1)  # returns once the command has closed its end: its group and output are in place, as Popen's
+    finally:
+        os.close(ready)
+        if set_up != -1:
+            os.close(set_up)
+    return ForkedCommand(process, cmd)
+
+
 def run_module(module: str, args: list[str], *, cwd: Path | None = None, env: dict[str, str] | None = None,
                timeout: float = 300) -> subprocess.CompletedProcess:
     """``subprocess.run([python, "-m", module, *args], capture_output=True, text=True, stdin=DEVNULL)``, forked
     from the preloaded server where it can be (see the module's docstring); raises ``subprocess.TimeoutExpired``."""
     env = dict(os.environ if env is None else env)
     cmd = [sys.executable, "-m", module, *args]
-    folder = str(cwd or os.getcwd())
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
         raise TypeError("env: names and values must be str, as subprocess wants them")
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"cwd {folder!r} is not a folder")
-    server = None if os.environ.get("L0SWEEP_TEST_FRESH") == "1" else _server()
-    if server is None or _starts_differently(env):
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env,
-                              stdin=subprocess.DEVNULL)
-    with tempfile.TemporaryDirectory(prefix="l0sweep-test-") as scratch:
-        out, err = os.path.join(scratch, "stdout"), os.path.join(scratch, "stderr")
-        for name in (out, err):
-            Path(name).touch()
-        process = server.Process(target=_child, args=(module, args, folder, env, out, err, _default_path))
-        process.start()
+    if not os.path.isdir(str(cwd or os.getcwd())):
+        raise FileNotFoundError(f"cwd {str(cwd)!r} is not a folder")
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        process = popen(cmd, cwd=cwd, env=env, stdout=out, stderr=err)
         try:
-            process.join(timeout)
-            if process.exitcode is None:
-                raise subprocess.TimeoutExpired(cmd, timeout, Path(out).read_text(), Path(err).read_text())
+            process.wait(timeout)
         except BaseException:  # a timeout, or pytest's own (as subprocess.run, never leave the command running)
             process.kill()
-            process.join()
+            process.wait()
             raise
-        return subprocess.CompletedProcess(cmd, process.exitcode, Path(out).read_text(), Path(err).read_text())
+        finally:
+            shown = []
+            for stream in (out, err):
+                stream.seek(0)
+                shown.append(stream.read().decode(errors="replace"))
+        return subprocess.CompletedProcess(cmd, process.returncode, *shown)

@@ -16,6 +16,7 @@ import urllib.request
 from pathlib import Path
 
 from sweeps.ui import mlflow_server_env
+from tests.preloaded import popen
 
 
 def free_port() -> int:
@@ -45,8 +46,8 @@ class _Process:
         self.health = health
         self.log = log
         with open(log, "ab") as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                         start_new_session=True)  # its own group: workers it forks stop with it
+            self.proc = popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
+                              start_new_session=True)  # its own group: workers it forks stop with it
 
     def wait_ready(self, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout

@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.preloaded import run_module
+from tests.preloaded import ForkedCommand, popen, run_module
 
 TINY = {
     "name": "tiny",
@@ -33,14 +33,15 @@ def write_study(path: Path, **overrides) -> Path:
 
 
 def l0sweep(*args: str, timeout: float = 300, cwd: Path | None = None, env: dict | None = None,
-            log=None, start_new_session: bool = False) -> subprocess.CompletedProcess | subprocess.Popen:
+            log=None, start_new_session: bool = False
+            ) -> subprocess.CompletedProcess | ForkedCommand | subprocess.Popen:
     """Run ``l0sweep ARGS`` to completion, forked from a process that imported torch and MLflow already
-    (tests.preloaded); with ``log`` (a file), start it as a new process and return it instead
-    (``start_new_session``: in a process group of its own, as a terminal's foreground job is)."""
+    (tests.preloaded); with ``log`` (a file), start it with its output there and return it instead, a Popen-like
+    handle (``start_new_session``: in a process group of its own, as a terminal's foreground job is)."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
     if log is not None:
-        return subprocess.Popen([sys.executable, "-m", "sweeps.cli", *map(str, args)], cwd=cwd, env=env, stdout=log,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=start_new_session)
+        return popen([sys.executable, "-m", "sweeps.cli", *map(str, args)], cwd=cwd, env=env, stdout=log,
+                     stderr=subprocess.STDOUT, start_new_session=start_new_session)
     return run_module("sweeps.cli", list(map(str, args)), cwd=cwd, env=env, timeout=timeout)
 
 
@@ -59,7 +60,8 @@ def l0sweep_in_terminal(*args: str, timeout: float = 600, env: dict | None = Non
     # A terminal of 40 rows and 120 columns: tqdm sizes its bar by it (a new pty is 0 wide, and gets no bar).
     fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
     cmd = [sys.executable, "-m", "sweeps.cli", *map(str, args)]
-    # No PYTHONWARNINGS here: what a user would see is what is checked.
+    # A new interpreter, and no PYTHONWARNINGS: what a user would see is what is checked, what libraries print
+    # as they import (which a fork of the preloaded server printed before) included.
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal,
                             env={**os.environ, **(env or {})})
     os.close(terminal)
