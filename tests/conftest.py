@@ -96,5 +96,6 @@ def default_sweep(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("default-sweep") / "out"
     study = Path(__file__).resolve().parents[1] / "studies" / "default.yaml"
-    code, shown = l0sweep_in_terminal("run", study, "--workers", "2", "--out", out)
+    # A new interpreter: what it shows is checked to the last line, what libraries print as they import included.
+    code, shown = l0sweep_in_terminal("run", study, "--workers", "2", "--out", out, new_interpreter=True)
     return code, shown, out

@@ -37,6 +37,7 @@ import sys
 import tempfile
 import threading
 import traceback
+import typing
 import warnings
 from multiprocessing import forkserver, reduction, resource_tracker
 from pathlib import Path
@@ -50,14 +51,17 @@ PRELOAD = ["torch", "mlflow", "optuna", "mlflow.store.tracking.sqlalchemy_store"
 # (torch's inductor reads CXX into its config): a command that sets one differently gets a new interpreter.
 READ_AT_IMPORT = ("PYTHON", "TORCH", "CXX")
 # What a forked command starts as `python -m` that is forked from the command's clean start rather than a new
-# interpreter: the zygote of `l0sweep run`, which would import torch and MLflow again in every sweep; the benchmarks'
-# sweeps and bare trainings.
+# interpreter: the zygote of `l0sweep run`, which would import torch and MLflow again in every sweep; any l0sweep
+# command (the benchmarks' sweeps, `l0sweep ui`'s dashboard, a pool's workers where its zygote died); the bare
+# trainings of benchmarks.sweep_overhead. A child gets the command's state as it started (signal dispositions and
+# mask, umask, limits), which no command here changes before it starts one.
 FORKED_CHILDREN = ("sweeps.zygote", "sweeps.cli", "benchmarks.sweep_overhead")
 # Commands that start none of those (the zygote forks its workers itself): no nursery for them.
 CHILDLESS = ("sweeps.zygote",)
 _EXECUTE_CHILD = list(inspect.signature(subprocess.Popen._execute_child).parameters)[1:]  # its arguments, by name
 _context: multiprocessing.context.ForkServerContext | None = None
 _libc = ctypes.CDLL(None, use_errno=True)
+_STOPS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 _ROOT = Path(__file__).resolve().parents[1]
 _started_with: dict[str, str] = {}  # the environment the server started in
 _default_path: list[str] = []  # sys.path of a new interpreter, less its first entry (the folder)
@@ -141,26 +145,27 @@ def _child(module: str, args: list[str], cwd: str, env: dict[str, str], fds: lis
             os.dup2(opened, to)
             if opened > 2:
                 os.close(opened)
-        os.close(ready)
     except BaseException:
         traceback.print_exc()
         os._exit(1)
-    _start(module, args, cwd, env, path, started_with)
+    _start(module, args, cwd, env, path, started_with, ready)
 
 
 def _start(module: str, args: list[str], cwd: str, env: dict[str, str], path: list[str],
-           started_with: dict[str, str]) -> None:
-    """Run the command, its nursery forked first; never returns."""
+           started_with: dict[str, str], ready: int = -1) -> None:
+    """Run the command, its nursery forked first (then ``ready`` closed); never returns."""
     _started_with.update(started_with)
     _Popen.nursery = None
     subprocess.Popen = _Popen
     if module not in CHILDLESS:
         try:  # forked first, while this process is as the server made it (its title too, which names no test folder)
-            _Popen.nursery = _Nursery(path)
+            _Popen.nursery = _Nursery(path, ready)
         except OSError:
             pass  # no fork to spare: its children get new interpreters
         else:
             atexit.register(_Popen.nursery.close)  # the command ends after it (`l0sweep` runs its handlers, then _exit)
+    if ready != -1:
+        os.close(ready)
     _run_as_main(module, args, cwd, env, path)
 
 
@@ -183,10 +188,13 @@ def _forget_the_server() -> None:
     multiprocessing.process._parent_process = None
 
 
-def _child_subreaper(on: bool) -> None:
-    """Make this process the one that adopts its orphaned descendants (Linux's PR_SET_CHILD_SUBREAPER), or not."""
-    if _libc.prctl(36, int(on), 0, 0, 0) != 0:  # 36: PR_SET_CHILD_SUBREAPER
+def _child_subreaper(on: bool) -> bool:
+    """Make this process the one that adopts its orphaned descendants (Linux's PR_SET_CHILD_SUBREAPER), or not;
+    whether it was."""
+    was = ctypes.c_int(0)
+    if _libc.prctl(37, ctypes.byref(was), 0, 0, 0) != 0 or _libc.prctl(36, int(on), 0, 0, 0) != 0:  # GET, SET
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+    return bool(was.value)
 
 
 def _send(sock: socket.socket, message: bytes, fds: list[int]) -> None:
@@ -215,50 +223,81 @@ class _Nursery:
     a child of the command in its process group, waited for as ``Popen`` waits, as an exec'd child would be. The
     command ends it as it exits."""
 
-    def __init__(self, path: list[str]) -> None:
+    def __init__(self, path: list[str], ready: int = -1) -> None:
+        """``ready``: the command's fd that tells its starter it has begun (the nursery must not hold it open)."""
         self.socket, theirs = socket.socketpair()
         self.owner = os.getpid()
         self.lock = threading.Lock()
-        self.pid = os.fork()
-        if self.pid == 0:
-            self.socket.close()
-            setproctitle.setproctitle(f"{sys.executable} (a test command's nursery)")  # not the command's, for ps
-            # Ctrl-C to the command's group is the command's to handle; this process ends when the command does.
-            interrupt = signal.signal(signal.SIGINT, signal.SIG_IGN)
-            self._serve(theirs, path, interrupt)
+        # Stops to the command's group are the command's to handle: the nursery ignores them (it ends when the
+        # command does), blocked until it does, so that none lands in it first.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS)
+        try:
+            self.pid = os.fork()
+            if self.pid == 0:
+                handlers = {stop: signal.signal(stop, signal.SIG_IGN) for stop in _STOPS}
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOPS)
+                self.socket.close()
+                if ready != -1:
+                    os.close(ready)
+                setproctitle.setproctitle(f"{sys.executable} (a test command's nursery)")  # not the command's, for ps
+                self._serve(theirs, path, handlers)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOPS)
         theirs.close()
         self.closed = False
 
     @staticmethod
-    def _serve(sock: socket.socket, path: list[str], interrupt: object) -> None:
+    def _serve(sock: socket.socket, path: list[str], handlers: dict) -> None:
         """In the nursery: fork each requested child, and answer with its pid (0: not forked); never returns."""
         try:
             while (received := _receive(sock)) is not None:
                 request, fds = json.loads(received[0]), received[1]
-                pid_read, pid_write = os.pipe()
-                if os.fork() == 0:  # the one between
+                (pid_read, pid_write), (go_read, go_write) = os.pipe(), os.pipe()
+                try:
+                    between = os.fork()
+                except OSError:
+                    between = -1
+                if between == 0:
                     os.close(pid_read)
-                    child = os.fork()
-                    if child == 0:
-                        os.close(pid_write)
-                        sock.close()
-                        for to, fd in enumerate(fds):
-                            os.dup2(fd, to)
-                        for fd in fds:
-                            if fd > 2:
-                                os.close(fd)
-                        _forget_the_server()
-                        signal.signal(signal.SIGINT, interrupt)
-                        _start(request["module"], request["args"], request["cwd"], request["env"], path,
-                               _started_with)
+                    os.close(go_write)
+                    try:
+                        child = os.fork()
+                    except OSError:
+                        child = 0
+                    else:
+                        if child == 0:
+                            os.close(pid_write)
+                            sock.close()
+                            # Not before it is the command's child (its parent's pid is the command's from here on);
+                            # nothing if the nursery is gone first: the command starts a new interpreter instead.
+                            go = os.read(go_read, 1)
+                            os.close(go_read)
+                            if not go:
+                                os._exit(1)
+                            for to, fd in enumerate(fds):
+                                os.dup2(fd, to)
+                            for fd in fds:
+                                if fd > 2:
+                                    os.close(fd)
+                            _forget_the_server()
+                            for stop, handler in handlers.items():
+                                signal.signal(stop, handler)
+                            _start(request["module"], request["args"], request["cwd"], request["env"], path,
+                                   _started_with)
                     os.write(pid_write, str(child).encode())
                     os._exit(0)
-                os.close(pid_write)
-                for fd in fds:
+                for fd in (pid_write, go_read, *fds):
                     os.close(fd)
-                os.wait()  # the one between has exited: its child is the command's now
-                with os.fdopen(pid_read, "rb") as answer:
-                    sock.sendall(struct.pack("!q", int(answer.read() or b"0")))
+                child = 0
+                if between > 0:
+                    os.waitpid(between, 0)  # it has exited: its child is the command's now
+                    with os.fdopen(pid_read, "rb") as answer:
+                        child = int(answer.read() or b"0")
+                    os.write(go_write, b"g")
+                else:
+                    os.close(pid_read)
+                os.close(go_write)
+                sock.sendall(struct.pack("!q", child))
         except BaseException:
             traceback.print_exc()
             os._exit(1)
@@ -270,18 +309,21 @@ class _Nursery:
             raise OSError("no nursery here")
         request = json.dumps({"module": module, "args": args, "cwd": cwd, "env": env}).encode()
         with self.lock:
-            _child_subreaper(True)
+            was = _child_subreaper(True)
             try:
                 _send(self.socket, request, fds)
                 answer = b""
                 while len(answer) < 8 and (chunk := self.socket.recv(8 - len(answer))):
                     answer += chunk
-            except OSError:  # it died: the caller starts a new interpreter instead
+            except BaseException:  # it died, or this command was stopped while it asked: no more requests
                 self.close()
                 raise
             finally:
-                _child_subreaper(False)
-        pid = struct.unpack("!q", answer)[0] if len(answer) == 8 else 0
+                _child_subreaper(was)
+        if len(answer) < 8:  # it died: a child it forked gets no go and exits
+            self.close()
+            raise OSError("the nursery is gone")
+        pid = struct.unpack("!q", answer)[0]
         if pid <= 0:
             raise OSError("the nursery could not fork")
         return pid
@@ -356,9 +398,12 @@ class _Fd:
         return dup.detach()
 
 
-def _fileno(stream: object, default: int) -> int:
+def _fileno(stream: object, default: int) -> int | None:
+    """The fd a Popen-style ``stdout``/``stderr`` argument names (None: /dev/null)."""
     if stream is None:
         return default
+    if stream == subprocess.DEVNULL:
+        return None
     return stream if isinstance(stream, int) else stream.fileno()
 
 
@@ -386,7 +431,10 @@ class ForkedCommand:
 
     def send_signal(self, sig: int) -> None:
         if self.poll() is None:  # as Popen: never a pid that may have been reused
-            os.kill(self.pid, sig)
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass  # ended, its status not yet passed on by the server
 
     def terminate(self) -> None:
         self.send_signal(signal.SIGTERM)
@@ -404,20 +452,28 @@ class ForkedCommand:
 @atexit.register
 def _kill_the_left() -> None:
     for command in list(ForkedCommand.running):  # before multiprocessing's own exit handler joins them
-        command.kill()
-        command.wait()
+        try:
+            command.kill()
+            command.wait(30)
+        except Exception:
+            traceback.print_exc()
 
 
 def popen(cmd: list[str], *, cwd: Path | None = None, env: dict[str, str] | None = None, stdout: object = None,
           stderr: object = None, start_new_session: bool = False) -> ForkedCommand | subprocess.Popen:
     """``subprocess.Popen(cmd, stdin=DEVNULL, ...)``; for ``cmd = [python, "-m", MODULE, ...]`` with MODULE one of
-    ours (sweeps, benchmarks), forked from the preloaded server where it can be (see the module's docstring).
-    ``stdout``, ``stderr``: a file, an fd, None (this process's own); ``stderr`` also ``subprocess.STDOUT``."""
+    this repository's (not ``mlflow server``), forked from the preloaded server where it can be (see the module's
+    docstring). ``stdout``, ``stderr``: a file, an fd, None (this process's own) or ``subprocess.DEVNULL``;
+    ``stderr`` also ``subprocess.STDOUT``; ``subprocess.PIPE`` gets a new interpreter."""
     env = dict(os.environ if env is None else env)
-    folder = str(cwd or os.getcwd())
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+        raise TypeError("env: names and values must be str, as subprocess wants them")
+    folder = os.path.abspath(str(cwd or os.getcwd()))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"cwd {folder!r} is not a folder")
     ours = len(cmd) > 2 and cmd[:2] == [sys.executable, "-m"] and (_ROOT / cmd[2].split(".")[0]).is_dir()
     server = None if os.environ.get("L0SWEEP_TEST_FRESH") == "1" or not ours else _server()
-    if server is None or _starts_differently(env):
+    if server is None or _starts_differently(env) or subprocess.PIPE in (stdout, stderr):
         return subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
                                 start_new_session=start_new_session)
     out = _fileno(stdout, 1)
@@ -425,40 +481,45 @@ def popen(cmd: list[str], *, cwd: Path | None = None, env: dict[str, str] | None
     ready, set_up = os.pipe()
     try:
         process = server.Process(target=_child, args=(cmd[2], [str(arg) for arg in cmd[3:]], folder, env,
-                                                      [None, _Fd(out), _Fd(err)], start_new_session, _Fd(set_up),
-                                                      _default_path, _started_with))
+                                                      [None, None if out is None else _Fd(out),
+                                                       None if err is None else _Fd(err)],
+                                                      start_new_session, _Fd(set_up), _default_path, _started_with))
         process.start()
+        command = ForkedCommand(process, cmd)
         os.close(set_up)
         set_up = -1
-        os.read(ready, 1)  # returns once the command has closed its end: its group and output are in place, as Popen's
+        try:
+            os.read(ready, 1)  # returns once it has closed its end: its group and output in place, as Popen's
+        except BaseException:
+            command.kill()
+            command.wait()
+            raise
     finally:
         os.close(ready)
         if set_up != -1:
             os.close(set_up)
-    return ForkedCommand(process, cmd)
+    return command
+
+
+def _text(stream: typing.IO[bytes]) -> str:
+    """What ``text=True`` makes of a command's output: decoded, universal newlines."""
+    stream.seek(0)
+    return stream.read().decode(errors="replace").replace("\r\n", "\n").replace("\r", "\n")
 
 
 def run_module(module: str, args: list[str], *, cwd: Path | None = None, env: dict[str, str] | None = None,
                timeout: float = 300) -> subprocess.CompletedProcess:
     """``subprocess.run([python, "-m", module, *args], capture_output=True, text=True, stdin=DEVNULL)``, forked
     from the preloaded server where it can be (see the module's docstring); raises ``subprocess.TimeoutExpired``."""
-    env = dict(os.environ if env is None else env)
     cmd = [sys.executable, "-m", module, *args]
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
-        raise TypeError("env: names and values must be str, as subprocess wants them")
-    if not os.path.isdir(str(cwd or os.getcwd())):
-        raise FileNotFoundError(f"cwd {str(cwd)!r} is not a folder")
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         process = popen(cmd, cwd=cwd, env=env, stdout=out, stderr=err)
         try:
             process.wait(timeout)
-        except BaseException:  # a timeout, or pytest's own (as subprocess.run, never leave the command running)
+        except BaseException as stop:  # a timeout, or pytest's own (as subprocess.run, never leave it running)
             process.kill()
             process.wait()
+            if isinstance(stop, subprocess.TimeoutExpired):
+                raise subprocess.TimeoutExpired(cmd, timeout, _text(out), _text(err)) from None
             raise
-        finally:
-            shown = []
-            for stream in (out, err):
-                stream.seek(0)
-                shown.append(stream.read().decode(errors="replace"))
-        return subprocess.CompletedProcess(cmd, process.returncode, *shown)
+        return subprocess.CompletedProcess(cmd, process.returncode, _text(out), _text(err))

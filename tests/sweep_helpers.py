@@ -45,9 +45,11 @@ def l0sweep(*args: str, timeout: float = 300, cwd: Path | None = None, env: dict
     return run_module("sweeps.cli", list(map(str, args)), cwd=cwd, env=env, timeout=timeout)
 
 
-def l0sweep_in_terminal(*args: str, timeout: float = 600, env: dict | None = None) -> tuple[int, str]:
+def l0sweep_in_terminal(*args: str, timeout: float = 600, env: dict | None = None,
+                        new_interpreter: bool = False) -> tuple[int, str]:
     """Run ``l0sweep ARGS`` with its output on a pseudo-terminal, as a user's shell runs it (progress bars show
-    only on a terminal); returns (exit status, everything it wrote to the terminal, ``\r\n`` as ``\n``)."""
+    only on a terminal); returns (exit status, everything it wrote to the terminal, ``\r\n`` as ``\n``).
+    ``new_interpreter``: not a fork of the preloaded process, which printed what libraries print as they import."""
     import pty
     import select
     import time
@@ -60,10 +62,10 @@ def l0sweep_in_terminal(*args: str, timeout: float = 600, env: dict | None = Non
     # A terminal of 40 rows and 120 columns: tqdm sizes its bar by it (a new pty is 0 wide, and gets no bar).
     fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
     cmd = [sys.executable, "-m", "sweeps.cli", *map(str, args)]
-    # A new interpreter, and no PYTHONWARNINGS: what a user would see is what is checked, what libraries print
-    # as they import (which a fork of the preloaded server printed before) included.
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal,
-                            env={**os.environ, **(env or {})})
+    # No PYTHONWARNINGS here: what a user would see is what is checked.
+    env = {**os.environ, **(env or {})}
+    proc = (subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal, env=env)
+            if new_interpreter else popen(cmd, stdout=terminal, stderr=terminal, env=env))
     os.close(terminal)
     chunks, deadline = [], time.monotonic() + timeout
     try:

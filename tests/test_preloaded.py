@@ -9,18 +9,24 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 import tests.preloaded as preloaded
 from tests.preloaded import popen, run_module
 
+ROOT = Path(__file__).resolve().parents[1]
+forks = pytest.mark.skipif(os.environ.get("L0SWEEP_TEST_FRESH") == "1",
+                           reason="L0SWEEP_TEST_FRESH=1 starts every command as a new interpreter")
+
 
 def _probe(argv: list[str]) -> int:
     """Run as ``python -m tests.test_preloaded``: report how this process started, and how a child did."""
     forked = "torch" in sys.modules  # imported by the preloaded server, never by this module
     if argv[0] == "child":
-        print(json.dumps({"pid": os.getpid(), "ppid": os.getppid(), "pgid": os.getpgrp(), "forked": forked}))
+        print(json.dumps({"pid": os.getpid(), "ppid": os.getppid(), "pgid": os.getpgrp(), "forked": forked,
+                          "ctrl_c": signal.getsignal(signal.SIGINT) is signal.default_int_handler}))
         sys.stdout.flush()
         if argv[1] == "kill-myself":
             os.kill(os.getpid(), signal.SIGKILL)
@@ -38,24 +44,27 @@ def _probe(argv: list[str]) -> int:
     return 0
 
 
+@forks
 def test_a_commands_python_m_children_are_forked_as_its_own_children_with_their_exit_status():
-    result = run_module("tests.test_preloaded", ["parent"])
+    result = run_module("tests.test_preloaded", ["parent"], cwd=ROOT)
     assert result.returncode == 0, result.stderr
     seen = json.loads(result.stdout)
     assert seen["forked"]
     assert [child["returncode"] for child in seen["children"]] == [7, -signal.SIGKILL]
     for child in seen["children"]:
-        assert child["forked"] and child["ppid"] == seen["pid"] and child["pgid"] == seen["pgid"]
+        # Its parent's pid is the command's from its first line on; Ctrl-C is its own again (its nursery ignores it).
+        assert child["forked"] and child["ppid"] == seen["pid"] and child["pgid"] == seen["pgid"] and child["ctrl_c"]
 
 
 def test_an_environment_read_at_start_gets_a_new_interpreter():
-    result = run_module("tests.test_preloaded", ["child", "0"], env={**os.environ, "PYTHONHASHSEED": "3"})
+    result = run_module("tests.test_preloaded", ["child", "0"], cwd=ROOT, env={**os.environ, "PYTHONHASHSEED": "3"})
     assert result.returncode == 0 and not json.loads(result.stdout)["forked"]
 
 
+@forks
 def test_a_started_command_leads_its_own_group_writes_where_it_is_told_and_reports_its_signal(tmp_path):
     with open(tmp_path / "log", "w") as log:
-        command = popen([sys.executable, "-m", "tests.test_preloaded", "sleep", "60"], stdout=log,
+        command = popen([sys.executable, "-m", "tests.test_preloaded", "sleep", "60"], cwd=ROOT, stdout=log,
                         stderr=subprocess.STDOUT, start_new_session=True)
     try:
         assert isinstance(command, preloaded.ForkedCommand)
@@ -67,7 +76,7 @@ def test_a_started_command_leads_its_own_group_writes_where_it_is_told_and_repor
     finally:
         command.kill()
     with open(tmp_path / "log", "w") as log:
-        assert popen([sys.executable, "-m", "tests.test_preloaded", "child", "3"], stdout=log).wait(60) == 3
+        assert popen([sys.executable, "-m", "tests.test_preloaded", "child", "3"], cwd=ROOT, stdout=log).wait(60) == 3
     assert json.loads((tmp_path / "log").read_text())["forked"]
 
 
