@@ -18,7 +18,7 @@ install: system-deps python-deps
 
 # Built with the setuptools already installed where it can build an editable wheel on its own (pyproject asks for
 # >=68; bdist_wheel is in setuptools from 70.1): pip's isolated build environment cost ~8 s of every `make test`.
-NO_ISOLATION := $(shell $(PYTHON) -c "import setuptools, sys; sys.exit(tuple(map(int, setuptools.__version__.split('.')[:2])) < (70, 1))" 2>/dev/null && echo --no-build-isolation)
+NO_ISOLATION = $(shell $(PYTHON) -c "import setuptools, sys; sys.exit(tuple(map(int, setuptools.__version__.split('.')[:2])) < (70, 1))" 2>/dev/null && echo --no-build-isolation)
 python-deps:
 	$(PYTHON) -m pip install $(NO_ISOLATION) -e ".[test]"
 

@@ -106,6 +106,8 @@ def _run_as_main(module: str, args: list[str], cwd: str, env: dict[str, str], pa
         if env.get("PYTHONWARNINGS") == "ignore":
             warnings.simplefilter("ignore")
         multiprocessing.set_start_method(None, force=True)  # the platform's default again, not the forkserver
+        if os.isatty(1) and not sys.stdout.line_buffering:  # as a new interpreter's standard output on a terminal
+            sys.stdout.reconfigure(line_buffering=True)
         sys.path[:] = [cwd, *path]  # as `python -m` in that folder has it
         sys.argv = [module, *args]
         try:
@@ -127,10 +129,16 @@ def _run_as_main(module: str, args: list[str], cwd: str, env: dict[str, str], pa
                 stream.flush()
             except Exception:
                 pass
-        if interrupted:  # as Python ends on an uncaught Ctrl-C: killed by SIGINT
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGINT)
+        if interrupted:
+            _end_as_interrupted()
         os._exit(status)
+
+
+def _end_as_interrupted() -> None:
+    """End as Python ends on an uncaught Ctrl-C: killed by SIGINT."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGINT)
+    os._exit(130)  # SIGINT blocked: the status a shell gives it
 
 
 def _child(module: str, args: list[str], cwd: str, env: dict[str, str], fds: list[int | None], new_session: bool,
@@ -162,6 +170,8 @@ def _start(module: str, args: list[str], cwd: str, env: dict[str, str], path: li
             _Popen.nursery = _Nursery(path, ready)
         except OSError:
             pass  # no fork to spare: its children get new interpreters
+        except KeyboardInterrupt:  # a Ctrl-C held back while the nursery was forked
+            _end_as_interrupted()
         else:
             atexit.register(_Popen.nursery.close)  # the command ends after it (`l0sweep` runs its handlers, then _exit)
     if ready != -1:
@@ -191,8 +201,9 @@ def _forget_the_server() -> None:
 def _child_subreaper(on: bool) -> bool:
     """Make this process the one that adopts its orphaned descendants (Linux's PR_SET_CHILD_SUBREAPER), or not;
     whether it was."""
-    was = ctypes.c_int(0)
-    if _libc.prctl(37, ctypes.byref(was), 0, 0, 0) != 0 or _libc.prctl(36, int(on), 0, 0, 0) != 0:  # GET, SET
+    was, unused = ctypes.c_int(0), ctypes.c_ulong(0)
+    if (_libc.prctl(ctypes.c_int(37), ctypes.byref(was), unused, unused, unused) != 0 or  # PR_GET_CHILD_SUBREAPER
+            _libc.prctl(ctypes.c_int(36), ctypes.c_ulong(int(on)), unused, unused, unused) != 0):  # PR_SET_...
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
     return bool(was.value)
 
@@ -230,25 +241,30 @@ class _Nursery:
         self.lock = threading.Lock()
         # Stops to the command's group are the command's to handle: the nursery ignores them (it ends when the
         # command does), blocked until it does, so that none lands in it first.
-        signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS)
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS)
         try:
             self.pid = os.fork()
             if self.pid == 0:
-                handlers = {stop: signal.signal(stop, signal.SIG_IGN) for stop in _STOPS}
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOPS)
-                self.socket.close()
-                if ready != -1:
-                    os.close(ready)
-                setproctitle.setproctitle(f"{sys.executable} (a test command's nursery)")  # not the command's, for ps
-                self._serve(theirs, path, handlers)
+                try:
+                    handlers = {stop: signal.signal(stop, signal.SIG_IGN) for stop in _STOPS}
+                    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+                    self.socket.close()
+                    if ready != -1:
+                        os.close(ready)
+                    setproctitle.setproctitle(f"{sys.executable} (a test command's nursery)")  # for ps
+                except BaseException:
+                    traceback.print_exc()
+                    os._exit(1)
+                self._serve(theirs, path, handlers, mask)
         finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOPS)
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         theirs.close()
         self.closed = False
 
     @staticmethod
-    def _serve(sock: socket.socket, path: list[str], handlers: dict) -> None:
-        """In the nursery: fork each requested child, and answer with its pid (0: not forked); never returns."""
+    def _serve(sock: socket.socket, path: list[str], handlers: dict, mask: set) -> None:
+        """In the nursery: for each request, fork the child, answer with its pid (0: not forked), and let it begin
+        once the command has the pid (it exits if the command never says so); never returns."""
         try:
             while (received := _receive(sock)) is not None:
                 request, fds = json.loads(received[0]), received[1]
@@ -260,6 +276,9 @@ class _Nursery:
                 if between == 0:
                     os.close(pid_read)
                     os.close(go_write)
+                    # Stops sent to the child before it has its handlers back wait for them (ignored here, a
+                    # blocked signal is still kept).
+                    signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS)
                     try:
                         child = os.fork()
                     except OSError:
@@ -268,22 +287,7 @@ class _Nursery:
                         if child == 0:
                             os.close(pid_write)
                             sock.close()
-                            # Not before it is the command's child (its parent's pid is the command's from here on);
-                            # nothing if the nursery is gone first: the command starts a new interpreter instead.
-                            go = os.read(go_read, 1)
-                            os.close(go_read)
-                            if not go:
-                                os._exit(1)
-                            for to, fd in enumerate(fds):
-                                os.dup2(fd, to)
-                            for fd in fds:
-                                if fd > 2:
-                                    os.close(fd)
-                            _forget_the_server()
-                            for stop, handler in handlers.items():
-                                signal.signal(stop, handler)
-                            _start(request["module"], request["args"], request["cwd"], request["env"], path,
-                                   _started_with)
+                            _Nursery._begin(request, fds, go_read, path, handlers, mask)
                     os.write(pid_write, str(child).encode())
                     os._exit(0)
                 for fd in (pid_write, go_read, *fds):
@@ -293,15 +297,51 @@ class _Nursery:
                     os.waitpid(between, 0)  # it has exited: its child is the command's now
                     with os.fdopen(pid_read, "rb") as answer:
                         child = int(answer.read() or b"0")
-                    os.write(go_write, b"g")
                 else:
                     os.close(pid_read)
-                os.close(go_write)
                 sock.sendall(struct.pack("!q", child))
+                heard = sock.recv(1) if child > 0 else b""  # the command has its pid
+                if heard:
+                    try:
+                        os.write(go_write, b"g")
+                    except BrokenPipeError:
+                        pass  # it died before it began
+                os.close(go_write)  # without a go, it exits
+                if child > 0 and not heard:
+                    break  # the command closed the nursery
+        except (BrokenPipeError, ConnectionResetError, EOFError):
+            pass  # the command is gone
         except BaseException:
             traceback.print_exc()
             os._exit(1)
         os._exit(0)
+
+    @staticmethod
+    def _begin(request: dict, fds: list[int], go: int, path: list[str], handlers: dict, mask: set) -> None:
+        """In the child: wait for the go, then become the command asked for; never returns."""
+        try:
+            # Not before it is the command's child (its parent's pid is the command's from here on) and the command
+            # knows its pid; without it (the nursery or the command gone first), nothing.
+            began = os.read(go, 1)
+            os.close(go)
+            if not began:
+                os._exit(1)
+            for to, fd in enumerate(fds):
+                os.dup2(fd, to)
+            for fd in fds:
+                if fd > 2:
+                    os.close(fd)
+            _forget_the_server()
+            for stop, handler in handlers.items():
+                signal.signal(stop, handler)
+        except BaseException:
+            traceback.print_exc()
+            os._exit(1)
+        try:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a stop held back until now lands here
+        except KeyboardInterrupt:
+            _end_as_interrupted()
+        _start(request["module"], request["args"], request["cwd"], request["env"], path, _started_with)
 
     def start(self, module: str, args: list[str], cwd: str, env: dict[str, str], fds: list[int]) -> int:
         """Fork ``python -m module args`` as a child of this command, with ``fds`` as its 0, 1 and 2; its pid."""
@@ -315,7 +355,10 @@ class _Nursery:
                 answer = b""
                 while len(answer) < 8 and (chunk := self.socket.recv(8 - len(answer))):
                     answer += chunk
-            except BaseException:  # it died, or this command was stopped while it asked: no more requests
+                pid = struct.unpack("!q", answer)[0] if len(answer) == 8 else 0
+                if pid > 0:
+                    self.socket.sendall(b"a")  # the child begins
+            except BaseException:  # it died, or this command was stopped while it asked: its child never begins
                 self.close()
                 raise
             finally:
@@ -323,7 +366,6 @@ class _Nursery:
         if len(answer) < 8:  # it died: a child it forked gets no go and exits
             self.close()
             raise OSError("the nursery is gone")
-        pid = struct.unpack("!q", answer)[0]
         if pid <= 0:
             raise OSError("the nursery could not fork")
         return pid

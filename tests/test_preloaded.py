@@ -21,12 +21,16 @@ forks = pytest.mark.skipif(os.environ.get("L0SWEEP_TEST_FRESH") == "1",
                            reason="L0SWEEP_TEST_FRESH=1 starts every command as a new interpreter")
 
 
+def _ctrl_c() -> str:
+    return repr(signal.getsignal(signal.SIGINT))
+
+
 def _probe(argv: list[str]) -> int:
     """Run as ``python -m tests.test_preloaded``: report how this process started, and how a child did."""
     forked = "torch" in sys.modules  # imported by the preloaded server, never by this module
     if argv[0] == "child":
         print(json.dumps({"pid": os.getpid(), "ppid": os.getppid(), "pgid": os.getpgrp(), "forked": forked,
-                          "ctrl_c": signal.getsignal(signal.SIGINT) is signal.default_int_handler}))
+                          "ctrl_c": _ctrl_c()}))
         sys.stdout.flush()
         if argv[1] == "kill-myself":
             os.kill(os.getpid(), signal.SIGKILL)
@@ -35,11 +39,15 @@ def _probe(argv: list[str]) -> int:
         time.sleep(float(argv[1]))
         return 0
     preloaded.FORKED_CHILDREN += ("tests.test_preloaded",)  # only in this command
-    seen = {"pid": os.getpid(), "pgid": os.getpgrp(), "forked": forked, "children": []}
+    seen = {"pid": os.getpid(), "pgid": os.getpgrp(), "forked": forked, "ctrl_c": _ctrl_c(), "children": []}
     for how in ("7", "kill-myself"):
         child = subprocess.run([sys.executable, "-m", "tests.test_preloaded", "child", how], capture_output=True,
                                text=True, stdin=subprocess.DEVNULL)
         seen["children"].append({**json.loads(child.stdout), "returncode": child.returncode})
+    # A stop sent the moment Popen returns reaches the child (held back until it has its handlers, never lost).
+    sleeper = subprocess.Popen([sys.executable, "-m", "tests.test_preloaded", "sleep", "60"], stdin=subprocess.DEVNULL)
+    sleeper.terminate()
+    seen["terminated"] = sleeper.wait(30)
     print(json.dumps(seen))
     return 0
 
@@ -51,9 +59,12 @@ def test_a_commands_python_m_children_are_forked_as_its_own_children_with_their_
     seen = json.loads(result.stdout)
     assert seen["forked"]
     assert [child["returncode"] for child in seen["children"]] == [7, -signal.SIGKILL]
+    assert seen["terminated"] == -signal.SIGTERM
     for child in seen["children"]:
-        # Its parent's pid is the command's from its first line on; Ctrl-C is its own again (its nursery ignores it).
-        assert child["forked"] and child["ppid"] == seen["pid"] and child["pgid"] == seen["pgid"] and child["ctrl_c"]
+        # Its parent's pid is the command's from its first line on; Ctrl-C does to it what it does to the command
+        # (its nursery ignores it).
+        assert child["forked"] and child["ppid"] == seen["pid"] and child["pgid"] == seen["pgid"]
+        assert child["ctrl_c"] == seen["ctrl_c"]
 
 
 def test_an_environment_read_at_start_gets_a_new_interpreter():
