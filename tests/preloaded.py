@@ -148,15 +148,20 @@ def _child(module: str, args: list[str], cwd: str, env: dict[str, str], fds: lis
     try:
         if new_session:
             os.setsid()
-        for to, fd in enumerate(fds):
-            opened = os.open(os.devnull, os.O_RDWR) if fd is None else fd
-            os.dup2(opened, to)
-            if opened > 2:
-                os.close(opened)
+        _as_standard_streams(fds)
     except BaseException:
         traceback.print_exc()
         os._exit(1)
     _start(module, args, cwd, env, path, started_with, ready)
+
+
+def _as_standard_streams(fds: list[int | None]) -> None:
+    """Make ``fds`` this process's 0, 1 and 2 (None: /dev/null), and close the originals."""
+    given = [os.open(os.devnull, os.O_RDWR) if fd is None else fd for fd in fds]
+    for to, fd in enumerate(given):
+        os.dup2(fd, to)
+    for fd in set(given) - {0, 1, 2}:
+        os.close(fd)
 
 
 def _start(module: str, args: list[str], cwd: str, env: dict[str, str], path: list[str],
@@ -276,20 +281,8 @@ class _Nursery:
                 if between == 0:
                     os.close(pid_read)
                     os.close(go_write)
-                    # Stops sent to the child before it has its handlers back wait for them (ignored here, a
-                    # blocked signal is still kept).
-                    signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS)
-                    try:
-                        child = os.fork()
-                    except OSError:
-                        child = 0
-                    else:
-                        if child == 0:
-                            os.close(pid_write)
-                            sock.close()
-                            _Nursery._begin(request, fds, go_read, path, handlers, mask)
-                    os.write(pid_write, str(child).encode())
-                    os._exit(0)
+                    _Nursery._between(sock, pid_write, lambda: _Nursery._begin(request, fds, go_read, path,
+                                                                               handlers, mask))
                 for fd in (pid_write, go_read, *fds):
                     os.close(fd)
                 child = 0
@@ -317,6 +310,23 @@ class _Nursery:
         os._exit(0)
 
     @staticmethod
+    def _between(sock: socket.socket, pid_write: int, begin: typing.Callable[[], None]) -> None:
+        """In the process between: fork the child (which runs ``begin``), write its pid (0: not forked), exit."""
+        # Stops sent to the child before it has its handlers back wait for them (ignored here, a blocked signal is
+        # still kept).
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS)
+        try:
+            child = os.fork()
+        except OSError:
+            child = -1
+        if child == 0:
+            os.close(pid_write)
+            sock.close()
+            begin()
+        os.write(pid_write, str(max(child, 0)).encode())
+        os._exit(0)
+
+    @staticmethod
     def _begin(request: dict, fds: list[int], go: int, path: list[str], handlers: dict, mask: set) -> None:
         """In the child: wait for the go, then become the command asked for; never returns."""
         try:
@@ -326,11 +336,7 @@ class _Nursery:
             os.close(go)
             if not began:
                 os._exit(1)
-            for to, fd in enumerate(fds):
-                os.dup2(fd, to)
-            for fd in fds:
-                if fd > 2:
-                    os.close(fd)
+            _as_standard_streams(fds)
             _forget_the_server()
             for stop, handler in handlers.items():
                 signal.signal(stop, handler)
